@@ -60,5 +60,10 @@ class Drafter(nn.Module, abc.ABC):
         position T). ``temperature`` 0 means greedy (probs one-hot at the argmax).
         """
 
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
+        # The training engine calls the module; forward is the loss so DeepSpeed's hooks (ZeRO-3 gathering,
+        # precision casts) see every call.
+        return self.forward_loss(batch, generator)
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

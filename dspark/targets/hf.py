@@ -37,6 +37,14 @@ def resolve_target_source(name_or_path: str) -> tuple[str, str | None, str]:
         if not ggufs:
             raise ValueError(f"built-in target {name_or_path}: no .gguf file in {folder}")
         return str(folder), ggufs[0].name, display
+    if name_or_path.startswith("builtin:tiny-"):
+        from dspark.targets.tiny import builtin_tiny_dir
+
+        family = name_or_path.removeprefix("builtin:tiny-")
+        return str(builtin_tiny_dir(family, _dspark_cache_dir())), None, f"tiny-{family}"
+    if name_or_path.startswith("builtin:"):
+        names = ", ".join([*BUILTIN_TARGETS, "builtin:tiny-llama", "builtin:tiny-qwen3"])
+        raise ValueError(f"unknown built-in target {name_or_path!r}; expected one of {names}")
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -1,0 +1,119 @@
+"""Regenerate answers with the target itself, and read/write the resulting conversations file.
+
+A drafter learns to predict the target's own continuations, so the answers in the training data are the
+target's: each prompt is rendered with the chat template, the target generates (``TargetBackend.generate``,
+batched with a KV cache), and the generated ids are appended unchanged (see ``dspark.data.chat``).
+
+conversations.jsonl holds one row per prompt:
+    {"id": "p00012", "prompt": str, "input_ids": [int], "loss_mask": [0|1], "answer": str}
+``id`` is the prompt's index in the list given to ``regenerate``; ``answer`` decodes the kept answer tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from dspark.data.chat import conversation_ids, prompt_ids
+
+REQUIRED_KEYS = ("id", "input_ids", "loss_mask")
+
+
+def regenerate(target, prompts: list[str], *, max_new_tokens: int, temperature: float, batch_size: int, seed: int,
+               max_seq_len: int, progress: bool = False) -> list[dict]:
+    """Answer every prompt with ``target`` and return conversation rows (truncated to ``max_seq_len`` tokens).
+
+    ``temperature`` 0 is greedy. A prompt whose template alone fills ``max_seq_len`` would leave no answer token
+    to train on: it is skipped (not generated) with one warning giving the count.
+    """
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    tokenizer = target.tokenizer
+    prefixes = [prompt_ids(tokenizer, p) for p in prompts]
+    keep = [i for i, prefix in enumerate(prefixes) if len(prefix) < max_seq_len]
+    if len(keep) < len(prompts):
+        warnings.warn(
+            f"skipped {len(prompts) - len(keep)} of {len(prompts)} prompts whose chat-formatted prompt alone has "
+            f">= max_seq_len={max_seq_len} tokens",
+            stacklevel=2,
+        )
+    answers = target.generate([prefixes[i] for i in keep], max_new_tokens=max_new_tokens, temperature=temperature,
+                              batch_size=batch_size, seed=seed, progress=progress)
+    rows = []
+    for i, answer in zip(keep, answers):
+        input_ids, loss_mask = conversation_ids(tokenizer, prompts[i], answer)
+        input_ids, loss_mask = input_ids[:max_seq_len], loss_mask[:max_seq_len]
+        kept_answer = input_ids[len(prefixes[i]):]
+        rows.append({
+            "id": f"p{i:05d}",
+            "prompt": prompts[i],
+            "input_ids": input_ids,
+            "loss_mask": loss_mask,
+            "answer": tokenizer.decode(kept_answer, skip_special_tokens=True),
+        })
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``rows`` as jsonl atomically: a temp file in the same directory, fsync, then rename.
+
+    A crash mid-write leaves either the old file or none, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_conversations(path: str | os.PathLike) -> list[dict]:
+    """Read a conversations.jsonl written by ``write_jsonl(regenerate(...))``.
+
+    Raises ``ValueError`` naming the file and line for malformed JSON, missing keys (``id``, ``input_ids``,
+    ``loss_mask``) or an ``input_ids``/``loss_mask`` pair of different lengths or types.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"conversations file {path} does not exist (run `dspark prepare` first)")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                rows.append(_parse_conversation(line, f"{path}:{line_no}"))
+    if not rows:
+        raise ValueError(f"conversations file {path} is empty")
+    return rows
+
+
+def _parse_conversation(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: malformed JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (a conversation needs {', '.join(REQUIRED_KEYS)})")
+    ids, mask = row["input_ids"], row["loss_mask"]
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError(f"{where}: input_ids must be a list of non-negative ints")
+    if not isinstance(mask, list) or not all(m in (0, 1) and not isinstance(m, float) for m in mask):
+        raise ValueError(f"{where}: loss_mask must be a list of 0/1")
+    if len(ids) != len(mask):
+        raise ValueError(f"{where}: input_ids has {len(ids)} tokens but loss_mask has {len(mask)}")
+    return row

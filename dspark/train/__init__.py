@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine around the drafter, one loop for every algorithm."""

@@ -1,0 +1,199 @@
+"""The training loop: one function over a step function, the same for every drafter algorithm.
+
+The drafter supplies its loss (``Drafter.forward_loss``); the trainer only normalises it globally, steps the
+DeepSpeed engine, and logs. Features come from the cache; the trainer never knows which algorithm it trains.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dspark import distributed as dist_utils
+from dspark.config import RunConfig
+from dspark.train.metrics import MetricsLogger, peak_rss_gb, tau_estimate
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    tokens_per_s: float
+    wall_s: float
+    drafter_dir: Path
+    checkpoint_dir: Path
+    tensorboard_dir: Path
+
+
+def frozen_target_parts(cfg: RunConfig):
+    """(HF config, identity, embedding, LM head) of the target: what a drafter reuses and a cache must match."""
+    from dspark.targets import load_target
+
+    target = load_target(cfg.target)
+    parts = (target.config, target.identity(), target.embed_weight.detach().clone(),
+             target.lm_head_weight.detach().clone())
+    del target
+    return parts
+
+
+def _micro_batches(reader, cfg: RunConfig, epoch: int, rank: int, world: int, per_rank: int):
+    """Yield collated micro batches of this rank's slice; every rank yields the same count (else DeepSpeed hangs)."""
+    from dspark.data.collate import collate
+
+    mbs = cfg.train.micro_batch_size
+    chunk: list[dict] = []
+    for i, sample in enumerate(reader.iter_samples(seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world)):
+        if i >= per_rank:
+            break
+        chunk.append(sample)
+        if len(chunk) == mbs:
+            yield collate(chunk, cfg.data.max_seq_len)
+            chunk = []
+
+
+def _plan_steps(num_samples: int, cfg: RunConfig, world: int) -> tuple[int, int, int]:
+    per_rank = num_samples // world
+    micro_per_epoch = per_rank // cfg.train.micro_batch_size
+    steps_per_epoch = micro_per_epoch // cfg.train.grad_accum_steps
+    total = steps_per_epoch * cfg.train.num_epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps) if total else cfg.train.max_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"cache has {num_samples} samples: too few for micro batch {cfg.train.micro_batch_size} x grad "
+            f"accumulation {cfg.train.grad_accum_steps} x world size {world}"
+        )
+    return per_rank, steps_per_epoch, total
+
+
+def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg.drafter`` on the cache at ``cache_dir`` (default ``<run_dir>/cache``) inside DeepSpeed."""
+    import deepspeed
+    from tqdm import tqdm
+
+    from dspark.cache import CacheReader
+    from dspark.drafters import build_drafter
+    from dspark.export.deepspec import export_deepspec
+
+    rank, world = dist_utils.init_distributed()
+    run_dir = Path(cfg.run_dir)
+    cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache"
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if rank == 0:
+        cfg.save(run_dir / "config.json")
+
+    hf_config, identity, embed_VH, lm_head_VH = frozen_target_parts(cfg)
+    reader = CacheReader(cache_dir, expected=identity)
+    per_rank, steps_per_epoch, total_steps = _plan_steps(len(reader), cfg, world)
+
+    torch.manual_seed(cfg.train.seed)
+    drafter = build_drafter(cfg.drafter, hf_config, cfg.target.layer_ids, embed_VH, lm_head_VH)
+    from dspark.train.ds_config import make_ds_config
+
+    ds_config = make_ds_config(cfg.train, world_size=world, total_steps=total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=drafter, model_parameters=drafter.trainable_parameters(),
+                                           config=ds_config)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    # Anchor sampling differs per rank (different data) but is reproducible for a given (seed, rank).
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    logger = MetricsLogger(run_dir / "tensorboard", enabled=rank == 0)
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and rank == 0))
+
+    step, micro, last_loss = 0, 0, float("nan")
+    tokens_seen, wall_start = 0, time.perf_counter()
+    window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
+    for epoch in range(cfg.train.num_epochs if not cfg.train.max_steps else 10**9):
+        batches = _micro_batches(reader, cfg, epoch, rank, world, per_rank)
+        while step < total_steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            window["wait"] += time.perf_counter() - t0
+            if batch is None:
+                break
+            batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            loss, stats = _train_micro_step(engine, batch, generator, world, step)
+            micro += 1
+            tokens_seen += stats["tokens"]
+            window["tokens"] += stats["tokens"]
+            if micro % cfg.train.grad_accum_steps:
+                continue  # mid accumulation: DeepSpeed stepped no optimizer yet
+            step += 1
+            last_loss = loss
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window["start"]
+                scalars = {
+                    "loss/total": loss, **{f"loss/{k}": v for k, v in stats["terms"].items()},
+                    **{f"accept_rate@{k + 1}": a for k, a in enumerate(stats["accept_K"])},
+                    "tau_estimate": tau_estimate(torch.tensor(stats["accept_K"])),
+                    "lr": engine.get_lr()[0],
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
+                    "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
+                    "memory/peak_rss_gb": peak_rss_gb(),
+                }
+                logger.log(step, scalars)
+                bar.set_postfix(loss=f"{loss:.3f}", tau=f"{scalars['tau_estimate']:.2f}")
+                window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
+        if step >= total_steps:
+            break
+    bar.close()
+    wall = time.perf_counter() - wall_start
+
+    ckpt_dir = run_dir / "checkpoints"
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    drafter_dir = run_dir / "drafter"
+    _save_final_drafter(engine, hf_config, drafter_dir, rank, export_deepspec)
+    logger.close()
+    dist_utils.barrier()
+    return TrainResult(steps=step, final_loss=last_loss, tokens_per_s=tokens_seen * world / max(wall, 1e-9),
+                       wall_s=wall, drafter_dir=drafter_dir, checkpoint_dir=ckpt_dir,
+                       tensorboard_dir=run_dir / "tensorboard")
+
+
+def _train_micro_step(engine, batch, generator, world: int, step: int) -> tuple[float, dict]:
+    """Forward + backward + (at the accumulation boundary) optimizer step on one micro batch."""
+    out = engine(batch, generator)
+    # Global normalisation: DeepSpeed averages gradients over ranks, so scale each rank's weighted sum by
+    # world / (all-rank weight sum); the average is then sum over ranks / global weight sum.
+    weight_sum = dist_utils.all_reduce_sum(out.weight_sum.detach().float().clone()).clamp_min(1e-6)
+    loss = out.numerator.float() * world / weight_sum
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; stopping without saving")
+    engine.backward(loss)
+    engine.step()
+    terms = torch.stack([out.terms[k].detach().float() for k in sorted(out.terms)]) if out.terms else None
+    accept = torch.stack([out.accept_sum_K.detach().float(), out.count_K.detach().float()])
+    dist_utils.all_reduce_sum(accept)
+    if terms is not None:
+        dist_utils.all_reduce_sum(terms)
+        terms = (terms / weight_sum).tolist()
+    global_loss = loss.detach().clone() / world
+    dist_utils.all_reduce_sum(global_loss)
+    stats = {
+        "terms": dict(zip(sorted(out.terms), terms)) if terms is not None else {},
+        "accept_K": (accept[0] / accept[1].clamp_min(1)).tolist(),
+        "tokens": int(out.num_tokens),
+    }
+    return float(global_loss), stats
+
+
+def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int, export_fn) -> None:
+    """Write the trained drafter in the deepspec layout (gathering ZeRO-3 partitions first)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    zero3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+        if rank == 0:
+            export_fn(engine.module, hf_config, out_dir)
+
+
+def steps_for(num_samples: int, cfg: RunConfig, world: int) -> int:
+    """Optimizer steps a run of ``cfg`` takes on ``num_samples`` cached samples."""
+    return _plan_steps(num_samples, cfg, world)[2]
+
