@@ -81,6 +81,8 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
     rank, world = dist_utils.init_distributed()
     run_dir = Path(cfg.run_dir)
     cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache"
+    if not (cache_dir / "manifest.json").is_file():
+        raise ValueError(f"no hidden-state cache at {cache_dir} (manifest.json missing): run `dspark cache build` first")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if rank == 0:
