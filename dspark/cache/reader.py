@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from dspark.cache import codecs
 from dspark.cache.format import (
@@ -49,7 +48,9 @@ class CacheReader:
         field_codecs = self.manifest["codecs"]
         for key, name in ID_MASK_CODECS.items():
             if field_codecs.get(key) != name:
-                raise ValueError(f"cache {self.cache_dir}: unknown {key} codec {field_codecs.get(key)!r}, expected {name!r}")
+                raise ValueError(
+                    f"cache {self.cache_dir}: unknown {key} codec {field_codecs.get(key)!r}, expected {name!r}"
+                )
         self._feature_codecs = {key: codecs.get_codec(field_codecs[key]) for key in ("features_TLH", "final_TH")}
         self.num_layers = len(self.target["layer_ids"])
         self.hidden_size = self.target["hidden_size"]

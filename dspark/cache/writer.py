@@ -160,6 +160,11 @@ class CacheWriter:
                 )
         if T == 0:
             raise ValueError(f"cache sample {sample_id!r} has no tokens")
+        if ids_T.is_floating_point() or int(ids_T.min()) < 0 or int(ids_T.max()) >= self.identity.vocab_size:
+            raise ValueError(
+                f"cache sample {sample_id!r}: input_ids must be integers in [0, {self.identity.vocab_size}) "
+                f"(the target's vocab size), got dtype {ids_T.dtype}, range [{ids_T.min()}, {ids_T.max()}]"
+            )
         # Copies: the caller may reuse its buffers while encoding runs on another thread.
         to_bf16 = dict(device="cpu", dtype=torch.bfloat16, copy=True)
         return sample_id, (

@@ -21,26 +21,7 @@ def collate(samples: list[dict], max_seq_len: int) -> dict[str, torch.Tensor]:
         raise ValueError("collate needs at least one sample")
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    for i, sample in enumerate(samples):
-        missing = [k for k in SAMPLE_KEYS if k not in sample]
-        if missing:
-            raise ValueError(f"sample {i} lacks {', '.join(missing)} (a training sample needs {', '.join(SAMPLE_KEYS)})")
-        num_tokens = sample["input_ids"].shape[0]
-        if sample["loss_mask"].shape != (num_tokens,) or sample["final_TH"].shape[0] != num_tokens \
-                or sample["features_TLH"].shape[0] != num_tokens:
-            raise ValueError(
-                f"sample {i}: token counts disagree: input_ids {tuple(sample['input_ids'].shape)}, loss_mask "
-                f"{tuple(sample['loss_mask'].shape)}, features_TLH {tuple(sample['features_TLH'].shape)}, "
-                f"final_TH {tuple(sample['final_TH'].shape)}"
-            )
-    _, L, H = samples[0]["features_TLH"].shape
-    for i, sample in enumerate(samples):
-        if sample["features_TLH"].shape[1:] != (L, H) or sample["final_TH"].shape[1:] != (H,):
-            raise ValueError(
-                f"sample {i}: features_TLH {tuple(sample['features_TLH'].shape)} / final_TH "
-                f"{tuple(sample['final_TH'].shape)} do not match sample 0's [T, {L}, {H}] / [T, {H}]"
-            )
-
+    L, H = _check_samples(samples)
     lengths = [min(s["input_ids"].shape[0], max_seq_len) for s in samples]
     B, T = len(samples), max(lengths)
     input_ids_BT = torch.zeros(B, T, dtype=torch.long)
@@ -54,3 +35,27 @@ def collate(samples: list[dict], max_seq_len: int) -> dict[str, torch.Tensor]:
         final_BTH[b, :n] = sample["final_TH"][:n]
     return {"input_ids_BT": input_ids_BT, "loss_mask_BT": loss_mask_BT, "features_BTLH": features_BTLH,
             "final_BTH": final_BTH}
+
+
+def _check_samples(samples: list[dict]) -> tuple[int, int]:
+    """Every sample has the four keys, one token count, and sample 0's L and H; returns (L, H)."""
+    for i, sample in enumerate(samples):
+        missing = [k for k in SAMPLE_KEYS if k not in sample]
+        if missing:
+            raise ValueError(f"sample {i} lacks {', '.join(missing)} (a training sample needs {', '.join(SAMPLE_KEYS)})")
+        num_tokens = sample["input_ids"].shape[0]
+        counts = (sample["loss_mask"].shape, sample["features_TLH"].shape[:1], sample["final_TH"].shape[:1])
+        if any(tuple(c) != (num_tokens,) for c in counts):
+            raise ValueError(
+                f"sample {i}: token counts disagree: input_ids {tuple(sample['input_ids'].shape)}, loss_mask "
+                f"{tuple(sample['loss_mask'].shape)}, features_TLH {tuple(sample['features_TLH'].shape)}, "
+                f"final_TH {tuple(sample['final_TH'].shape)}"
+            )
+    _, L, H = samples[0]["features_TLH"].shape
+    for i, sample in enumerate(samples):
+        if sample["features_TLH"].shape[1:] != (L, H) or sample["final_TH"].shape[1:] != (H,):
+            raise ValueError(
+                f"sample {i}: features_TLH {tuple(sample['features_TLH'].shape)} / final_TH "
+                f"{tuple(sample['final_TH'].shape)} do not match sample 0's [T, {L}, {H}] / [T, {H}]"
+            )
+    return L, H

@@ -25,7 +25,7 @@ def load_prompts(spec: str, max_prompts: int = 0) -> list[str]:
         raise ValueError(f"max_prompts must be >= 0 (0 = all), got {max_prompts}")
     path = BUILTIN_PROMPTS if spec == "builtin" else Path(spec).expanduser()
     if not path.is_file():
-        raise ValueError(f"prompt file {spec} does not exist (expected 'builtin' or a .jsonl file)")
+        raise ValueError(f"prompt file {spec} not found (expected 'builtin' or the path of a .jsonl file)")
     prompts = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):

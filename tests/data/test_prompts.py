@@ -41,7 +41,7 @@ def test_loader_errors_name_file_and_line(tmp_path, content, message):
 
 
 def test_missing_file_and_bad_max_prompts(tmp_path):
-    with pytest.raises(ValueError, match=r"prompt file .*nope\.jsonl does not exist"):
+    with pytest.raises(ValueError, match=r"prompt file .*nope\.jsonl not found"):
         load_prompts(str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="max_prompts must be >= 0"):
         load_prompts("builtin", max_prompts=-1)

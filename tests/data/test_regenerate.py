@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,19 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def target(tiny_llama_dir):
-    return load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0]))
+    """The tiny llama with its matrices redrawn at unit gain (this instance only).
+
+    At the default init (std 0.02) the tied embedding dominates the residual stream and greedy decoding just
+    repeats the last prompt token, which would let a padding bug pass unnoticed; unit-gain layers make the
+    answers depend on the whole context.
+    """
+    target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in target.model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.copy_(torch.randn(param.shape, generator=g) / math.sqrt(param.shape[1]))
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +56,7 @@ def test_greedy_regeneration_matches_unbatched_generate(target, prompts):
         assert row["input_ids"] == prefix + answer
         assert row["loss_mask"] == [0] * len(prefix) + [1] * len(answer)
         assert row["answer"] == target.tokenizer.decode(answer, skip_special_tokens=True)
-    assert len({tuple(r["input_ids"][-MAX_NEW:]) for r in rows}) > 1  # the answers are not all the same
+    assert len({tuple(r["input_ids"][-MAX_NEW:]) for r in rows}) > len(rows) // 2  # answers differ by prompt
 
 
 def test_truncation_skipping_and_seeded_sampling(target, prompts):
