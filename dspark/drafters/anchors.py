@@ -27,13 +27,14 @@ def sample_anchors(loss_mask_BT: torch.Tensor, num_anchors: int, generator: torc
         raise ValueError(f"num_anchors must be >= 1, got {num_anchors}")
     mask_BT = loss_mask_BT.bool()
     B, T = mask_BT.shape
-    candidate_BC = mask_BT[:, :-1] & mask_BT[:, 1:]  # C = T - 1 candidate positions
     if T < 2:
         zeros = torch.zeros(B, 1, dtype=torch.long, device=mask_BT.device)
         return zeros, zeros.bool()
+    candidate_BC = mask_BT[:, :-1] & mask_BT[:, 1:]  # C = T - 1 candidate positions
     num = max(1, min(num_anchors, int(candidate_BC.sum(dim=1).max())))
     # Random keys in [0, 1) for candidates, -1 elsewhere; the top keys are a uniform sample without replacement.
-    keys_BC = torch.rand(B, T - 1, generator=generator, device="cpu").to(mask_BT.device)
+    rng_device = generator.device if generator is not None else mask_BT.device
+    keys_BC = torch.rand(B, T - 1, generator=generator, device=rng_device).to(mask_BT.device)
     keys_BC = torch.where(candidate_BC, keys_BC, torch.full_like(keys_BC, -1.0))
     top_keys_BA, pos_BA = keys_BC.topk(num, dim=1)
     valid_BA = top_keys_BA >= 0

@@ -59,16 +59,21 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Plain RoPE with the rotate-half layout of HF Llama/Qwen3."""
+    """Plain RoPE with the rotate-half layout of HF Llama/Qwen3.
+
+    The inverse frequencies are recomputed in fp32 on every call (they are tiny) rather than kept in a buffer
+    that a ``.to(bfloat16)`` of the drafter would round.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape ``positions.shape + [D]`` for integer positions."""
-        freqs = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq.float()
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        freqs = positions.float()[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

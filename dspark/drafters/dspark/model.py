@@ -1,0 +1,347 @@
+"""The DSpark / DFlash parallel drafter: fused target context, KV-injected Qwen3 layers, sequential heads.
+
+Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, A anchors (blocks) per sequence,
+K block size (predicted tokens per block), S block length (K, or K + 1 in the DFlash layout), R Markov rank,
+N supervised slots.
+
+Block layouts (anchor at position p, both predict the K tokens at p+1..p+K):
+- DSpark (default): input ``[anchor, mask x (K-1)]`` at positions p..p+K-1; slot j predicts token p+j+1
+  (the anchor slot itself predicts p+1).
+- DFlash (``dflash_layout=True``): input ``[anchor, mask x K]`` at positions p..p+K; the anchor slot's output
+  is unused and mask slot j (1..K), at position p+j, predicts the token at p+j.
+
+Tensor names (the deepspec export layout, DESIGN section 8): ``fc``, ``hidden_norm``, ``layers.{i}.*``,
+``norm``, ``markov_head.*``, ``confidence_head.proj``, and the frozen ``embed_tokens.weight`` and
+``lm_head.weight``. The frozen two are non-persistent buffers: training checkpoints (``state_dict()``) hold
+only what is trained; ``full_state_dict()`` and the exporter add them back.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.config import DrafterConfig
+from dspark.drafters.anchors import block_labels, position_weights, sample_anchors
+from dspark.drafters.base import Drafter, LossOutput, Proposal
+from dspark.drafters.common import DraftDecoderLayer, RMSNorm, RotaryEmbedding, config_get, rope_theta_from_config
+from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
+from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
+
+ALGORITHMS = ("dspark", "dflash")
+BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "features_BTLH", "final_BTH")
+# Version of the "dspark" section of the exported config.json; readers refuse newer versions.
+DSPARK_SECTION_VERSION = 1
+LAYER_SEMANTICS = "id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embeddings"
+# Target config fields copied into the exported config.json (a Qwen3 config describing the draft layers).
+TARGET_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "rms_norm_eps", "rope_parameters", "max_position_embeddings", "initializer_range",
+                 "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def resolve_mask_token_id(mask_token_id: int, vocab_size: int) -> int:
+    """``-1`` means ``vocab_size - 1``: deterministic and, in the usual BPE vocabularies (SmolLM2, Qwen3), a
+    rare merge or reserved id rather than a chat special token. Its frozen embedding only marks the slots to
+    fill, so any fixed id works as long as training and decoding agree (it is recorded in the export)."""
+    if mask_token_id == -1:
+        return vocab_size - 1
+    if not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"drafter.mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab_size}); "
+                         f"use -1 for the default ({vocab_size - 1})")
+    return mask_token_id
+
+
+class _FrozenWeight(nn.Module):
+    """Holds a frozen target matrix as a non-persistent buffer named ``weight`` (never trained, never sharded)."""
+
+    def __init__(self, weight_VH: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight_VH.detach(), persistent=False)
+
+
+class DSparkDrafter(Drafter):
+    """DSpark (``algorithm="dspark"``) or DFlash (``algorithm="dflash"``: CE only, no sequential heads)."""
+
+    def __init__(self, cfg: DrafterConfig, target_config, layer_ids: list[int], embed_weight: torch.Tensor,
+                 lm_head_weight: torch.Tensor):
+        super().__init__()
+        if cfg.algorithm not in ALGORITHMS:
+            raise ValueError(f"drafter.algorithm {cfg.algorithm!r} is not a parallel drafter; "
+                             f"expected dspark or dflash")
+        if cfg.block_size < 1:
+            raise ValueError(f"drafter.block_size must be >= 1, got {cfg.block_size}")
+        if cfg.num_layers < 1:
+            raise ValueError(f"drafter.num_layers must be >= 1, got {cfg.num_layers}")
+        self.algorithm = cfg.algorithm
+        self.cfg = cfg
+        H = config_get(target_config, "hidden_size")
+        V = config_get(target_config, "vocab_size")
+        for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
+            if tuple(w.shape) != (V, H):
+                raise ValueError(f"target {name} has shape {tuple(w.shape)}, expected [vocab_size, hidden_size] = "
+                                 f"[{V}, {H}] from the target config")
+        self.num_target_layers = (config_get(target_config, "num_target_layers")
+                                  or config_get(target_config, "num_hidden_layers"))
+        self.layer_ids = self._check_layer_ids(layer_ids, self.num_target_layers)
+        num_heads = config_get(target_config, "num_attention_heads")
+        num_kv_heads = config_get(target_config, "num_key_value_heads") or num_heads
+        head_dim = config_get(target_config, "head_dim") or H // num_heads
+        eps = config_get(target_config, "rms_norm_eps", 1e-6)
+        self.intermediate_size = cfg.intermediate_size or config_get(target_config, "intermediate_size")
+        self.hidden_size, self.vocab_size, self.block_size = H, V, cfg.block_size
+        self.mask_token_id = resolve_mask_token_id(cfg.mask_token_id, V)
+        self.dflash_layout = cfg.dflash_layout
+        self.target_fields = {k: config_get(target_config, k) for k in TARGET_FIELDS}
+        self.target_fields["head_dim"] = head_dim
+        self.target_fields["num_key_value_heads"] = num_kv_heads
+        self.target_fields["rms_norm_eps"] = eps
+        self.initializer_range = config_get(target_config, "initializer_range", 0.02) or 0.02
+
+        L = len(self.layer_ids)
+        self.fc = nn.Linear(L * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, eps)
+        self.layers = nn.ModuleList(
+            DraftDecoderLayer(H, self.intermediate_size, num_heads, num_kv_heads, head_dim, eps)
+            for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(H, eps)
+        self.rotary = RotaryEmbedding(head_dim, rope_theta_from_config(target_config))
+        self.embed_tokens = _FrozenWeight(embed_weight)
+        self.lm_head = _FrozenWeight(lm_head_weight)
+
+        if cfg.algorithm == "dflash":
+            if cfg.markov_rank or cfg.enable_confidence_head:
+                warnings.warn(f"algorithm dflash trains with CE only: ignoring markov_rank={cfg.markov_rank} and "
+                              f"enable_confidence_head={cfg.enable_confidence_head}")
+            self.markov_rank, self.markov_head, self.confidence_head = 0, None, None
+        else:
+            self.markov_rank = cfg.markov_rank
+            self.markov_head = MarkovHead(cfg.markov_head_type, V, cfg.markov_rank, H) if cfg.markov_rank > 0 else None
+            self.confidence_head = ConfidenceHead(H, cfg.markov_rank) if cfg.enable_confidence_head else None
+        self.loss_chunk_rows = default_chunk_rows(V)
+        self._init_weights()
+
+    @staticmethod
+    def _check_layer_ids(layer_ids, num_target: int) -> list[int]:
+        ids = list(layer_ids)
+        if not ids or any(b <= a for a, b in zip(ids, ids[1:])) or ids[0] < -1 or ids[-1] >= num_target - 1:
+            raise ValueError(f"layer_ids {ids} must be strictly increasing within -1..{num_target - 2} "
+                             f"(the target has {num_target} layers; the last one is excluded)")
+        return ids
+
+    def _init_weights(self) -> None:
+        # HF-style init; the Markov W2 starts at zero so an untrained head adds no bias to the target's LM head.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=self.initializer_range)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.initializer_range)
+        if self.markov_head is not None:
+            nn.init.zeros_(self.markov_head.markov_w2.weight)
+
+    # -- backbone --------------------------------------------------------------------------------------------
+
+    @property
+    def block_len(self) -> int:
+        return self.block_size + int(self.dflash_layout)
+
+    def fuse_context(self, features_BTLH: torch.Tensor) -> torch.Tensor:
+        """``hidden_norm(fc([H(l1); ...; H(lm)]))`` -> ``[B, T, H]``."""
+        B, T, L, H = features_BTLH.shape
+        if (L, H) != (len(self.layer_ids), self.hidden_size):
+            raise ValueError(f"features have {L} layers x hidden {H}; the drafter expects "
+                             f"{len(self.layer_ids)} layers (ids {self.layer_ids}) x hidden {self.hidden_size}")
+        return self.hidden_norm(self.fc(features_BTLH.to(self.fc.weight.dtype).reshape(B, T, L * H)))
+
+    def block_hidden(self, ctx_BTH: torch.Tensor, anchor_ids_BA: torch.Tensor, anchor_pos_BA: torch.Tensor
+                     ) -> torch.Tensor:
+        """Final-normed hidden states of the K prediction slots of every block -> ``[B, A, K, H]``."""
+        B, A = anchor_ids_BA.shape
+        S = self.block_len
+        ids_BAS = torch.full((B, A, S), self.mask_token_id, dtype=torch.long, device=anchor_ids_BA.device)
+        ids_BAS[..., 0] = anchor_ids_BA
+        x_BASH = F.embedding(ids_BAS, self.embed_tokens.weight).to(self.fc.weight.dtype)
+        pos_BAS = anchor_pos_BA.unsqueeze(-1) + torch.arange(S, device=anchor_pos_BA.device)
+        rope_block = self.rotary.cos_sin(pos_BAS, x_BASH.dtype)
+        rope_ctx = self.rotary.cos_sin(torch.arange(ctx_BTH.shape[1], device=ctx_BTH.device), x_BASH.dtype)
+        for layer in self.layers:
+            x_BASH = layer(x_BASH, ctx_BTH, anchor_pos_BA, rope_block, rope_ctx)
+        h_BASH = self.norm(x_BASH)
+        return h_BASH[..., 1:, :] if self.dflash_layout else h_BASH
+
+    def _heads(self, h_BAKH: torch.Tensor, prev_BAK: torch.Tensor):
+        """Teacher-forced Markov features ``u [B, A, K, R]`` and confidence logits ``[B, A, K]`` (or None)."""
+        u_BAKR = e_BAKR = conf_BAK = None
+        if self.markov_head is not None:
+            u_BAKR, e_BAKR = self.markov_head.teacher_forced(h_BAKH, prev_BAK)
+        if self.confidence_head is not None:
+            conf_BAK = self.confidence_head(h_BAKH, e_BAKR)
+        return u_BAKR, conf_BAK
+
+    def teacher_forced_logits(self, batch: dict[str, torch.Tensor], anchor_pos_BA: torch.Tensor) -> torch.Tensor:
+        """Draft logits ``[B, A, K, V]`` (fp32) of the blocks at ``anchor_pos_BA``, previous tokens = ground truth.
+
+        The exact computation ``forward_loss`` trains, materialised for tests and debugging.
+        """
+        ids_BT = batch["input_ids_BT"]
+        everything_BT = torch.ones_like(ids_BT, dtype=torch.bool)
+        all_valid_BA = torch.ones_like(anchor_pos_BA, dtype=torch.bool)
+        labels_BAK, _ = block_labels(ids_BT, everything_BT, anchor_pos_BA, all_valid_BA, self.block_size)
+        anchor_ids_BA = ids_BT.gather(1, anchor_pos_BA)
+        h_BAKH = self.block_hidden(self.fuse_context(batch["features_BTLH"]), anchor_ids_BA, anchor_pos_BA)
+        prev_BAK = torch.cat([anchor_ids_BA.unsqueeze(-1), labels_BAK[..., :-1]], dim=-1)
+        u_BAKR, _ = self._heads(h_BAKH, prev_BAK)
+        logits = h_BAKH.float() @ self.lm_head.weight.float().T
+        if u_BAKR is not None:
+            logits = logits + self.markov_head.markov_w2(u_BAKR).float()
+        return logits
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
+        """The DeepSpeed engine calls the module: training forward = ``forward_loss``."""
+        return self.forward_loss(batch, generator)
+
+    def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
+        """Sample anchors, run every block at once, and return the weighted loss sums (DESIGN section 4)."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"training batch lacks {', '.join(missing)}; expected keys {', '.join(BATCH_KEYS)}")
+        ids_BT, mask_BT = batch["input_ids_BT"], batch["loss_mask_BT"].bool()
+        K = self.block_size
+        anchor_pos_BA, anchor_valid_BA = sample_anchors(mask_BT, self.cfg.num_anchors, generator)
+        labels_BAK, valid_BAK = block_labels(ids_BT, mask_BT, anchor_pos_BA, anchor_valid_BA, K)
+        anchor_ids_BA = ids_BT.gather(1, anchor_pos_BA)
+
+        ctx_BTH = self.fuse_context(batch["features_BTLH"])
+        h_BAKH = self.block_hidden(ctx_BTH, anchor_ids_BA, anchor_pos_BA)
+        prev_BAK = torch.cat([anchor_ids_BA.unsqueeze(-1), labels_BAK[..., :-1]], dim=-1)
+        u_BAKR, conf_BAK = self._heads(h_BAKH, prev_BAK)
+
+        # Keep only the valid slots: N rows, each with its target position a + k (predicting token a + k + 1).
+        b_N, a_N, k_N = valid_BAK.nonzero(as_tuple=True)
+        final_NH = batch["final_BTH"][b_N, anchor_pos_BA[b_N, a_N] + k_N]
+        w_N = position_weights(K, self.cfg.loss_decay, device=ids_BT.device)[k_N]
+        dspark = self.algorithm == "dspark"
+        coef_ce_N = w_N * (self.cfg.ce_weight if dspark else 1.0)
+        coef_l1_N = w_N * self.cfg.l1_weight if dspark else torch.zeros_like(w_N)
+        loss_args = dict(h_NH=h_BAKH[b_N, a_N, k_N], lm_head_VH=self.lm_head.weight, final_NH=final_NH,
+                         labels_N=labels_BAK[b_N, a_N, k_N], coef_ce_N=coef_ce_N, coef_l1_N=coef_l1_N,
+                         chunk_rows=self.loss_chunk_rows)
+        if u_BAKR is not None:
+            numerator, ce_N, l1_N = self.markov_head.markov_w2(u_BAKR[b_N, a_N, k_N], loss_args=loss_args)
+        else:
+            numerator, ce_N, l1_N = chunked_vocab_loss(u_NR=None, w2_VR=None, **loss_args)
+        terms = {"ce": (w_N * ce_N).sum()}
+        if dspark:
+            terms["l1"] = (w_N * l1_N).sum()
+        if conf_BAK is not None:
+            # Soft label = analytic acceptance probability 1 - TV(p_draft, p_target), detached.
+            label_N = (1.0 - 0.5 * l1_N).clamp(0.0, 1.0)
+            bce_N = F.binary_cross_entropy_with_logits(conf_BAK[b_N, a_N, k_N].float(), label_N, reduction="none")
+            numerator = numerator + self.cfg.bce_weight * (w_N * bce_N).sum()
+            terms["bce"] = (w_N * bce_N).sum().detach()
+        accept_N = 1.0 - 0.5 * l1_N
+        return LossOutput(
+            numerator=numerator,
+            weight_sum=w_N.sum().detach(),
+            terms=terms,
+            accept_sum_K=torch.zeros(K, device=ids_BT.device).index_add_(0, k_N, accept_N),
+            count_K=torch.bincount(k_N, minlength=K).float(),
+            num_tokens=int(k_N.numel()),
+        )
+
+    # -- decoding --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
+                generator: torch.Generator | None = None) -> Proposal:
+        """Draft K tokens after ``anchor_id`` (at position T), sampling the sequential head left to right."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        device = self.fc.weight.device
+        T = context_TLH.shape[0]
+        ctx_1TH = self.fuse_context(context_TLH.unsqueeze(0).to(device))
+        anchor_11 = torch.tensor([[int(anchor_id)]], device=device)
+        h_KH = self.block_hidden(ctx_1TH, anchor_11, torch.tensor([[T]], device=device))[0, 0]
+        base_KV = h_KH.float() @ self.lm_head.weight.float().T
+        prev = anchor_11[0]  # [1]
+        state = None
+        tokens, probs, confs = [], [], []
+        for k in range(self.block_size):
+            logits_1V = base_KV[k : k + 1]
+            e_1R = None
+            if self.markov_head is not None:
+                u_1R, e_1R, state = self.markov_head.step(h_KH[k : k + 1], prev, state)
+                logits_1V = logits_1V + self.markov_head.markov_w2(u_1R).float()
+            if self.confidence_head is not None:
+                confs.append(torch.sigmoid(self.confidence_head(h_KH[k : k + 1], e_1R).float()))
+            if temperature == 0:
+                token = logits_1V.argmax(dim=-1)
+                p_1V = F.one_hot(token, self.vocab_size).float()
+            else:
+                p_1V = (logits_1V / temperature).softmax(dim=-1)
+                token = torch.multinomial(p_1V, 1, generator=generator).view(1)
+            tokens.append(token)
+            probs.append(p_1V)
+            prev = token
+        return Proposal(tokens_K=torch.cat(tokens), probs_KV=torch.cat(probs),
+                        confidence_K=torch.cat(confs) if confs else None)
+
+    # -- export ----------------------------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained tensors plus the frozen ``embed_tokens.weight`` and ``lm_head.weight`` (deepspec names)."""
+        state = dict(self.state_dict())
+        state["embed_tokens.weight"] = self.embed_tokens.weight
+        state["lm_head.weight"] = self.lm_head.weight
+        return state
+
+    def drafter_config(self) -> dict:
+        """The deepspec ``config.json`` contents (DESIGN section 8) plus a versioned ``dspark`` section."""
+        cfg = self.cfg
+        n = len(self.layers)
+        out = {"architectures": ["Qwen3DSparkModel"], "model_type": "qwen3"}
+        out.update({k: v for k, v in self.target_fields.items() if v is not None})
+        out.update({
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": n,
+            "layer_types": ["full_attention"] * n,
+            "max_window_layers": n,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "hidden_act": "silu",
+            # In the DFlash layout the block fed to the model holds the anchor plus K masks (DFlash convention).
+            "block_size": self.block_len,
+            "mask_token_id": self.mask_token_id,
+            "target_layer_ids": list(self.layer_ids),
+            "num_anchors": cfg.num_anchors,
+            "num_target_layers": self.num_target_layers,
+            "enable_confidence_head": self.confidence_head is not None,
+            "markov_rank": self.markov_rank,
+            "tie_word_embeddings": False,
+            "dtype": str(self.fc.weight.dtype).removeprefix("torch."),
+        })
+        if self.confidence_head is not None:
+            out["confidence_head_with_markov"] = self.confidence_head.with_markov
+        if self.markov_rank > 0:
+            out["markov_head_type"] = self.markov_head.kind
+        out["dspark"] = {
+            "format_version": DSPARK_SECTION_VERSION,
+            "algorithm": self.algorithm,
+            "dflash_layout": self.dflash_layout,
+            "layer_semantics": LAYER_SEMANTICS,
+            "loss_decay": cfg.loss_decay,
+            "ce_weight": cfg.ce_weight,
+            "l1_weight": cfg.l1_weight,
+            "bce_weight": cfg.bce_weight,
+        }
+        return out
+

@@ -1,0 +1,171 @@
+"""The ``deepspec`` attach-on layout (DESIGN section 8): ``config.json`` + ``model.safetensors``.
+
+Tensor names carry no prefix (the reference loader is strict): ``embed_tokens.weight``, ``fc.weight``,
+``hidden_norm.weight``, ``layers.{i}.*``, ``norm.weight``, ``lm_head.weight``, ``markov_head.*``,
+``confidence_head.proj.*``. ``config.json`` is a Qwen3 config of the draft layers plus the DSpark fields and a
+versioned ``dspark`` section (algorithm, block layout, loss weights, layer-id semantics) that this project's
+loader reads; a config without it (e.g. from the reference implementation) loads as a DSpark-layout drafter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+REQUIRED_CONFIG_KEYS = (
+    "architectures", "model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "rms_norm_eps", "rope_parameters", "vocab_size", "num_hidden_layers", "layer_types", "block_size",
+    "mask_token_id", "target_layer_ids", "num_anchors", "num_target_layers", "enable_confidence_head",
+    "markov_rank", "tie_word_embeddings", "dtype",
+)
+ARCHITECTURE = "Qwen3DSparkModel"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a deepspec checkpoint with ``config`` must hold, with its ``[out, in]`` shape."""
+    V, H = config["vocab_size"], config["hidden_size"]
+    heads, kv_heads, D = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    inter, r, L = config["intermediate_size"], config["markov_rank"], len(config["target_layer_ids"])
+    shapes = {"embed_tokens.weight": (V, H), "fc.weight": (H, L * H), "hidden_norm.weight": (H,),
+              "norm.weight": (H,), "lm_head.weight": (V, H)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (heads * D, H), p + "self_attn.k_proj.weight": (kv_heads * D, H),
+            p + "self_attn.v_proj.weight": (kv_heads * D, H), p + "self_attn.o_proj.weight": (H, heads * D),
+            p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,),
+            p + "mlp.gate_proj.weight": (inter, H), p + "mlp.up_proj.weight": (inter, H),
+            p + "mlp.down_proj.weight": (H, inter),
+        })
+    if r > 0:
+        shapes.update({"markov_head.markov_w1.weight": (V, r), "markov_head.markov_w2.weight": (V, r)})
+        kind = config.get("markov_head_type", "vanilla")
+        if kind == "gated":
+            shapes.update({"markov_head.gate_proj.weight": (r, H + r), "markov_head.gate_proj.bias": (r,)})
+        elif kind == "rnn":
+            shapes.update({"markov_head.joint_proj.weight": (3 * r, 2 * r + H),
+                           "markov_head.joint_proj.bias": (3 * r,)})
+        elif kind != "vanilla":
+            raise ValueError(f"markov_head_type {kind!r} unknown; expected vanilla, gated or rnn")
+    if config["enable_confidence_head"]:
+        width = H + (r if config.get("confidence_head_with_markov", r > 0) else 0)
+        shapes.update({"confidence_head.proj.weight": (1, width), "confidence_head.proj.bias": (1,)})
+    return shapes
+
+
+def _check_config(config: dict, where: str) -> None:
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{where}: deepspec config lacks required key(s) {', '.join(missing)}")
+    if ARCHITECTURE not in (config.get("architectures") or []):
+        raise ValueError(f"{where}: architectures {config.get('architectures')} is not [{ARCHITECTURE!r}]")
+    if config["markov_rank"] > 0 and "markov_head_type" not in config:
+        raise ValueError(f"{where}: markov_rank {config['markov_rank']} > 0 needs markov_head_type")
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], config: dict, where: str) -> None:
+    expected = expected_tensor_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{where}: tensors do not match the deepspec layout; missing: {missing or 'none'}; "
+                         f"unexpected: {extra or 'none'}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        weight = tensors[name]
+        # The frozen target matrices must be real weights: refuse empty (all-zero) or non-finite ones.
+        if not torch.isfinite(weight).all() or not weight.abs().sum() > 0:
+            raise ValueError(f"{where}: {name} is all zero or not finite; it must be the target's frozen weight")
+
+
+def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
+    """Write ``drafter`` as a deepspec attach-on checkpoint into ``out_dir``; returns the directory.
+
+    ``target_config`` (the target's HF config, object or dict; None to skip) is checked against the drafter's
+    dims (a re-export of a loaded drafter has no target at hand). Files
+    are written under temporary names and renamed, so a reader never sees a half-written checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    from dspark.drafters.common import config_get
+
+    config = drafter.drafter_config()
+    for key in ("hidden_size", "vocab_size") if target_config is not None else ():
+        if config_get(target_config, key) != config[key]:
+            raise ValueError(f"drafter {key} {config[key]} does not match the target config's "
+                             f"{config_get(target_config, key)}")
+    out = Path(out_dir)
+    _check_config(config, str(out))
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in drafter.full_state_dict().items()}
+    _check_tensors(tensors, config, str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_weights = out / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    os.replace(tmp_weights, out / WEIGHTS_FILE)
+    tmp_config = out / f".config.json.tmp{os.getpid()}"
+    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp_config, out / "config.json")
+    return out
+
+
+def drafter_config_from_deepspec(config: dict):
+    """The ``DrafterConfig`` a deepspec ``config.json`` describes."""
+    from dspark.config import DrafterConfig
+    from dspark.drafters.dspark.model import DSPARK_SECTION_VERSION
+
+    section = config.get("dspark") or {}
+    version = section.get("format_version", DSPARK_SECTION_VERSION)
+    if version > DSPARK_SECTION_VERSION:
+        raise ValueError(f"deepspec config 'dspark' section has format_version {version}; this dspark reads "
+                         f"versions up to {DSPARK_SECTION_VERSION} (upgrade dspark)")
+    dflash_layout = bool(section.get("dflash_layout", False))
+    defaults = DrafterConfig()
+    return DrafterConfig(
+        algorithm=section.get("algorithm", "dspark"),
+        num_layers=config["num_hidden_layers"],
+        block_size=config["block_size"] - int(dflash_layout),
+        mask_token_id=config["mask_token_id"],
+        dflash_layout=dflash_layout,
+        markov_rank=config["markov_rank"],
+        markov_head_type=config.get("markov_head_type", "vanilla"),
+        enable_confidence_head=config["enable_confidence_head"],
+        num_anchors=config["num_anchors"],
+        loss_decay=section.get("loss_decay", defaults.loss_decay),
+        ce_weight=section.get("ce_weight", defaults.ce_weight),
+        l1_weight=section.get("l1_weight", defaults.l1_weight),
+        bce_weight=section.get("bce_weight", defaults.bce_weight),
+        intermediate_size=config["intermediate_size"],
+    )
+
+
+def load_deepspec(export_dir: str | os.PathLike):
+    """Rebuild the drafter stored in a deepspec directory (strict: every tensor must be present, none extra)."""
+    from safetensors.torch import load_file
+
+    from dspark.drafters import build_drafter
+
+    path = Path(export_dir)
+    config_path, weights_path = path / "config.json", path / WEIGHTS_FILE
+    for f in (config_path, weights_path):
+        if not f.is_file():
+            raise ValueError(f"{path} is not a deepspec export: {f.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    _check_config(config, str(path))
+    tensors = load_file(str(weights_path))
+    _check_tensors(tensors, config, str(path))
+    cfg = drafter_config_from_deepspec(config)
+    embed_VH, lm_head_VH = tensors.pop("embed_tokens.weight"), tensors.pop("lm_head.weight")
+    drafter = build_drafter(cfg, config, config["target_layer_ids"], embed_VH, lm_head_VH)
+    drafter.to(tensors["fc.weight"].dtype)
+    drafter.load_state_dict(tensors, strict=True)
+    return drafter
