@@ -99,8 +99,8 @@ class EvalReport:
         return {key: clean(value) for key, value in asdict(self).items()}
 
 
-def _fmt(value: float, spec: str) -> str:
-    return "-" if math.isnan(value) else format(value, spec)
+def _fmt(value: float, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{digits}f}"
 
 
 def format_table(reports: dict[str, EvalReport]) -> str:
@@ -115,8 +115,8 @@ def format_table(reports: dict[str, EvalReport]) -> str:
     for name, r in reports.items():
         acceptance = r.acceptance_K + [math.nan] * (num_positions - len(r.acceptance_K))
         lines.append(
-            f"{name:<{name_width}}  {_fmt(r.tau, '6.3f')}  {_fmt(r.mean_proposal_len, '5.2f')}  {r.num_rounds:>7d}"
-            f"  {r.generated_tokens:>7d}  {_fmt(r.tokens_per_s, '8.1f')}"
-            + "".join(f"  {_fmt(a, '6.3f'):>6}" for a in acceptance)
+            f"{name:<{name_width}}  {_fmt(r.tau, 6, 3)}  {_fmt(r.mean_proposal_len, 5, 2)}  {r.num_rounds:>7d}"
+            f"  {r.generated_tokens:>7d}  {_fmt(r.tokens_per_s, 8, 1)}"
+            + "".join(f"  {_fmt(a, 6, 3)}" for a in acceptance)
         )
     return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Plots of evaluation reports (PNG through matplotlib's Agg canvas, so no display or global backend is needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dspark.eval.metrics import EvalReport
+
+
+def plot_acceptance(reports: dict[str, EvalReport], path: str | Path) -> Path:
+    """Conditional acceptance by draft position, one line per drafter (tau in the legend); returns the path."""
+    # Imported here: matplotlib costs ~0.5 s and only plotting needs it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not reports:
+        raise ValueError("plot_acceptance needs at least one report")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"plot path must end in .png, got {str(path)!r}")
+    fig = Figure(figsize=(8.0, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    num_positions = 1
+    for name, report in reports.items():
+        positions = list(range(1, len(report.acceptance_K) + 1))
+        num_positions = max(num_positions, len(positions))
+        ax.plot(positions, report.acceptance_K, marker="o", label=f"{name} (tau {report.tau:.2f})")
+    temperatures = sorted({r.temperature for r in reports.values()})
+    ax.set_title(f"acceptance by draft position (T = {', '.join(f'{t:g}' for t in temperatures)})")
+    ax.set_xlabel("draft position k")
+    ax.set_ylabel("P(accept k | 1..k-1 accepted)")
+    ax.set_xticks(range(1, num_positions + 1))
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    # Outside the axes: lines of good drafters sit at the top, where a legend inside would hide them.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
