@@ -51,7 +51,7 @@ def test_demo_leaves_every_artifact(demo_run):
         for name in ("trained", "untrained"):
             r = report[tag][name]
             assert r["tau"] >= 1.0
-            assert len(r["conditional_acceptance"]) == 4  # block size of the tiny recipe
+            assert len(r["acceptance_K"]) == 4  # block size of the tiny recipe
     assert json.loads((run_dir / "config.json").read_text())["target"]["name_or_path"].endswith("llama")
 
 

@@ -212,7 +212,7 @@ class HFDecodeSession(DecodeSession):
         model = self.target.model
         ids_1N = ids_N.view(1, -1).to(model.device)
         positions = torch.arange(self.length, self.length + ids_1N.shape[1], device=model.device).view(1, -1)
-        out = model.model(input_ids=ids_1N, position_ids=positions, past_key_values=self.cache, use_cache=True,
+        out = model.model(input_ids=ids_1N, position_ids=positions, cache=self.cache, use_cache=True,
                           output_hidden_states=True)
         self.length += ids_1N.shape[1]
         logits_NV = model.lm_head(out.last_hidden_state[0]).float()
