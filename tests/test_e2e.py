@@ -97,6 +97,7 @@ def test_tensorboard_scalars_read_back(demo_run):
     assert len(losses) >= 5 and all(v == v for v in losses)  # one per step, finite
     lrs = [e.value for e in acc.Scalars("lr")]
     assert max(lrs) > 0
+    assert all(e.value > 0 for e in acc.Scalars("grad_norm"))
 
 
 def test_cache_for_other_layer_ids_is_refused(demo_run, tiny_llama_dir):

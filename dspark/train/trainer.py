@@ -133,7 +133,7 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
                     **{f"accept_rate@{k + 1}": a for k, a in enumerate(stats["accept_K"])},
                     "tau_estimate": tau_estimate(torch.tensor(stats["accept_K"])),
                     "lr": engine.get_lr()[0],
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "grad_norm": stats["grad_norm"] if stats["grad_norm"] is not None else float("nan"),
                     "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
                     "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
                     "memory/peak_rss_gb": peak_rss_gb(),
@@ -167,7 +167,12 @@ def _train_micro_step(engine, batch, generator, world: int, step: int) -> tuple[
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; stopping without saving")
     engine.backward(loss)
+    # ZeRO 1-3 record the global grad norm in their optimizer; ZeRO 0 clips without keeping it, so measure
+    # it here, where the (already all-reduced) gradients are still on the parameters.
+    own_norm = _param_grad_norm(engine) if engine.is_gradient_accumulation_boundary() else None
     engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else own_norm
     terms = torch.stack([out.terms[k].detach().float() for k in sorted(out.terms)]) if out.terms else None
     accept = torch.stack([out.accept_sum_K.detach().float(), out.count_K.detach().float()])
     dist_utils.all_reduce_sum(accept)
@@ -180,8 +185,16 @@ def _train_micro_step(engine, batch, generator, world: int, step: int) -> tuple[
         "terms": dict(zip(sorted(out.terms), terms)) if terms is not None else {},
         "accept_K": (accept[0] / accept[1].clamp_min(1)).tolist(),
         "tokens": int(out.num_tokens),
+        "grad_norm": grad_norm,
     }
     return float(global_loss), stats
+
+
+def _param_grad_norm(engine) -> float | None:
+    grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int, export_fn) -> None:
