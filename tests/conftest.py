@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from dspark.targets.tiny import make_tiny_target, smollm2_tokenizer
 
@@ -30,3 +31,12 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny_target(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP start-up dominates, and on a loaded 2-core machine two threads run ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,7 @@ import torch
 
 from dspark.drafters.anchors import block_labels, position_weights, sample_anchors
 
-from tiny_drafters import one_thread  # noqa: F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_anchors_are_distinct_supervised_pairs_and_deterministic():

@@ -6,7 +6,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEm
 from dspark.drafters.common import (DraftAttention, RMSNorm, RotaryEmbedding, apply_rope,
                                     rope_theta_from_config)
 
-from tiny_drafters import one_thread  # noqa: F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rope_and_rmsnorm_match_transformers_qwen3():

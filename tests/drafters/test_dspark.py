@@ -13,10 +13,12 @@ from dspark.config import DrafterConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.drafters.anchors import sample_anchors
 
-from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_batch, make_drafter, one_thread  # noqa: F401
+from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_batch, make_drafter
 
 EPS = TINY_TARGET["rms_norm_eps"]
 THETA = TINY_TARGET["rope_parameters"]["rope_theta"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- a direct, unoptimised implementation (one block at a time, plain loops) ------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dspark.config import DrafterConfig
@@ -44,12 +43,3 @@ def make_batch(seed: int = 1, B: int = 2, T: int = 24):
         "features_BTLH": torch.randn(B, T, len(LAYER_IDS), H, generator=g),
         "final_BTH": torch.randn(B, T, H, generator=g) * 3,
     }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP start-up dominates, and on a loaded 2-core machine two threads run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

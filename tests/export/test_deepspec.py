@@ -15,15 +15,7 @@ TARGET = dict(model_type="llama", hidden_size=H, vocab_size=V, num_attention_hea
               rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, max_position_embeddings=512,
               bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.02)
 LAYER_IDS = [-1, 1, 3]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP start-up dominates, and on a loaded 2-core machine two threads run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _drafter(**overrides):
