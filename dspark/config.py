@@ -59,7 +59,7 @@ class DrafterConfig:
     algorithm: str = "dspark"
     num_layers: int = 1
     block_size: int = 7  # gamma
-    # Token fed to the mask slots; -1 picks a special token the target never emits (see drafters.base).
+    # Token fed to the mask slots; -1 = vocab_size - 1 (see dspark.drafters.dspark.model.resolve_mask_token_id).
     mask_token_id: int = -1
     # True: original DFlash layout (anchor + gamma masks, only masks predict); False: DSpark layout.
     dflash_layout: bool = False

@@ -117,7 +117,9 @@ def test_cache_for_other_target_is_refused(demo_run, tiny_qwen3_dir):
 def test_two_process_deepspeed_launcher(demo_run, tiny_llama_dir, tmp_path):
     run_dir, _ = demo_run
     shutil.copytree(run_dir / "cache", tmp_path / "cache")
-    proc = run_cli(["deepspeed", "--num_gpus", "2", "--master_port", "29611", "launcher/train.py",
+    # The venv's launcher, whether or not the venv is on PATH (CI calls .venv/bin/python directly).
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    proc = run_cli([launcher, "--num_gpus", "2", "--master_port", "29611", "launcher/train.py",
                     "--config", "tiny_llama_dspark", "--set", f"run_dir={tmp_path}",
                     "--set", f"target.name_or_path={tiny_llama_dir}", "--set", "train.micro_batch_size=1"],
                    timeout=600)
