@@ -105,7 +105,7 @@ def prepare(recipe, overrides):
 
 @main.group()
 def cache():
-    """Hidden-state caches: build, inspect."""
+    """Hidden-state caches: build, inspect, verify."""
 
 
 @cache.command("build")
@@ -144,6 +144,22 @@ def cache_inspect(cache_dir, as_json):
     else:
         for key, value in info.items():
             click.echo(f"{key:>22}: {value}")
+
+
+@cache.command("verify")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@_friendly_errors
+def cache_verify(cache_dir):
+    """Recompute every shard checksum; exit non-zero naming the first corrupt shard and sample.
+
+    \b
+    Example:
+      dspark cache verify runs/smollm2_dspark/cache
+    """
+    from dspark.cache import CacheReader
+
+    reader = CacheReader(Path(cache_dir))
+    click.echo(f"ok: {reader.verify()} samples in {len(reader.manifest['shards'])} shards verified")
 
 
 @main.command()

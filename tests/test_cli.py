@@ -13,7 +13,7 @@ def test_import_and_help_stay_light():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["cache", "build"], ["cache", "inspect"], ["train"], ["eval"],
+@pytest.mark.parametrize("command", [[], ["prepare"], ["cache", "build"], ["cache", "inspect"], ["cache", "verify"], ["train"], ["eval"],
                                      ["export"], ["demo"]])
 def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [*command, "--help"])

@@ -147,3 +147,34 @@ def test_empty_prompt_file_is_refused(tmp_path, tiny_llama_dir):
     proc = run_cli([*DSPARK, "prepare", "-c", "tiny_llama_dspark", "--set", f"data.prompts={tmp_path}/empty.jsonl",
                     "--set", f"run_dir={tmp_path}/run", "--set", f"target.name_or_path={tiny_llama_dir}"])
     assert_one_line_error(proc, r"empty|no prompts")
+
+
+def test_cache_verify_names_a_flipped_byte(demo_run, tmp_path):
+    run_dir, _ = demo_run
+    cache = tmp_path / "cache"
+    shutil.copytree(run_dir / "cache", cache)
+    ok = run_cli([*DSPARK, "cache", "verify", str(cache)])
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 20 samples"), ok.stdout + ok.stderr
+    shard = sorted(cache.glob("shard-*.bin"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert_one_line_error(run_cli([*DSPARK, "cache", "verify", str(cache)]), shard.name)
+
+
+def test_dflash_trains_and_evaluates_through_the_same_loop(demo_run, tiny_llama_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = demo_run
+    shutil.copytree(run_dir / "cache", tmp_path / "cache")
+    shutil.copytree(run_dir / "data", tmp_path / "data")
+    common = ["-c", "tiny_llama_dflash", "--set", f"run_dir={tmp_path}", "--set", f"target.name_or_path={tiny_llama_dir}"]
+    for command in (["train"], ["eval"]):
+        proc = run_cli([*DSPARK, *command, *common])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    config = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    assert config["markov_rank"] == 0 and config["enable_confidence_head"] is False
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert "loss/ce" in tags and "loss/l1" not in tags and "eval_T0/trained/tau" in tags
