@@ -190,8 +190,11 @@ def train(recipe, overrides):
 @_config_options
 @click.option("--drafter", "drafter_dir", default=None, type=click.Path(file_okay=False),
               help="Drafter directory (default: <run_dir>/drafter).")
+@click.option("--dataset", "datasets", multiple=True, metavar="NAME[,NAME...]",
+              help="Evaluate on fetched benchmarks instead of the held-out prompts (repeatable or "
+                   "comma-separated; see `dspark data fetch-benchmarks`).")
 @_friendly_errors
-def eval_cmd(recipe, overrides, drafter_dir):
+def eval_cmd(recipe, overrides, drafter_dir, datasets):
     """Speculative decoding of the trained drafter (and an untrained one) against the target.
 
     Reports tau (accepted length incl. the bonus token) and per-position conditional acceptance.
@@ -199,13 +202,42 @@ def eval_cmd(recipe, overrides, drafter_dir):
     \b
     Example:
       dspark eval -c smollm2_dspark --set eval.num_prompts=8
+      dspark eval -c smollm2_dspark --dataset gsm8k --dataset humaneval,mt-bench
     """
     cfg = _load(recipe, overrides)
     _quiet_libraries()
     from dspark import pipeline
 
-    pipeline.evaluate(cfg, drafter_dir=Path(drafter_dir) if drafter_dir else None)
+    pipeline.evaluate(cfg, drafter_dir=Path(drafter_dir) if drafter_dir else None,
+                      datasets=list(datasets) if datasets else None)
     click.echo(f"report: {Path(cfg.run_dir) / 'eval' / 'report.json'}")
+
+
+@main.group()
+def data():
+    """Prompt data: fetch public benchmarks for `dspark eval --dataset`."""
+
+
+@data.command("fetch-benchmarks")
+@click.argument("names", nargs=-1)
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="Where to write <name>.jsonl (default: $DSPARK_DATA_DIR or ~/.cache/dspark/benchmarks).")
+@click.option("--force", is_flag=True, help="Download again even if a benchmark file exists.")
+@_friendly_errors
+def data_fetch_benchmarks(names, data_dir, force):
+    """Download benchmarks from the Hugging Face hub as {"turns": [...]} jsonl (default: all of them).
+
+    Known: gsm8k, math500, aime25, humaneval, mbpp, livecodebench, mt-bench, alpaca, arena-hard-v2.
+
+    \b
+    Example:
+      dspark data fetch-benchmarks gsm8k humaneval --data-dir data/benchmarks
+      dspark eval -c smollm2_dspark --dataset gsm8k --set eval.data_dir=data/benchmarks
+    """
+    from dspark.data.benchmarks import fetch_benchmarks
+
+    for name, path in fetch_benchmarks(list(names) or None, data_dir, force=force).items():
+        click.echo(f"{name}: {path}")
 
 
 @main.command()

@@ -90,6 +90,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     num_threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
+    save_every: int = 0  # checkpoint every N optimizer steps; 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept in <run_dir>/checkpoints
+    resume: bool = True  # continue from the newest complete checkpoint in <run_dir>/checkpoints
 
 
 @dataclass(kw_only=True)
@@ -98,6 +101,10 @@ class EvalConfig:
     max_new_tokens: int = 96
     temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
     seed: int = 0
+    # Benchmarks to evaluate on (dspark.data.benchmarks names); empty = the held-out prompts.
+    datasets: list[str] = field(default_factory=list)
+    # Where fetched benchmarks live; empty = $DSPARK_DATA_DIR or ~/.cache/dspark/benchmarks.
+    data_dir: str = ""
 
 
 @dataclass(kw_only=True)

@@ -108,10 +108,17 @@ def train(cfg: RunConfig, progress: bool = True):
     return _train(cfg, cache_dir=RunPaths(Path(cfg.run_dir)).cache, progress=progress)
 
 
-def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progress: bool = True) -> dict:
-    """Speculative decoding on the held-out prompts: the trained drafter next to an untrained one."""
+def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progress: bool = True,
+             datasets: list[str] | None = None) -> dict:
+    """Speculative decoding on the held-out prompts: the trained drafter next to an untrained one.
+
+    ``datasets`` (default ``cfg.eval.datasets``) names fetched benchmarks (``dspark.data.benchmarks``) to
+    evaluate on instead, each capped at ``eval.num_prompts``; their report keys are ``"<dataset>/T<temp>"``
+    rather than ``"T<temp>"``.
+    """
     import torch
 
+    from dspark.data.benchmarks import load_benchmark, parse_names
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
     from dspark.drafters import build_drafter, load_drafter
@@ -125,33 +132,40 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
     drafter_dir = Path(drafter_dir) if drafter_dir else paths.drafter
     if not (drafter_dir / "config.json").is_file():
         raise ValueError(f"no trained drafter at {drafter_dir}: run `dspark train` with this config first")
-    if not paths.eval_prompts.is_file():
+    names = parse_names(cfg.eval.datasets if datasets is None else datasets)
+    if not names and not paths.eval_prompts.is_file():
         raise ValueError(f"no held-out prompts at {paths.eval_prompts}: run `dspark prepare` first")
+    # Prompt sets are read before the target loads so that a missing benchmark fails fast. "" = held out.
+    prompt_sets = {name: load_benchmark(name, cfg.eval.data_dir or None, cfg.eval.num_prompts) for name in names}
+    if not names:
+        prompt_sets[""] = load_prompts(str(paths.eval_prompts), cfg.eval.num_prompts)
     target = target or load_target(cfg.target)
     trained = load_drafter(drafter_dir).eval()
     torch.manual_seed(cfg.train.seed)  # the same initialisation the trained drafter started from
     untrained = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
                               target.lm_head_weight).eval()
-    prompts = load_prompts(str(paths.eval_prompts), cfg.eval.num_prompts)
-    prompt_token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
     stop_ids = sorted({i for i in [target.tokenizer.eos_token_id] if i is not None})
 
     results: dict[str, dict] = {}
     paths.eval_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(paths.tensorboard)
-    for temperature in cfg.eval.temperatures:
-        reports = {}
-        for name, drafter in (("trained", trained), ("untrained", untrained)):
-            reports[name] = run_eval(target, drafter, prompt_token_ids, max_new_tokens=cfg.eval.max_new_tokens,
-                                     temperature=temperature, seed=cfg.eval.seed, stop_ids=stop_ids,
-                                     progress=progress)
-        tag = f"T{temperature:g}"
-        print(f"\nspeculative decoding on {len(prompts)} held-out prompts, temperature {temperature:g}")
-        print(format_table(reports))
-        plot_acceptance(reports, paths.eval_dir / f"acceptance_{tag}.png")
-        results[tag] = {name: r.to_dict() for name, r in reports.items()}
-        for name, r in reports.items():
-            logger.log(0, {f"eval_{tag}/{name}/tau": r.tau})
+    for dataset, prompts in prompt_sets.items():
+        prompt_token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
+        for temperature in cfg.eval.temperatures:
+            reports = {}
+            for name, drafter in (("trained", trained), ("untrained", untrained)):
+                reports[name] = run_eval(target, drafter, prompt_token_ids, max_new_tokens=cfg.eval.max_new_tokens,
+                                         temperature=temperature, seed=cfg.eval.seed, stop_ids=stop_ids,
+                                         progress=progress)
+            tag = f"T{temperature:g}"
+            key, file_tag = (f"{dataset}/{tag}", f"{dataset}_{tag}") if dataset else (tag, tag)
+            print(f"\nspeculative decoding on {len(prompts)} {dataset or 'held-out'} prompts, "
+                  f"temperature {temperature:g}")
+            print(format_table(reports))
+            plot_acceptance(reports, paths.eval_dir / f"acceptance_{file_tag}.png")
+            results[key] = {name: r.to_dict() for name, r in reports.items()}
+            for name, r in reports.items():
+                logger.log(0, {f"eval_{file_tag}/{name}/tau": r.tau})
     logger.close()
     (paths.eval_dir / "report.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 EVAL_DATASETS = SHARED / "eval_datasets"
+# Set by an in-process training run (dspark.distributed.init_distributed); a child process must not inherit
+# them, or it would join that (finished) world instead of starting its own.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -m dspark.cli ARGS`` (or, when ``args[0]`` is a path, that program) in a clean environment."""
+    clean = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    clean.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", **env)
+    command = args if args and os.sep in args[0] else [sys.executable, "-m", "dspark.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=clean, cwd=REPO)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +61,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_run(tmp_path_factory, tiny_llama_dir) -> tuple[Path, str]:
+    """`dspark demo -c tiny_llama_dspark` once per session; tests that write into a run copy what they need."""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    proc = run_cli(["demo", "-c", "tiny_llama_dspark", "--set", f"run_dir={run_dir}",
+                    "--set", f"target.name_or_path={tiny_llama_dir}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc.stdout

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-DSPARK = [sys.executable, "-m", "dspark.cli"]
-
-
-def run_cli(args, timeout=600, **kwargs):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, **kwargs)
-
+from conftest import free_port, run_cli
 
 def assert_one_line_error(proc, pattern: str):
     import re
@@ -30,17 +20,8 @@ def assert_one_line_error(proc, pattern: str):
     assert re.search(pattern, errors[0]), errors[0]
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, tiny_llama_dir):
-    run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    proc = run_cli([*DSPARK, "demo", "-c", "tiny_llama_dspark", "--set", f"run_dir={run_dir}",
-                    "--set", f"target.name_or_path={tiny_llama_dir}"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, proc.stdout
-
-
-def test_demo_leaves_every_artifact(demo_run):
-    run_dir, stdout = demo_run
+def test_demo_leaves_every_artifact(tiny_demo_run):
+    run_dir, stdout = tiny_demo_run
     for rel in ["config.json", "data/train.jsonl", "data/eval_prompts.jsonl", "cache/manifest.json",
                 "drafter/config.json", "eval/report.json", "eval/acceptance_T1.png", "eval/acceptance_T0.png",
                 "export/deepspec/config.json", "export/deepspec/model.safetensors", "demo_summary.json"]:
@@ -55,10 +36,10 @@ def test_demo_leaves_every_artifact(demo_run):
     assert json.loads((run_dir / "config.json").read_text())["target"]["name_or_path"].endswith("llama")
 
 
-def test_export_matches_deepspec_layout(demo_run):
+def test_export_matches_deepspec_layout(tiny_demo_run):
     from safetensors import safe_open
 
-    run_dir, _ = demo_run
+    run_dir, _ = tiny_demo_run
     out = run_dir / "export" / "deepspec"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3DSparkModel"]
@@ -82,10 +63,10 @@ def test_export_matches_deepspec_layout(demo_run):
     assert not any(n.startswith("model.") for n in names)
 
 
-def test_tensorboard_scalars_read_back(demo_run):
+def test_tensorboard_scalars_read_back(tiny_demo_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = demo_run
+    run_dir, _ = tiny_demo_run
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -100,26 +81,26 @@ def test_tensorboard_scalars_read_back(demo_run):
     assert all(e.value > 0 for e in acc.Scalars("grad_norm"))
 
 
-def test_cache_for_other_layer_ids_is_refused(demo_run, tiny_llama_dir):
-    run_dir, _ = demo_run
-    proc = run_cli([*DSPARK, "train", "-c", "tiny_llama_dspark", "--set", f"run_dir={run_dir}",
+def test_cache_for_other_layer_ids_is_refused(tiny_demo_run, tiny_llama_dir):
+    run_dir, _ = tiny_demo_run
+    proc = run_cli(["train", "-c", "tiny_llama_dspark", "--set", f"run_dir={run_dir}",
                     "--set", f"target.name_or_path={tiny_llama_dir}", "--set", "target.layer_ids=[0, 2]"])
     assert_one_line_error(proc, r"layer_ids.*\[0, 1, 2\].*\[0, 2\]")
 
 
-def test_cache_for_other_target_is_refused(demo_run, tiny_qwen3_dir):
-    run_dir, _ = demo_run
-    proc = run_cli([*DSPARK, "train", "-c", "tiny_llama_dspark", "--set", f"run_dir={run_dir}",
+def test_cache_for_other_target_is_refused(tiny_demo_run, tiny_qwen3_dir):
+    run_dir, _ = tiny_demo_run
+    proc = run_cli(["train", "-c", "tiny_llama_dspark", "--set", f"run_dir={run_dir}",
                     "--set", f"target.name_or_path={tiny_qwen3_dir}"])
     assert_one_line_error(proc, r"config_hash")
 
 
-def test_two_process_deepspeed_launcher(demo_run, tiny_llama_dir, tmp_path):
-    run_dir, _ = demo_run
+def test_two_process_deepspeed_launcher(tiny_demo_run, tiny_llama_dir, tmp_path):
+    run_dir, _ = tiny_demo_run
     shutil.copytree(run_dir / "cache", tmp_path / "cache")
     # The venv's launcher, whether or not the venv is on PATH (CI calls .venv/bin/python directly).
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    proc = run_cli([launcher, "--num_gpus", "2", "--master_port", "29611", "launcher/train.py",
+    proc = run_cli([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/train.py",
                     "--config", "tiny_llama_dspark", "--set", f"run_dir={tmp_path}",
                     "--set", f"target.name_or_path={tiny_llama_dir}", "--set", "train.micro_batch_size=1"],
                    timeout=600)
@@ -139,38 +120,38 @@ def test_two_process_deepspeed_launcher(demo_run, tiny_llama_dir, tmp_path):
     ],
 )
 def test_cli_errors_are_one_line(args, pattern):
-    assert_one_line_error(run_cli([*DSPARK, *args], timeout=300), pattern)
+    assert_one_line_error(run_cli(args, timeout=300), pattern)
 
 
 def test_empty_prompt_file_is_refused(tmp_path, tiny_llama_dir):
     (tmp_path / "empty.jsonl").write_text("")
-    proc = run_cli([*DSPARK, "prepare", "-c", "tiny_llama_dspark", "--set", f"data.prompts={tmp_path}/empty.jsonl",
+    proc = run_cli(["prepare", "-c", "tiny_llama_dspark", "--set", f"data.prompts={tmp_path}/empty.jsonl",
                     "--set", f"run_dir={tmp_path}/run", "--set", f"target.name_or_path={tiny_llama_dir}"])
     assert_one_line_error(proc, r"empty|no prompts")
 
 
-def test_cache_verify_names_a_flipped_byte(demo_run, tmp_path):
-    run_dir, _ = demo_run
+def test_cache_verify_names_a_flipped_byte(tiny_demo_run, tmp_path):
+    run_dir, _ = tiny_demo_run
     cache = tmp_path / "cache"
     shutil.copytree(run_dir / "cache", cache)
-    ok = run_cli([*DSPARK, "cache", "verify", str(cache)])
+    ok = run_cli(["cache", "verify", str(cache)])
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 20 samples"), ok.stdout + ok.stderr
     shard = sorted(cache.glob("shard-*.bin"))[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert_one_line_error(run_cli([*DSPARK, "cache", "verify", str(cache)]), shard.name)
+    assert_one_line_error(run_cli(["cache", "verify", str(cache)]), shard.name)
 
 
-def test_dflash_trains_and_evaluates_through_the_same_loop(demo_run, tiny_llama_dir, tmp_path):
+def test_dflash_trains_and_evaluates_through_the_same_loop(tiny_demo_run, tiny_llama_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = demo_run
+    run_dir, _ = tiny_demo_run
     shutil.copytree(run_dir / "cache", tmp_path / "cache")
     shutil.copytree(run_dir / "data", tmp_path / "data")
     common = ["-c", "tiny_llama_dflash", "--set", f"run_dir={tmp_path}", "--set", f"target.name_or_path={tiny_llama_dir}"]
     for command in (["train"], ["eval"]):
-        proc = run_cli([*DSPARK, *command, *common])
+        proc = run_cli([*command, *common])
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     config = json.loads((tmp_path / "drafter" / "config.json").read_text())
     assert config["markov_rank"] == 0 and config["enable_confidence_head"] is False

@@ -6,15 +6,21 @@ DeepSpeed engine, and logs. Features come from the cache; the trainer never know
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from dspark import distributed as dist_utils
 from dspark.config import RunConfig
+from dspark.train import checkpoint
 from dspark.train.metrics import MetricsLogger, peak_rss_gb, tau_estimate
+
+
+class NonFiniteLossError(ValueError, FloatingPointError):
+    """A NaN/inf loss: the run stops without saving. A ValueError so the CLI reports it as a one-line error."""
 
 
 @dataclass
@@ -39,13 +45,16 @@ def frozen_target_parts(cfg: RunConfig):
     return parts
 
 
-def _micro_batches(reader, cfg: RunConfig, epoch: int, rank: int, world: int, per_rank: int):
-    """Yield collated micro batches of this rank's slice; every rank yields the same count (else DeepSpeed hangs)."""
+def _micro_batches(reader, cfg: RunConfig, epoch: int, rank: int, world: int, per_rank: int, skip_micro: int = 0):
+    """Yield collated micro batches of this rank's slice, after the first ``skip_micro`` (resuming mid-epoch);
+    every rank yields the same count (else DeepSpeed hangs)."""
     from dspark.data.collate import collate
 
     mbs = cfg.train.micro_batch_size
+    start = skip_micro * mbs
     chunk: list[dict] = []
-    for i, sample in enumerate(reader.iter_samples(seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world)):
+    samples = reader.iter_samples(seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world, start=start)
+    for i, sample in enumerate(samples, start=start):
         if i >= per_rank:
             break
         chunk.append(sample)
@@ -69,8 +78,15 @@ def _plan_steps(num_samples: int, cfg: RunConfig, world: int) -> tuple[int, int,
     return per_rank, steps_per_epoch, total
 
 
-def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = True) -> TrainResult:
-    """Train ``cfg.drafter`` on the cache at ``cache_dir`` (default ``<run_dir>/cache``) inside DeepSpeed."""
+def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = True,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """Train ``cfg.drafter`` on the cache at ``cache_dir`` (default ``<run_dir>/cache``) inside DeepSpeed.
+
+    Checkpoints go to ``<run_dir>/checkpoints`` every ``train.save_every`` steps and at the end; with
+    ``train.resume`` the newest complete one is loaded first and the run continues exactly where it stopped.
+    ``stop_after_steps`` pauses the run after that many optimizer steps (counted from step 0, with the LR
+    schedule of the whole run): it saves a checkpoint and returns without writing the drafter.
+    """
     import deepspeed
     from tqdm import tqdm
 
@@ -83,6 +99,9 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
     cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache"
     if not (cache_dir / "manifest.json").is_file():
         raise ValueError(f"no hidden-state cache at {cache_dir} (manifest.json missing): run `dspark cache build` first")
+    if cfg.train.save_every < 0 or cfg.train.keep_last < 1:
+        raise ValueError(f"train.save_every must be >= 0 and train.keep_last >= 1, got save_every="
+                         f"{cfg.train.save_every}, keep_last={cfg.train.keep_last}")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if rank == 0:
@@ -102,59 +121,89 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     # Anchor sampling differs per rank (different data) but is reproducible for a given (seed, rank).
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    logger = MetricsLogger(run_dir / "tensorboard", enabled=rank == 0)
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and rank == 0))
-
-    step, micro, last_loss = 0, 0, float("nan")
-    tokens_seen, wall_start = 0, time.perf_counter()
-    window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
-    for epoch in range(cfg.train.num_epochs if not cfg.train.max_steps else 10**9):
-        batches = _micro_batches(reader, cfg, epoch, rank, world, per_rank)
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            window["wait"] += time.perf_counter() - t0
-            if batch is None:
-                break
-            batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-            loss, stats = _train_micro_step(engine, batch, generator, world, step)
-            micro += 1
-            tokens_seen += stats["tokens"]
-            window["tokens"] += stats["tokens"]
-            if micro % cfg.train.grad_accum_steps:
-                continue  # mid accumulation: DeepSpeed stepped no optimizer yet
-            step += 1
-            last_loss = loss
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window["start"]
-                scalars = {
-                    "loss/total": loss, **{f"loss/{k}": v for k, v in stats["terms"].items()},
-                    **{f"accept_rate@{k + 1}": a for k, a in enumerate(stats["accept_K"])},
-                    "tau_estimate": tau_estimate(torch.tensor(stats["accept_K"])),
-                    "lr": engine.get_lr()[0],
-                    "grad_norm": stats["grad_norm"] if stats["grad_norm"] is not None else float("nan"),
-                    "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
-                    "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
-                    "memory/peak_rss_gb": peak_rss_gb(),
-                }
-                logger.log(step, scalars)
-                bar.set_postfix(loss=f"{loss:.3f}", tau=f"{scalars['tau_estimate']:.2f}")
-                window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
-        if step >= total_steps:
-            break
-    bar.close()
-    wall = time.perf_counter() - wall_start
 
     ckpt_dir = run_dir / "checkpoints"
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    # What a checkpoint must match to be resumed into this run (JSON round trip: the record is JSON).
+    run_info = {"drafter": json.loads(json.dumps(asdict(cfg.drafter)))}
+    position = None
+    if cfg.train.resume:
+        position = checkpoint.load(engine, ckpt_dir, generator, rank=rank, world=world, run_info=run_info)
+    position = position or checkpoint.Position(step=0, epoch=0, micro_in_epoch=0)
+    saved_step = position.step if position.step else None
+    stop_at = min(total_steps, stop_after_steps) if stop_after_steps is not None else total_steps
+
+    def save_now() -> None:
+        nonlocal saved_step
+        checkpoint.save(engine, ckpt_dir, position, generator, rank=rank, world=world,
+                        keep_last=cfg.train.keep_last, run_info=run_info)
+        saved_step = position.step
+
+    logger = MetricsLogger(run_dir / "tensorboard", enabled=rank == 0)
+    bar = tqdm(total=total_steps, initial=position.step, desc="train", unit="step",
+               disable=not (progress and rank == 0))
+    grad_accum = cfg.train.grad_accum_steps
+    # At a checkpoint the accumulation is complete, so the micro-batch count is step x accumulation.
+    micro, last_loss = position.step * grad_accum, float("nan")
+    tokens_seen, wall_start = 0, time.perf_counter()
+    window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
+    try:
+        num_epochs = cfg.train.num_epochs if not cfg.train.max_steps else 10**9
+        for epoch in range(position.epoch, num_epochs):
+            if epoch != position.epoch:
+                position.epoch, position.micro_in_epoch = epoch, 0
+            batches = _micro_batches(reader, cfg, epoch, rank, world, per_rank, skip_micro=position.micro_in_epoch)
+            while position.step < stop_at:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                window["wait"] += time.perf_counter() - t0
+                if batch is None:
+                    break
+                batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+                loss, stats = _train_micro_step(engine, batch, generator, world, position.step)
+                micro += 1
+                position.micro_in_epoch += 1
+                tokens_seen += stats["tokens"]
+                window["tokens"] += stats["tokens"]
+                if micro % grad_accum:
+                    continue  # mid accumulation: DeepSpeed stepped no optimizer yet
+                position.step += 1
+                step = position.step
+                last_loss = loss
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window["start"]
+                    scalars = {
+                        "loss/total": loss, **{f"loss/{k}": v for k, v in stats["terms"].items()},
+                        **{f"accept_rate@{k + 1}": a for k, a in enumerate(stats["accept_K"])},
+                        "tau_estimate": tau_estimate(torch.tensor(stats["accept_K"])),
+                        "lr": engine.get_lr()[0],
+                        "grad_norm": stats["grad_norm"] if stats["grad_norm"] is not None else float("nan"),
+                        "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
+                        "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
+                        "memory/peak_rss_gb": peak_rss_gb(),
+                    }
+                    logger.log(step, scalars)
+                    bar.set_postfix(loss=f"{loss:.3f}", tau=f"{scalars['tau_estimate']:.2f}")
+                    window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < stop_at:
+                    save_now()
+            if position.step >= stop_at:
+                break
+    finally:
+        # Also on a non-finite loss: flush the logs, but save nothing.
+        bar.close()
+        logger.close()
+    wall = time.perf_counter() - wall_start
+
+    if saved_step != position.step:
+        save_now()
     drafter_dir = run_dir / "drafter"
-    _save_final_drafter(engine, hf_config, drafter_dir, rank, export_deepspec)
-    logger.close()
+    if position.step >= total_steps:
+        _save_final_drafter(engine, hf_config, drafter_dir, rank, export_deepspec)
     dist_utils.barrier()
-    return TrainResult(steps=step, final_loss=last_loss, tokens_per_s=tokens_seen * world / max(wall, 1e-9),
-                       wall_s=wall, drafter_dir=drafter_dir, checkpoint_dir=ckpt_dir,
-                       tensorboard_dir=run_dir / "tensorboard")
+    return TrainResult(steps=position.step, final_loss=last_loss,
+                       tokens_per_s=tokens_seen * world / max(wall, 1e-9), wall_s=wall, drafter_dir=drafter_dir,
+                       checkpoint_dir=ckpt_dir, tensorboard_dir=run_dir / "tensorboard")
 
 
 def _train_micro_step(engine, batch, generator, world: int, step: int) -> tuple[float, dict]:
@@ -164,8 +213,11 @@ def _train_micro_step(engine, batch, generator, world: int, step: int) -> tuple[
     # world / (all-rank weight sum); the average is then sum over ranks / global weight sum.
     weight_sum = dist_utils.all_reduce_sum(out.weight_sum.detach().float().clone()).clamp_min(1e-6)
     loss = out.numerator.float() * world / weight_sum
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; stopping without saving")
+    # Every rank must agree to stop, else the others would wait forever in the gradient all-reduce.
+    bad = dist_utils.all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]))
+    if bad.item():
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()} on rank {dist_utils.rank()}) at step {step + 1}; "
+                                 f"stopping without saving")
     engine.backward(loss)
     # ZeRO 1-3 record the global grad norm in their optimizer; ZeRO 0 clips without keeping it, so measure
     # it here, where the (already all-reduced) gradients are still on the parameters.

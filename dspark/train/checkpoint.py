@@ -1,0 +1,161 @@
+"""Training checkpoints that survive a kill mid-save, and the state needed to resume a run bit-for-bit.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    step{n}/                      DeepSpeed's engine state (module, optimizer, LR schedule) for tag ``step{n}``
+    step{n}/dspark_rank{r}.pt     rank r's RNG state (anchor-sampling generator, torch CPU/CUDA RNG)
+    step{n}/dspark_complete.json  the commit record: written atomically by rank 0 after every rank has saved
+
+A tag directory without ``dspark_complete.json`` is an interrupted save and is never resumed from. DeepSpeed's
+own ``latest`` file is written *before* the save is known complete on every rank, so resume ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dspark import distributed as dist_utils
+
+MARKER = "dspark_complete.json"
+_TAG_RE = re.compile(r"^step(\d+)$")
+
+
+@dataclass
+class Position:
+    """Where the training loop stands: optimizer steps done, the epoch, and micro batches consumed in it (per rank)."""
+
+    step: int
+    epoch: int
+    micro_in_epoch: int
+
+
+def tag_for(step: int) -> str:
+    return f"step{step}"
+
+
+def _rank_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"dspark_rank{rank}.pt"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` so that a reader sees either the old file or the complete new one, never a torn write."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tag_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every ``step{n}`` directory, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _TAG_RE.match(p.name))]
+    return sorted(found)
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of the fully written checkpoints (those with the commit record), oldest first."""
+    return [(step, d) for step, d in _tag_dirs(Path(ckpt_dir)) if (d / MARKER).is_file()]
+
+
+def latest_complete(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest fully written checkpoint's directory and commit record, or None when there is none."""
+    complete = complete_checkpoints(Path(ckpt_dir))
+    if not complete:
+        return None
+    tag_dir = complete[-1][1]
+    return tag_dir, json.loads((tag_dir / MARKER).read_text())
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """This rank's random state: the anchor-sampling generator and torch's global CPU (and CUDA) RNG."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, position: Position, generator: torch.Generator, *, rank: int, world: int,
+         keep_last: int, run_info: dict) -> Path:
+    """Save the engine and this rank's RNG as tag ``step{n}``, commit it, then prune old checkpoints.
+
+    Collective: every rank must call it at the same step. ``run_info`` (e.g. the drafter config) goes into the
+    commit record so that a resume into a different run can be refused.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(position.step)
+    tag_dir = ckpt_dir / tag
+    marker = tag_dir / MARKER
+    if rank == 0 and marker.exists():
+        marker.unlink()  # re-saving a tag (e.g. after a crash): it is incomplete until the new commit below
+    dist_utils.barrier()
+    client_state = {"dspark": {**asdict(position), "world_size": world}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    # DeepSpeed keeps client_state only in rank 0's file (ZeRO 0) but the anchor generator differs per rank.
+    torch.save(rng_state(generator), _rank_file(tag_dir, rank))
+    dist_utils.barrier()  # every rank's engine shards and RNG file are on disk
+    if rank == 0:
+        _write_json_atomic(marker, {"tag": tag, **asdict(position), "world_size": world, **run_info})
+        prune(ckpt_dir, keep_last)
+    dist_utils.barrier()
+    return tag_dir
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and interrupted saves older than the newest
+    complete one; returns the deleted directories. Never touches the newest complete checkpoint."""
+    complete = complete_checkpoints(Path(ckpt_dir))
+    if not complete:
+        return []
+    keep = {d for _, d in complete[-max(keep_last, 1):]}
+    newest = complete[-1][0]
+    doomed = [d for step, d in _tag_dirs(Path(ckpt_dir)) if d not in keep
+              and ((d / MARKER).is_file() or step < newest)]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed
+
+
+def load(engine, ckpt_dir: Path, generator: torch.Generator, *, rank: int, world: int,
+         run_info: dict) -> Position | None:
+    """Restore the newest complete checkpoint into ``engine`` and ``generator``; None when there is none.
+
+    Refuses (ValueError) a checkpoint saved with another world size (the data slices and per-rank RNG would
+    not line up) or for another run (``run_info`` differs, e.g. another drafter config).
+    """
+    found = latest_complete(Path(ckpt_dir))
+    if found is None:
+        return None
+    tag_dir, record = found
+    if record["world_size"] != world:
+        raise ValueError(
+            f"checkpoint {tag_dir} was saved with world size {record['world_size']} but this run has world size "
+            f"{world}: exact resume needs the same world size (or move {Path(ckpt_dir)} away to start afresh)"
+        )
+    for key, value in run_info.items():
+        if record.get(key) != value:
+            raise ValueError(
+                f"checkpoint {tag_dir} was saved with {key}={record.get(key)} but this run has {key}={value}: "
+                f"set train.resume=false or move {Path(ckpt_dir)} away to start afresh"
+            )
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag_dir.name)
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    restore_rng_state(torch.load(_rank_file(tag_dir, rank), weights_only=True), generator)
+    return Position(step=record["step"], epoch=record["epoch"], micro_in_epoch=record["micro_in_epoch"])
