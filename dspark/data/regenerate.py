@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from dspark.data.chat import conversation_ids, prompt_ids
+from dspark.data.jsonl import parse_object
 
 REQUIRED_KEYS = ("id", "input_ids", "loss_mask")
 
@@ -100,12 +101,7 @@ def read_conversations(path: str | os.PathLike) -> list[dict]:
 
 
 def _parse_conversation(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: malformed JSON ({exc.msg})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = parse_object(line, where)
     missing = [k for k in REQUIRED_KEYS if k not in row]
     if missing:
         raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (a conversation needs {', '.join(REQUIRED_KEYS)})")
