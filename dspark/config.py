@@ -321,5 +321,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision must be fp32 or bf16 (fp16 is refused on CPU), got {cfg.train.precision!r}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.train.save_every < 0 or cfg.train.keep_last < 1:
+        raise ConfigError(f"train.save_every must be >= 0 and train.keep_last >= 1, got save_every="
+                          f"{cfg.train.save_every}, keep_last={cfg.train.keep_last}")
     if cfg.cache.codec not in ("bf16", "raw"):
         raise ConfigError(f"cache.codec must be bf16 or raw, got {cfg.cache.codec!r}")

@@ -33,6 +33,7 @@ def test_overrides_are_typed():
         ("target.layer_ids=[3, 2]", "strictly increasing"),
         ("train.precision=fp16", "fp16 is refused on CPU"),
         ("train.lr", "not of the form key.path=value"),
+        ("train.keep_last=0", "train.keep_last >= 1"),
         ("train.lr.x=1", "is not a section"),
     ],
 )

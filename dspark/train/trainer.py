@@ -99,9 +99,6 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
     cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache"
     if not (cache_dir / "manifest.json").is_file():
         raise ValueError(f"no hidden-state cache at {cache_dir} (manifest.json missing): run `dspark cache build` first")
-    if cfg.train.save_every < 0 or cfg.train.keep_last < 1:
-        raise ValueError(f"train.save_every must be >= 0 and train.keep_last >= 1, got save_every="
-                         f"{cfg.train.save_every}, keep_last={cfg.train.keep_last}")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if rank == 0:
