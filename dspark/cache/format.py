@@ -35,7 +35,24 @@ _SHARD_RE = re.compile(r"^shard-(\d{5})-(\d{5})\.bin$")
 
 
 class CacheCorruptError(ValueError):
-    """Stored bytes do not match their checksum, or a shard is shorter than its index says."""
+    """Stored bytes do not match their checksum, or a shard is shorter than its index says.
+
+    When one sample is at fault, ``shard``, ``sample_id``, ``offset`` and ``reason`` say which (the message
+    names them too); they are None for faults of a whole shard or index.
+    """
+
+    def __init__(self, message: str, *, shard: str | None = None, sample_id: str | None = None,
+                 offset: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.shard, self.sample_id, self.offset, self.reason = shard, sample_id, offset, reason
+
+    def __reduce__(self):
+        # Keep the fields when the error crosses a process boundary (DataLoader workers).
+        return _rebuild_corrupt_error, (str(self), self.shard, self.sample_id, self.offset, self.reason)
+
+
+def _rebuild_corrupt_error(message, shard, sample_id, offset, reason) -> CacheCorruptError:
+    return CacheCorruptError(message, shard=shard, sample_id=sample_id, offset=offset, reason=reason)
 
 
 def new_hasher():

@@ -2,11 +2,13 @@
 
 Legend: T tokens, L feature layers, H hidden size.
 
-Samples are encoded (bf16 cast, byte planes, zstd) on a thread pool while the caller keeps capturing; a single
-background thread writes full shards in order. A shard becomes visible only after its data and index are
-fsynced and renamed (index first, data last), so a killed build leaves finished shards plus at most some
-hidden temp files, which the next writer of that rank deletes. ``done_ids`` lets a resumed build skip what is
-already on disk.
+Samples are encoded (bf16 cast, byte planes or fp8, zstd) on a pool of ``num_threads`` threads
+(``cache.compress_threads``) while the caller keeps capturing: ``add`` only copies the tensors to CPU and queues
+them. A single background thread writes full shards in order; ``add`` blocks only when more than
+``_MAX_PENDING_SHARDS`` full shards wait for it (bounds memory when compression is slower than capture).
+A shard becomes visible only after its data and index are fsynced and renamed (index first, data last), so a
+killed build leaves finished shards plus at most some hidden temp files, which the next writer of that rank
+deletes. ``done_ids`` lets a resumed build skip what is already on disk.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -59,7 +62,8 @@ class CacheWriter:
     A sample is a dict: ``id`` (str), ``input_ids`` long ``[T]``, ``loss_mask`` bool ``[T]``, ``features_TLH``
     ``[T, L, H]`` and ``final_TH`` ``[T, H]`` (any float dtype; stored as bf16). ``add`` returns False for an
     id already in a finished shard (resume). Call ``close`` (or use as a context manager) to flush the last,
-    possibly short, shard; nothing becomes visible before its shard is complete.
+    possibly short, shard; nothing becomes visible before its shard is complete. A sample that fails to
+    encode (e.g. inf/nan with the fp8 codec) raises from a later ``add`` or from ``close``, naming its id.
     """
 
     def __init__(self, out_dir, identity: TargetIdentity, codec: str = "bf16", zstd_level: int = 3,
@@ -70,6 +74,8 @@ class CacheWriter:
             raise ValueError(f"cache.samples_per_shard must be >= 1, got {samples_per_shard}")
         if not 0 <= rank < 100_000:
             raise ValueError(f"writer rank must be in 0..99999, got {rank}")
+        if not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"cache.compress_threads must be an integer >= 1, got {num_threads!r}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.identity = identity
@@ -84,9 +90,15 @@ class CacheWriter:
         self._written_ids: set[str] = set()  # ids added by this writer (pending or written)
         self._current: list[Future] = []
         self._pending_shards: list[Future] = []
-        self._encode_pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="cache-encode")
+        self._encode_pool = ThreadPoolExecutor(num_threads, thread_name_prefix="cache-encode")
         self._shard_pool = ThreadPoolExecutor(1, thread_name_prefix="cache-shard")
         self._closed = False
+
+    @classmethod
+    def from_config(cls, out_dir, identity: TargetIdentity, cfg, rank: int = 0) -> CacheWriter:
+        """A writer with the codec, zstd level, shard size and compression threads of ``cfg`` (a CacheConfig)."""
+        return cls(out_dir, identity, codec=cfg.codec, zstd_level=cfg.zstd_level,
+                   samples_per_shard=cfg.samples_per_shard, rank=rank, num_threads=cfg.compress_threads)
 
     # -- setup ----------------------------------------------------------------------------------------------
 
@@ -166,7 +178,7 @@ class CacheWriter:
                 f"(the target's vocab size), got dtype {ids_T.dtype}, range [{ids_T.min()}, {ids_T.max()}]"
             )
         # Copies: the caller may reuse its buffers while encoding runs on another thread.
-        to_bf16 = dict(device="cpu", dtype=torch.bfloat16, copy=True)
+        to_bf16 = {"device": "cpu", "dtype": torch.bfloat16, "copy": True}
         return sample_id, (
             ids_T.detach().to("cpu", torch.long, copy=True),
             mask_T.detach().to("cpu").bool(),
@@ -175,12 +187,12 @@ class CacheWriter:
         )
 
     def _encode(self, sample_id, ids_T, mask_T, feats_TLH, final_TH) -> _Record:
-        blobs = [
-            codecs.encode_ids(ids_T),
-            codecs.encode_mask(mask_T),
-            self.codec.encode(feats_TLH, self.zstd_level),
-            self.codec.encode(final_TH, self.zstd_level),
-        ]
+        blobs = [codecs.encode_ids(ids_T), codecs.encode_mask(mask_T)]
+        for key, value in (("features_TLH", feats_TLH), ("final_TH", final_TH)):
+            try:
+                blobs.append(self.codec.encode(value, self.zstd_level))
+            except ValueError as exc:
+                raise ValueError(f"cache sample {sample_id!r}: {key}: {exc}") from exc
         return _Record(sample_id, ids_T.shape[0], blobs)
 
     def _flush_shard(self) -> None:
@@ -236,7 +248,7 @@ class CacheWriter:
         fsync_dir(self.out_dir)
 
     def _raise_failed(self) -> None:
-        for future in self._pending_shards:
+        for future in (*self._current, *self._pending_shards):
             if future.done() and future.exception() is not None:
                 raise future.exception()
 
@@ -253,7 +265,7 @@ class CacheWriter:
             self._encode_pool.shutdown(wait=True)
             self._shard_pool.shutdown(wait=True)
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -41,8 +41,8 @@ def test_ids_and_mask_round_trip():
 
 
 def test_bad_codec_level_and_blob_are_refused():
-    with pytest.raises(ValueError, match="unknown cache codec 'fp8'; expected one of: bf16, raw"):
-        codecs.get_codec("fp8")
+    with pytest.raises(ValueError, match="unknown cache codec 'fp4'; expected one of: bf16, fp8, raw"):
+        codecs.get_codec("fp4")
     with pytest.raises(ValueError, match="zstd_level must be an integer in 1..22, got 0"):
         codecs.check_zstd_level(0)
     with pytest.raises(ValueError, match="expected 8 for shape"):
