@@ -60,6 +60,9 @@ class TargetBackend(abc.ABC):
 
     layer_ids: list[int]
     tokenizer: object
+    # True where ``features`` is a collective call (zero3, pipeline, megatron): every rank must call it the same
+    # number of times, so a rank with nothing left to capture still takes part with a dummy batch.
+    collective: bool = False
 
     @abc.abstractmethod
     def features(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> TargetFeatures:

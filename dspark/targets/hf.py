@@ -167,6 +167,10 @@ class HFTarget(TargetBackend):
     def decode_session(self) -> "HFDecodeSession":
         return HFDecodeSession(self)
 
+    def batch_decode_session(self, num_rows: int = 0) -> "HFBatchDecodeSession":
+        """Several sequences decoded together, each at its own length (see ``HFBatchDecodeSession``)."""
+        return HFBatchDecodeSession(self, num_rows)
+
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
         from tqdm import tqdm
@@ -222,3 +226,106 @@ class HFDecodeSession(DecodeSession):
         if length < self.length:
             self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
             self.length = length
+
+
+class HFBatchDecodeSession:
+    """Incremental decoding of several sequences in one batched forward, each row at its own length.
+
+    Rows are fed different numbers of tokens per step (a prompt for a row just admitted, ``[anchor, drafts]``
+    for the others) and roll back independently, which a shared-length cache cannot express. Layout: row r
+    keeps its ``lengths[r]`` positions in cache columns ``0..lengths[r]-1``; columns past that (up to the
+    widest row) are junk that an explicit 4-D mask hides. A step appends every row's tokens at the common width
+    W, with per-row position ids; afterwards each row's new columns are moved down to follow its own prefix, so
+    junk never accumulates. Rows are added (``add_rows``) and removed (``select``) between steps.
+    """
+
+    def __init__(self, target: HFTarget, num_rows: int = 0):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        self.target = target
+        self.cache = DynamicCache(config=target.model.config)
+        unsupported = sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) is not DynamicLayer})
+        if unsupported:
+            raise ValueError(f"batched decoding of {target.name} needs plain full-attention cache layers, got "
+                             f"{', '.join(unsupported)} (use eval.batch_size=1)")
+        self.lengths: list[int] = [0] * num_rows
+
+    def _width(self) -> int:
+        # Read off the tensors: the cache reports length 0 for a batch of 0 rows whatever their width.
+        layer = self.cache.layers[0]
+        return layer.keys.shape[-2] if layer.is_initialized and layer.keys.dim() == 4 else 0
+
+    def _set(self, fn) -> None:
+        """Apply ``fn(tensor [B, heads, W, head_dim]) -> tensor`` to every layer's keys and values."""
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+
+    def add_rows(self, num: int) -> None:
+        """Append ``num`` empty rows (length 0) at the end."""
+        width = self._width()
+        self._set(lambda x: torch.cat([x, x.new_zeros((num, *x.shape[1:2], width, *x.shape[3:]))], dim=0))
+        self.lengths += [0] * num
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order); the others are forgotten and the rest renumbered."""
+        index = torch.tensor(rows, dtype=torch.long)
+        self._set(lambda x: x.index_select(0, index.to(x.device)))
+        self.lengths = [self.lengths[r] for r in rows]
+        self._crop(max(self.lengths, default=0))
+
+    def truncate(self, lengths: list[int]) -> None:
+        """Row r forgets every position ``>= lengths[r]`` (lengths may only shrink)."""
+        if len(lengths) != len(self.lengths) or any(n > m for n, m in zip(lengths, self.lengths)):
+            raise ValueError(f"truncate to {lengths} from lengths {self.lengths}: one length per row, none longer")
+        self.lengths = list(lengths)
+        self._crop(max(self.lengths, default=0))
+
+    def _crop(self, width: int) -> None:
+        if width < self._width():
+            self._set(lambda x: x[:, :, :width])
+
+    @torch.no_grad()
+    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Feed ``ids[r]`` (1-D, at least one token) after row r's prefix, every row in one forward; returns per
+        row (logits ``[N_r, V]`` fp32, features ``[N_r, L, H]``)."""
+        model = self.target.model
+        device = model.device
+        if len(ids) != len(self.lengths) or any(x.numel() == 0 for x in ids):
+            raise ValueError(f"extend needs one non-empty id tensor per row ({len(self.lengths)} rows), "
+                             f"got sizes {[x.numel() for x in ids]}")
+        num_new_B = torch.tensor([x.numel() for x in ids], device=device)
+        length_B = torch.tensor(self.lengths, device=device)
+        width, n = self._width(), int(num_new_B.max())
+        ids_BN = torch.zeros((len(ids), n), dtype=torch.long, device=device)
+        for row, x in enumerate(ids):
+            ids_BN[row, : x.numel()] = x.to(device)
+        step_N = torch.arange(n, device=device)
+        position_BN = length_B[:, None] + step_N
+        # Query i of row r sees the row's prefix (columns < length) and the row's real new tokens up to i.
+        column_C = torch.arange(width + n, device=device)
+        new_C = column_C - width
+        allowed_BNC = (column_C < length_B[:, None, None]) | (
+            (new_C >= 0) & (new_C <= step_N[:, None]) & (new_C < num_new_B[:, None, None]))
+        dtype = model.get_input_embeddings().weight.dtype
+        mask_B1NC = torch.zeros(allowed_BNC.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed_BNC, torch.finfo(dtype).min)[:, None]
+        out = model.model(input_ids=ids_BN, attention_mask=mask_B1NC, position_ids=position_BN, cache=self.cache,
+                          use_cache=True, output_hidden_states=True)
+        features_BNLH = self.target._select(out.hidden_states)
+        results = []
+        for row, x in enumerate(ids):
+            num = x.numel()
+            results.append((model.lm_head(out.last_hidden_state[row, :num]).float(), features_BNLH[row, :num]))
+        # Move each row's new columns down to follow its prefix, then drop the junk past the widest row.
+        for layer in self.cache.layers:
+            for row, x in enumerate(ids):
+                start = self.lengths[row]
+                if start != width:
+                    num = x.numel()
+                    layer.keys[row, :, start : start + num] = layer.keys[row, :, width : width + num].clone()
+                    layer.values[row, :, start : start + num] = layer.values[row, :, width : width + num].clone()
+        self.lengths = [m + x.numel() for m, x in zip(self.lengths, ids)]
+        self._crop(max(self.lengths))
+        return results

@@ -3,6 +3,8 @@ SmolLM2's real tokenizer. For tests and quick tries: ``target.name_or_path=built
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,8 +20,25 @@ def smollm2_tokenizer(out: Path) -> Path:
         from dspark.targets.hf import resolve_target_source
 
         folder, gguf_file, _ = resolve_target_source("builtin:smollm2")
-        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)
+        tmp = _private_tmp(out)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
+        _publish(tmp, out, "tokenizer_config.json")
     return out
+
+
+def _private_tmp(out: Path) -> Path:
+    return out.with_name(f"{out.name}.tmp{os.getpid()}")
+
+
+def _publish(tmp: Path, out: Path, marker: str) -> None:
+    """Rename a finished private folder into place. Several processes (ranks) may build the same folder at once:
+    the first rename wins and the others discard their identical copy."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / marker).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_tiny_target(out: Path, family: str, tokenizer_dir: Path, seed: int = 0, num_layers: int = 4) -> Path:
@@ -38,10 +57,10 @@ def make_tiny_target(out: Path, family: str, tokenizer_dir: Path, seed: int = 0,
         cfg = AutoConfig.for_model("qwen3", rms_norm_eps=1e-6, tie_word_embeddings=False, **common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = _private_tmp(out)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else None
+    _publish(tmp, out, "config.json")
     return out
 
 

@@ -1,0 +1,35 @@
+"""Which model families (HF ``model_type``) each parallel backend can host.
+
+One row per family; each row maps a backend name to a short note on what it supports. A backend adds itself
+by adding its key to the rows it handles (and a row for a new family). ``hf`` is not listed: it hosts
+anything transformers can load, in one process.
+"""
+
+from __future__ import annotations
+
+FAMILIES: dict[str, dict[str, str]] = {
+    "llama": {"zero3": "features; decoding in lockstep; generate", "pipeline": "features",
+              "megatron": "tensor parallel; features; decoding in lockstep; generate"},
+    "qwen3": {"zero3": "features; decoding in lockstep; generate", "pipeline": "features",
+              "megatron": "tensor parallel; features; decoding in lockstep; generate"},
+    "deepseek_v3": {"zero3": "features (MLA + MoE, fused experts); decoding in lockstep; generate",
+                    "pipeline": "features (MLA + MoE)",
+                    "megatron": "MLA tensor parallel by heads, MoE experts split over the TP ranks; features; "
+                                "decoding in lockstep; generate"},
+    "deepseek_v4": {"zero3": "features (hidden states carry the mHC streams: [B, T, L, hc, H]); decoding in "
+                    "lockstep (no cache rollback: sliding window); generate"},
+}
+
+
+def supported_families(backend: str) -> list[str]:
+    return sorted(family for family, backends in FAMILIES.items() if backend in backends)
+
+
+def require_family(model_type: str, backend: str, source: str = "") -> None:
+    """Refuse a family ``backend`` cannot host, naming the ones it can (before any weight is read)."""
+    if backend not in FAMILIES.get(model_type, {}):
+        where = f" ({source})" if source else ""
+        raise ValueError(
+            f"target.backend={backend} does not support model_type {model_type!r}{where}; "
+            f"supported: {', '.join(supported_families(backend))}"
+        )

@@ -1,0 +1,437 @@
+"""The ``pipeline`` backend: the target's decoder layers partitioned over pipeline stages.
+
+Legend: B batch, T tokens, L feature layers, H hidden size, P pipeline stages.
+
+Partition and build. DeepSpeed's ``PipelineModule`` owns the layout: one ``LayerSpec`` for the embedding, one per
+decoder layer, one for the final norm, partitioned with ``partition_method="type:TargetDecoderLayer"`` so the
+decoder layers are balanced exactly (the embedding lands on stage 0, the final norm on the last stage) and no
+spec is built to count its parameters (``"parameters"`` would build every layer on every rank). A spec is built
+only on the stage that owns it; building constructs the HF layer on the meta device, then reads only that
+layer's tensors from the safetensors index, so no rank ever materialises the whole model. The HF decoder layer
+classes are reused as they are; each stage computes the rotary embeddings and the causal mask locally.
+
+Running the forward. Not ``PipelineEngine.eval_batch``: it needs a training engine and batch-size config, fixed
+micro-batch counts, returns outputs on the last stage only (feature layers of earlier stages would have to ride
+along the activation tuple through every later stage), and a failed inference-only call leaves the other rank
+hanging (ENV.md). Instead ``features`` is a collective over each pipeline: every member's batch is one
+micro-batch; stage s runs its layers on micro-batch m as soon as it receives m's activation from stage s-1 and
+sends its output on with a non-blocking send (so stage s-1 is already on micro-batch m+1). Feature layers are read
+on the stage that holds them and sent straight to the rank that owns the batch: **every rank gets the features
+of its own batch**, like ``zero3``. Plain torch.distributed send/recv with a tag per message kind (tested on
+gloo; nccl takes the same calls). A world larger than ``pipeline_stages`` holds world/P replicas of the pipeline
+(DeepSpeed's pipe x data topology), each running the batches of its own members.
+
+Memory. Stage 0 holds the embedding and its share of decoder layers, the last stage its share plus the final
+norm; the LM head is not part of the pipeline (features stop at the final norm). ``embed_weight`` and
+``lm_head_weight`` (needed on every training rank by the drafter) are read from the checkpoint on first use by
+ranks that do not hold them. Decoding (``decode_session``/``generate``) is not supported: use hf or megatron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, config_hash
+from dspark.targets.families import require_family
+from dspark.targets.weights import WeightIndex
+
+# model_type -> transformers module and its decoder-layer / rotary-embedding / RMSNorm classes
+# (dspark.targets.families lists the same families under "pipeline")
+LAYER_CLASSES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding",
+              "LlamaRMSNorm"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding",
+              "Qwen3RMSNorm"),
+    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3DecoderLayer",
+                    "DeepseekV3RotaryEmbedding", "DeepseekV3RMSNorm"),
+}
+_TAG_HIDDEN, _TAG_FEATURES, _TAG_FINAL = 1, 2, 3  # p2p message kinds (tags keep them apart on one rank pair)
+
+
+def _family_classes(config) -> tuple[type, type, type]:
+    import importlib
+
+    require_family(config.model_type, "pipeline")
+    module_name, *class_names = LAYER_CLASSES[config.model_type]
+    module = importlib.import_module(module_name)
+    return tuple(getattr(module, name) for name in class_names)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build modules in ``dtype`` like HF's from_pretrained (parameters with an explicit dtype keep it)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _expert_weight(weights, name: str) -> torch.Tensor | None:
+    """A fused MoE expert tensor (transformers' in-memory layout) from per-expert checkpoint tensors, or None.
+
+    ``experts.gate_up_proj [E, 2I, H]`` = per expert ``cat(gate_proj, up_proj)``; ``experts.down_proj [E, H, I]``.
+    """
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith("experts") or leaf not in ("gate_up_proj", "down_proj"):
+        return None
+    parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+    experts = []
+    while all(f"{prefix}.{len(experts)}.{p}.weight" in weights for p in parts):
+        e = len(experts)
+        experts.append(torch.cat([weights.load(f"{prefix}.{e}.{p}.weight") for p in parts], dim=0))
+    return torch.stack(experts) if experts else None
+
+
+def _checkpoint_shape(weights, name: str) -> tuple[int, ...] | None:
+    """Shape of ``name`` as the model holds it, read from headers only (fused experts included); None if absent."""
+    if name in weights:
+        return tuple(weights.shape(name))
+    prefix, _, leaf = name.rpartition(".")
+    if prefix.endswith("experts") and leaf in ("gate_up_proj", "down_proj"):
+        first = "gate_proj" if leaf == "gate_up_proj" else "down_proj"
+        num = 0
+        while f"{prefix}.{num}.{first}.weight" in weights:
+            num += 1
+        if num:
+            rows, cols = weights.shape(f"{prefix}.0.{first}.weight")
+            return (num, 2 * rows if leaf == "gate_up_proj" else rows, cols)
+    return None
+
+
+def _load_module(module: nn.Module, prefix: str, weights, where: str) -> nn.Module:
+    """Materialise a module built on the meta device with the tensors ``prefix + name`` from ``weights``."""
+    module.to_empty(device="cpu")
+    state = module.state_dict(keep_vars=True)
+    transient = {n for n, _ in module.named_buffers()} - set(state)
+    if transient:  # would stay uninitialised: none of the supported layers has any
+        raise ValueError(f"{type(module).__name__} has non-persistent buffers {sorted(transient)}; cannot load")
+    for name, tensor in state.items():
+        full = prefix + name
+        value = weights.load(full) if full in weights else _expert_weight(weights, full)
+        if value is None:
+            raise ValueError(f"tensor {full} is missing from the checkpoint {where}")
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise ValueError(f"tensor {full} has shape {tuple(value.shape)} in {where}, "
+                             f"the model config builds {tuple(tensor.shape)}")
+        with torch.no_grad():
+            tensor.copy_(value.to(tensor.dtype))
+        tensor.requires_grad_(False)
+    return module
+
+
+class TargetEmbedding(nn.Module):
+    """Stage 0: token embedding."""
+
+    def __init__(self, config, weights, dtype: torch.dtype):
+        super().__init__()
+        with _default_dtype(dtype), torch.device("meta"):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        _load_module(self.embed_tokens, "model.embed_tokens.", weights, str(weights.model_dir))
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids_BT)
+
+
+class TargetDecoderLayer(nn.Module):
+    """One HF decoder layer (the family's own class), holding only its own tensors."""
+
+    def __init__(self, config, layer_id: int, weights, dtype: torch.dtype):
+        super().__init__()
+        decoder_cls, _, _ = _family_classes(config)
+        self.layer_id = layer_id
+        with _default_dtype(dtype), torch.device("meta"):
+            self.layer = decoder_cls(config, layer_id)
+        _load_module(self.layer, f"model.layers.{layer_id}.", weights, str(weights.model_dir))
+
+    def forward(self, hidden_BTH, causal_mask, position_embeddings, position_ids) -> torch.Tensor:
+        out = self.layer(hidden_BTH, attention_mask=causal_mask, position_embeddings=position_embeddings,
+                         position_ids=position_ids, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class TargetFinalNorm(nn.Module):
+    """Last stage: the final RMSNorm (its output is the final hidden state, pre-LM-head)."""
+
+    def __init__(self, config, weights, dtype: torch.dtype):
+        super().__init__()
+        _, _, norm_cls = _family_classes(config)
+        with _default_dtype(dtype), torch.device("meta"):
+            self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        _load_module(self.norm, "model.norm.", weights, str(weights.model_dir))
+
+    def forward(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden_BTH)
+
+
+def check_checkpoint(config, weights) -> None:
+    """Refuse a checkpoint that lacks a tensor of the model, or has it in another shape, before any stage loads.
+
+    Names and shapes come from the whole model built on the meta device (free), tensors from the headers only.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {n: tuple(t.shape) for n, t in model.model.state_dict().items()}
+    problems = []
+    for name, shape in expected.items():
+        found = _checkpoint_shape(weights, "model." + name)
+        if found is None:
+            problems.append(f"model.{name} missing")
+        elif found != shape:
+            problems.append(f"model.{name} {found} (checkpoint) vs {shape} (config)")
+    if not config.tie_word_embeddings and "lm_head.weight" not in weights:
+        problems.append("lm_head.weight missing")
+    if problems:
+        more = f" ... (+{len(problems) - 6} more)" if len(problems) > 6 else ""
+        raise ValueError(f"weights in {weights.model_dir} do not match its config.json: "
+                         + "; ".join(problems[:6]) + more)
+
+
+class PipelineTarget(TargetBackend):
+    """The target's layers partitioned over ``num_stages`` pipeline stages (see the module docstring).
+
+    Collective: every rank of the job constructs it, and every rank of a pipeline calls ``features`` together
+    (each with its own batch; shapes may differ).
+    """
+
+    collective = True
+
+    def __init__(self, model_dir: str | Path, layer_ids: list[int], *, num_stages: int = 0,
+                 dtype: torch.dtype = torch.float32, name: str | None = None, tokenizer=None):
+        from transformers import AutoConfig
+
+        self.model_dir = Path(model_dir)
+        self.name = name or self.model_dir.name
+        self.layer_ids = list(layer_ids)
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        config = AutoConfig.from_pretrained(self.model_dir)
+        if config._attn_implementation is None:  # what HF's from_pretrained picks: the hf backend's numerics
+            config._attn_implementation = "sdpa"
+        self._config = config
+        require_family(config.model_type, "pipeline", str(self.model_dir))  # before anything is loaded
+        num_layers = config.num_hidden_layers
+        bad = [i for i in self.layer_ids if i < -1 or i >= num_layers - 1]
+        if bad:
+            raise ValueError(f"target.layer_ids {bad} out of range for {self.name}: it has {num_layers} decoder "
+                             f"layers, valid ids are -1..{num_layers - 2} (the last layer is excluded)")
+        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
+        stages = num_stages or world
+        if stages < 1:
+            raise ValueError(f"target.pipeline_stages must be >= 1 (or 0 = the world size), got {num_stages}")
+        if stages > num_layers:
+            raise ValueError(f"target.pipeline_stages={stages} is more than the {num_layers} decoder layers of "
+                             f"{self.name}: every stage needs at least one layer")
+        if world % stages:
+            raise ValueError(f"target.pipeline_stages={stages} must divide the world size {world}")
+        self.weights = WeightIndex(self.model_dir)  # FileNotFoundError for a missing shard, headers only
+        check_checkpoint(config, self.weights)
+        self._build(stages)
+        self._resident: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg, device: str = "cpu") -> PipelineTarget:
+        """``device`` is not used: DeepSpeed's accelerator places each stage (``cuda:LOCAL_RANK`` or cpu)."""
+        from dspark.targets.hf import resolve_target_source
+
+        source, gguf_file, display = resolve_target_source(cfg.name_or_path)
+        if gguf_file or not Path(source).is_dir():
+            raise ValueError(f"target.backend=pipeline needs a local safetensors checkpoint directory, "
+                             f"got {cfg.name_or_path!r} (GGUF files and hub ids load with target.backend=hf)")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        tokenizer = None
+        if (Path(source) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        return cls(source, cfg.layer_ids, num_stages=cfg.pipeline_stages, dtype=dtype, name=display,
+                   tokenizer=tokenizer)
+
+    def _build(self, num_stages: int) -> None:
+        from deepspeed.pipe import LayerSpec, PipelineModule
+
+        from dspark.distributed import init_distributed
+
+        init_distributed()
+        os.environ.setdefault("LOCAL_RANK", "0")  # PipelineModule reads it; launchers set it
+        config, weights, dtype = self._config, self.weights, self.dtype
+        specs = [LayerSpec(TargetEmbedding, config, weights, dtype)]
+        specs += [LayerSpec(TargetDecoderLayer, config, i, weights, dtype) for i in range(config.num_hidden_layers)]
+        specs.append(LayerSpec(TargetFinalNorm, config, weights, dtype))
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition table on rank 0
+            self.module = PipelineModule(specs, num_stages=num_stages, partition_method="type:TargetDecoderLayer")
+        self.module.eval()
+        grid = self.module._grid
+        self.stage = grid.get_stage_id()
+        self.num_stages = num_stages
+        self.pipe_ranks: list[int] = list(grid.pp_group)  # global rank of each stage of this rank's pipeline
+        self.pipe_group = grid.get_pipe_parallel_group()
+        assert self.pipe_ranks[self.stage] == torch.distributed.get_rank()
+        _, rotary_cls, _ = _family_classes(config)
+        self.device = next(self.module.parameters()).device
+        self.rotary = rotary_cls(config=config).to(self.device)  # every stage computes its own cos/sin
+        # Which requested ids each stage produces (-1 on stage 0), from the partition every rank knows.
+        parts = [int(p) for p in self.module.parts]  # spec index bounds; spec 1 + i is decoder layer i
+        self.stage_layer_ids = []
+        for s in range(num_stages):
+            held = {i - 1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= config.num_hidden_layers}
+            held |= {-1} if s == 0 else set()
+            self.stage_layer_ids.append([i for i in self.layer_ids if i in held])
+
+    # -- interface ---------------------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self._config
+
+    def _weight(self, name: str) -> torch.Tensor:
+        if name not in self._resident:
+            self._resident[name] = self.weights.load(name, self.dtype).to(self.device)
+        return self._resident[name]
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        if self.stage == 0:
+            return self.module.forward_funcs[0].embed_tokens.weight
+        return self._weight("model.embed_tokens.weight")  # read on first use by the other stages
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self._config.tie_word_embeddings:
+            return self.embed_weight
+        return self._weight("lm_head.weight")  # not in the pipeline: features stop at the final norm
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the parameters this stage holds (the lazily read embedding / LM head copies excluded)."""
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def identity(self) -> TargetIdentity:
+        import hashlib
+
+        if self.tokenizer is None:
+            raise ValueError(f"target {self.name} has no tokenizer files in {self.model_dir}; identity needs one")
+        vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+        cfg = self._config
+        return TargetIdentity(
+            name=self.name, config_hash=config_hash(cfg.to_dict()), layer_ids=list(self.layer_ids),
+            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers,
+            tokenizer_hash=hashlib.sha256(vocab).hexdigest()[:16],
+            chat_template=getattr(self.tokenizer, "chat_template", None),
+        )
+
+    def decode_session(self):
+        raise ValueError("target.backend=pipeline computes features only; incremental decoding (eval, "
+                         "regeneration) needs target.backend=hf or megatron")
+
+    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
+        raise ValueError("target.backend=pipeline computes features only; generation (regeneration, eval) "
+                         "needs target.backend=hf or megatron")
+
+    # -- features ----------------------------------------------------------------------------------------
+
+    def _exchange_batches(self, input_ids_BT, attention_mask_BT) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Every pipeline member's (ids, mask): its shape first (all-gather), then the ids+mask (broadcast)."""
+        import torch.distributed as dist
+
+        B, T = input_ids_BT.shape
+        meta = torch.tensor([B, T, attention_mask_BT is not None], dtype=torch.long, device=self.device)
+        metas = [torch.empty_like(meta) for _ in self.pipe_ranks]
+        dist.all_gather(metas, meta, group=self.pipe_group)
+        batches = []
+        for src, (b, t, has_mask) in zip(self.pipe_ranks, (m.tolist() for m in metas)):
+            if src == dist.get_rank():
+                mask = attention_mask_BT if has_mask else torch.ones_like(input_ids_BT)
+                buf = torch.stack([input_ids_BT.long(), mask.long()]).to(self.device)
+            else:
+                buf = torch.empty(2, b, t, dtype=torch.long, device=self.device)
+            dist.broadcast(buf, src=src, group=self.pipe_group)
+            batches.append((buf[0], buf[1] if has_mask else None))
+        return batches
+
+    def _run_stage(self, ids_BT, mask_BT, hidden_BTH):
+        """This stage's layers on one micro-batch: (output hidden, requested features [B,T,L_s,H] or None)."""
+        from transformers.masking_utils import create_causal_mask
+
+        wanted = set(self.stage_layer_ids[self.stage])
+        found: dict[int, torch.Tensor] = {}
+        ctx = None
+        for fn in self.module.forward_funcs:
+            if isinstance(fn, TargetEmbedding):
+                hidden_BTH = fn(ids_BT)
+                if -1 in wanted:
+                    found[-1] = hidden_BTH
+            elif isinstance(fn, TargetDecoderLayer):
+                if ctx is None:  # same mask and positions as HF's model forward (positions 0..T-1, right padding)
+                    position_ids = torch.arange(hidden_BTH.shape[1], device=self.device).unsqueeze(0)
+                    causal = create_causal_mask(config=self._config, inputs_embeds=hidden_BTH,
+                                                attention_mask=mask_BT, cache=None, position_ids=position_ids)
+                    ctx = (causal, self.rotary(hidden_BTH, position_ids=position_ids), position_ids)
+                hidden_BTH = fn(hidden_BTH, *ctx)
+                if fn.layer_id in wanted:
+                    found[fn.layer_id] = hidden_BTH
+            else:
+                hidden_BTH = fn(hidden_BTH)
+        ids = self.stage_layer_ids[self.stage]
+        return hidden_BTH, (torch.stack([found[i] for i in ids], dim=2).contiguous() if ids else None)
+
+    @torch.no_grad()
+    def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
+        """Collective over this rank's pipeline; returns the features of this rank's own (right-padded) batch."""
+        import torch.distributed as dist
+
+        me, ranks, H = dist.get_rank(), self.pipe_ranks, self._config.hidden_size
+        last = self.num_stages - 1
+        batches = self._exchange_batches(input_ids_BT, attention_mask_BT)
+        pending = []  # (work, tensor): a non-blocking send and the tensor it must keep alive
+        mine: dict[int, torch.Tensor] = {}  # tag -> what this rank computed for its own batch
+        for owner, (ids_BT, mask_BT) in zip(ranks, batches):
+            B, T = ids_BT.shape
+            hidden_BTH = None
+            if self.stage > 0:
+                hidden_BTH = torch.empty(B, T, H, dtype=self.dtype, device=self.device)
+                dist.recv(hidden_BTH, src=ranks[self.stage - 1], tag=_TAG_HIDDEN)
+            hidden_BTH, feats_BTLH = self._run_stage(ids_BT, mask_BT, hidden_BTH)
+            hidden_BTH = hidden_BTH.contiguous()
+            outgoing = [(ranks[self.stage + 1], hidden_BTH, _TAG_HIDDEN)] if self.stage < last else []
+            if feats_BTLH is not None:
+                outgoing.append((owner, feats_BTLH, _TAG_FEATURES))
+            if self.stage == last:
+                outgoing.append((owner, hidden_BTH, _TAG_FINAL))
+            for dst, tensor, tag in outgoing:
+                if dst == me:
+                    mine[tag] = tensor
+                else:
+                    pending.append((dist.isend(tensor, dst=dst, tag=tag), tensor))
+
+        # Collect this rank's own batch: each stage's feature layers, then the final hidden state.
+        B, T = input_ids_BT.shape
+        by_id: dict[int, torch.Tensor] = {}
+        for s, ids in enumerate(self.stage_layer_ids):
+            if not ids:
+                continue
+            if s == self.stage:
+                part_BTLH = mine[_TAG_FEATURES]
+            else:
+                part_BTLH = torch.empty(B, T, len(ids), H, dtype=self.dtype, device=self.device)
+                dist.recv(part_BTLH, src=ranks[s], tag=_TAG_FEATURES)
+            by_id.update(zip(ids, part_BTLH.unbind(2)))
+        if self.stage == last:
+            final_BTH = mine[_TAG_FINAL]
+        else:
+            final_BTH = torch.empty(B, T, H, dtype=self.dtype, device=self.device)
+            dist.recv(final_BTH, src=ranks[last], tag=_TAG_FINAL)
+        for work, _ in pending:
+            work.wait()
+        layers_BTLH = torch.stack([by_id[i] for i in self.layer_ids], dim=2)
+        return TargetFeatures(layers_BTLH=layers_BTLH, final_BTH=final_BTH)

@@ -1,0 +1,226 @@
+"""Sharded safetensors reading: whole tensors, slices along one dim, or flat element ranges.
+
+Parallel backends never hold the whole model: each rank asks for the rows, columns or flat partition it owns.
+Only the JSON headers are parsed up front (so a missing shard or a mismatched index is reported before any
+tensor is read); tensor bytes are read through ``safe_open(...).get_slice``, which maps the file and copies
+only the requested rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# safetensors header dtype codes -> torch dtypes
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header (8-byte little-endian length, then JSON); no tensor bytes."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} has a corrupt safetensors header: {exc}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _short_list(names, limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class WeightIndex:
+    """Tensor names, shapes and dtypes of an HF checkpoint directory, and lazy partial reads of its tensors.
+
+    ``model_dir`` holds either ``model.safetensors.index.json`` (multi-shard) or one ``model.safetensors``.
+    """
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        index_path = self.model_dir / INDEX_FILE
+        if index_path.is_file():
+            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (self.model_dir / f).is_file()})
+            if missing:
+                raise FileNotFoundError(
+                    f"{index_path} names {len(missing)} shard file(s) that do not exist: {', '.join(missing)}"
+                )
+        elif (self.model_dir / SINGLE_FILE).is_file():
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{self.model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+        self._file: dict[str, str] = {}  # tensor name -> shard file name
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+        for file in files:
+            for name, entry in _read_header(self.model_dir / file).items():
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue  # a tensor the index places elsewhere (or not at all) is not ours to read
+                if entry["dtype"] not in _DTYPES:
+                    raise ValueError(f"{self.model_dir / file}: tensor {name} has unsupported dtype {entry['dtype']}")
+                self._file[name] = file
+                self._meta[name] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]])
+        if weight_map is not None:
+            absent = [n for n, f in weight_map.items() if n not in self._file]
+            if absent:
+                raise ValueError(f"{index_path} lists tensors missing from their shard files: {_short_list(absent)}")
+        self._handles: dict[str, object] = {}
+
+    # -- metadata ---------------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name)[1]
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def check_against(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a checkpoint whose tensor names or shapes differ from what the model config builds."""
+        missing = [n for n in expected if n not in self._meta]
+        unexpected = [n for n in self._meta if n not in expected]
+        mismatched = [f"{n} {self.shape(n)} (checkpoint) vs {tuple(s)} (config)"
+                      for n, s in expected.items() if n in self._meta and self.shape(n) != tuple(s)]
+        if missing or unexpected or mismatched:
+            parts = []
+            if missing:
+                parts.append(f"missing from the checkpoint: {_short_list(missing)}")
+            if unexpected:
+                parts.append(f"not in the model: {_short_list(unexpected)}")
+            if mismatched:
+                parts.append(f"shape mismatch: {_short_list(mismatched, 4)}")
+            raise ValueError(f"weights in {self.model_dir} do not match the model config; " + "; ".join(parts))
+
+    # -- reads --------------------------------------------------------------------------------------------
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor."""
+        return self._cast(self._handle(name).get_tensor(name), dtype)
+
+    def load_slice(self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tensor.narrow(dim, start, stop - start)``, reading only those rows/columns."""
+        shape = self.shape(name)
+        if not -len(shape) <= dim < len(shape):
+            raise ValueError(f"{name} has shape {shape}; dim {dim} is out of range")
+        dim %= len(shape)
+        if not 0 <= start <= stop <= shape[dim]:
+            raise ValueError(f"{name} has shape {shape}; slice [{start}, {stop}) of dim {dim} is out of range")
+        index = (slice(None),) * dim + (slice(start, stop),)
+        return self._cast(self._handle(name).get_slice(name)[index], dtype)
+
+    def load_flat_range(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor (a ZeRO-3 partition), reading only covering rows."""
+        shape, numel = self.shape(name), self.numel(name)
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"{name} has {numel} elements; flat range [{start}, {stop}) is out of range")
+        if len(shape) == 0:
+            return self.load(name, dtype).reshape(1)[start:stop]
+        row = numel // shape[0] if shape[0] else 1
+        first, last = start // row, -(-stop // row)  # rows that cover the range
+        rows = self._handle(name).get_slice(name)[first:last].reshape(-1)
+        return self._cast(rows[start - first * row : stop - first * row], dtype)
+
+    def file_of(self, name: str) -> str:
+        """The shard file (relative to ``model_dir``) holding ``name``."""
+        self._entry(name)
+        return self._file[name]
+
+    def close(self, file: str | None = None) -> None:
+        """Drop the open handle of ``file`` (default: all). Reads go through memory maps whose touched pages
+        count towards RSS until unmapped, so a loader closes each shard once it is done with it; later reads
+        reopen lazily."""
+        if file is None:
+            self._handles.clear()
+        else:
+            self._handles.pop(file, None)
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _entry(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if name not in self._meta:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint {self.model_dir}")
+        return self._meta[name]
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        self._entry(name)  # KeyError naming the checkpoint for an unknown tensor
+        file = self._file[name]
+        if file not in self._handles:  # opened on first use, kept open: the header parse is paid once per file
+            self._handles[file] = safe_open(self.model_dir / file, framework="pt", device="cpu")
+        return self._handles[file]
+
+    @staticmethod
+    def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def unique_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without aliases (a tied LM head shares the embedding's storage), as HF saves it."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor
+    return out
+
+
+def save_sharded(state_dict: dict[str, torch.Tensor], out_dir: str | Path, max_shard_bytes: int) -> None:
+    """Write ``state_dict`` as HF-style shards (``model-0000i-of-0000n.safetensors``) plus the index JSON.
+
+    Tensors are packed in order; a shard closes before the tensor that would push it past ``max_shard_bytes``
+    (a single larger tensor gets a shard of its own). Tensors sharing storage (tied weights) are copied, since
+    safetensors refuses aliases: drop tied names first if the loader does not expect them.
+    """
+    from safetensors.torch import save_file
+
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().to("cpu").contiguous().clone()
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
