@@ -28,11 +28,27 @@ def build_drafter(cfg: DrafterConfig, target_config, layer_ids: list[int], embed
         from dspark.drafters.dspark import DSparkDrafter
 
         return DSparkDrafter(cfg, target_config, layer_ids, embed_weight, lm_head_weight)
-    raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark or dflash")
+    if cfg.algorithm == "eagle3":
+        from dspark.drafters.eagle3 import Eagle3Drafter
+
+        return Eagle3Drafter(cfg, target_config, layer_ids, embed_weight, lm_head_weight)
+    raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark, dflash or eagle3")
 
 
 def load_drafter(export_dir: str | Path) -> Drafter:
-    """Rebuild a drafter (weights included) from a deepspec export directory (``config.json`` + safetensors)."""
+    """Rebuild a drafter (weights included) from an export directory (``config.json`` + safetensors): the deepspec
+    layout, or the Eagle3 one (``architectures: ["LlamaForCausalLMEagle3"]``)."""
+    import json
+
     from dspark.export.deepspec import load_deepspec
 
+    config_path = Path(export_dir) / "config.json"
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []  # load_deepspec reports the missing or broken file
+    if "LlamaForCausalLMEagle3" in architectures:
+        from dspark.export.eagle3 import load_eagle3
+
+        return load_eagle3(export_dir)
     return load_deepspec(export_dir)

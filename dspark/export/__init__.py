@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 
 # Format name -> (module, export function). Modules are imported lazily: safetensors only when exporting.
-FORMATS = {"deepspec": ("dspark.export.deepspec", "export_deepspec")}
+FORMATS = {"deepspec": ("dspark.export.deepspec", "export_deepspec"),
+           "eagle3": ("dspark.export.eagle3", "export_eagle3"),
+           "speculators": ("dspark.export.speculators", "export_speculators")}
 
-__all__ = ["FORMATS", "export_drafter", "export_deepspec", "load_deepspec"]
+__all__ = ["FORMATS", "export_deepspec", "export_drafter", "load_deepspec"]
 
 
 def export_drafter(drafter, out_dir: str | os.PathLike, fmt: str = "deepspec", target_config=None) -> Path:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.export.common import WEIGHTS_FILE, check_tensors, write_checkpoint
+
 REQUIRED_CONFIG_KEYS = (
     "architectures", "model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
     "head_dim", "rms_norm_eps", "rope_parameters", "vocab_size", "num_hidden_layers", "layer_types", "block_size",
@@ -22,7 +24,6 @@ REQUIRED_CONFIG_KEYS = (
     "markov_rank", "tie_word_embeddings", "dtype",
 )
 ARCHITECTURE = "Qwen3DSparkModel"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -69,20 +70,8 @@ def _check_config(config: dict, where: str) -> None:
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], config: dict, where: str) -> None:
-    expected = expected_tensor_shapes(config)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{where}: tensors do not match the deepspec layout; missing: {missing or 'none'}; "
-                         f"unexpected: {extra or 'none'}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
-    for name in ("embed_tokens.weight", "lm_head.weight"):
-        weight = tensors[name]
-        # The frozen target matrices must be real weights: refuse empty (all-zero) or non-finite ones.
-        if not torch.isfinite(weight).all() or not weight.abs().sum() > 0:
-            raise ValueError(f"{where}: {name} is all zero or not finite; it must be the target's frozen weight")
+    check_tensors(tensors, expected_tensor_shapes(config), "deepspec", where,
+                  frozen=("embed_tokens.weight", "lm_head.weight"))
 
 
 def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
@@ -92,8 +81,6 @@ def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
     dims (a re-export of a loaded drafter has no target at hand). Files
     are written under temporary names and renamed, so a reader never sees a half-written checkpoint.
     """
-    from safetensors.torch import save_file
-
     from dspark.drafters.common import config_get
 
     config = drafter.drafter_config()
@@ -105,14 +92,7 @@ def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
     _check_config(config, str(out))
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in drafter.full_state_dict().items()}
     _check_tensors(tensors, config, str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_weights = out / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    os.replace(tmp_weights, out / WEIGHTS_FILE)
-    tmp_config = out / f".config.json.tmp{os.getpid()}"
-    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp_config, out / "config.json")
-    return out
+    return write_checkpoint(out, tensors, config)
 
 
 def drafter_config_from_deepspec(config: dict):

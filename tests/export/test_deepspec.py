@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
 from dspark.config import DrafterConfig
@@ -22,18 +23,11 @@ def _drafter(**overrides):
     torch.manual_seed(0)
     cfg = DrafterConfig(**{"num_layers": 2, "markov_rank": 8, "num_anchors": 5, **overrides})
     d = build_drafter(cfg, TARGET, LAYER_IDS, torch.randn(V, H), torch.randn(V, H))
-    with torch.no_grad():
-        for p in d.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return d
+    return perturbed(d)
 
 
 def _batch():
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids_BT": torch.randint(0, V, (2, 20), generator=g),
-            "loss_mask_BT": torch.ones(2, 20, dtype=torch.bool),
-            "features_BTLH": torch.randn(2, 20, len(LAYER_IDS), H, generator=g),
-            "final_BTH": torch.randn(2, 20, H, generator=g)}
+    return random_batch(V, H, len(LAYER_IDS), tokens=20)
 
 
 CASES = {

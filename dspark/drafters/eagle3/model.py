@@ -1,0 +1,369 @@
+"""The Eagle3 drafter: fused target features, one decoder layer, training-time test (TTT).
+
+Legend: B batch, T tokens, L feature layers, H hidden size, V target vocab, W draft vocab (V unless pruned),
+G key/value heads, D head dim, N supervised rows of one step, K proposed tokens.
+
+Inputs of draft row t at TTT step s = 0 .. ttt_length-1 (row t stands for the target prefix ``x_0 .. x_t``):
+- hidden: ``fc([H_l1(t); ...; H_lm(t)])`` at s = 0 (the target features at position t), else the row's own
+  output hidden state of step s-1 (pre-norm residual stream);
+- token: ``x_{t+1+s}`` (the token after the hidden's prefix; its embedding goes through ``input_layernorm``);
+- RoPE position: ``t + s``;
+- target: the target's next-token distribution at position ``t+1+s`` (``softmax(lm_head(final[t+1+s]))``,
+  i.e. of token ``x_{t+2+s}``); the row is supervised iff ``t+2+s < T`` and ``loss_mask[t+2+s]``.
+Attention at step s: row t sees the step-0 keys/values of rows ``u <= t`` and its own keys/values of steps
+1..s (see ``layer.ttt_attention``). At decode time the context rows are step 0 with token = the next context
+token (the anchor for the last row), and step s of the last row is the s-th drafted token: exactly the
+inputs training used, so training and decoding agree step for step.
+
+Loss: step s weighs ``ttt_decay ** s``; per supervised row the soft cross-entropy against the target
+distribution (restricted to the draft vocab and renormalised when pruned). Frozen: ``embed_tokens``, the LM
+head (or its pruned rows ``lm_head [W, H]``), ``d2t``/``t2d``. Tensor names are the SGLang/vLLM Eagle3 layout
+(``fc``, ``midlayer.*``, ``norm``, ``embed_tokens``, ``lm_head``, ``d2t``, ``t2d``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.config import DrafterConfig
+from dspark.drafters.base import Drafter, LossOutput, Proposal
+from dspark.drafters.common import (
+    RMSNorm,
+    RotaryEmbedding,
+    config_get,
+    rope_theta_from_config,
+)
+from dspark.drafters.eagle3.layer import Eagle3Layer, ttt_attention
+from dspark.drafters.eagle3.loss import soft_cross_entropy
+from dspark.drafters.eagle3.vocab import (
+    build_draft_vocab,
+    count_supervised_tokens,
+    draft_to_target_ids,
+)
+
+BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "features_BTLH", "final_BTH")
+# Version of the "dspark" section of the exported config.json; readers refuse newer versions.
+EAGLE3_SECTION_VERSION = 1
+LAYER_SEMANTICS = "id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embeddings"
+TARGET_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "rms_norm_eps", "rope_parameters", "max_position_embeddings", "initializer_range",
+                 "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class _FrozenWeight(nn.Module):
+    """A frozen matrix as a non-persistent buffer named ``weight`` (never trained, never in training checkpoints)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach(), persistent=False)
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    return max(16, min(4096, (1 << 24) // max(vocab_size, 1)))
+
+
+class Eagle3Drafter(Drafter):
+    """Eagle3 (``algorithm="eagle3"``). ``lm_head_weight`` is the target's ``[V, H]`` head, or, when rebuilding a
+    pruned export, the draft head ``[W, H]`` together with ``d2t``/``t2d`` (such a drafter decodes but cannot
+    train: the full target head that defines the training targets is not stored in the export)."""
+
+    algorithm = "eagle3"
+    # The evaluator passes the context token ids to ``propose``: step 0 of every context row embeds a token.
+    needs_context_ids = True
+
+    def __init__(self, cfg: DrafterConfig, target_config, layer_ids: list[int], embed_weight: torch.Tensor,
+                 lm_head_weight: torch.Tensor, *, d2t: torch.Tensor | None = None, t2d: torch.Tensor | None = None):
+        super().__init__()
+        if cfg.algorithm != "eagle3":
+            raise ValueError(f"Eagle3Drafter needs drafter.algorithm 'eagle3', got {cfg.algorithm!r}")
+        if cfg.num_layers != 1:
+            raise ValueError(f"eagle3 has exactly one decoder layer; got drafter.num_layers={cfg.num_layers}")
+        if cfg.ttt_length < 1 or not 0 < cfg.ttt_decay <= 1 or cfg.block_size < 1:
+            raise ValueError(f"eagle3 needs ttt_length >= 1, 0 < ttt_decay <= 1 and block_size >= 1; got "
+                             f"{cfg.ttt_length}, {cfg.ttt_decay}, {cfg.block_size}")
+        if cfg.markov_rank or cfg.enable_confidence_head or cfg.dflash_layout:
+            warnings.warn("algorithm eagle3 ignores markov_rank, enable_confidence_head and dflash_layout "
+                          f"(got {cfg.markov_rank}, {cfg.enable_confidence_head}, {cfg.dflash_layout})")
+        self.cfg = cfg
+        H = config_get(target_config, "hidden_size")
+        V = config_get(target_config, "vocab_size")
+        W = cfg.draft_vocab_size or V
+        if not 1 <= W <= V:
+            raise ValueError(f"drafter.draft_vocab_size {cfg.draft_vocab_size} must be within 0..{V} (0 = full)")
+        if tuple(embed_weight.shape) != (V, H):
+            raise ValueError(f"target embedding has shape {tuple(embed_weight.shape)}, expected [vocab_size, "
+                             f"hidden_size] = [{V}, {H}] from the target config")
+        if tuple(lm_head_weight.shape) not in ((V, H), (W, H)):
+            raise ValueError(f"LM head has shape {tuple(lm_head_weight.shape)}, expected the target's [{V}, {H}] "
+                             f"(or the draft head [{W}, {H}] of an export)")
+        self.num_target_layers = (config_get(target_config, "num_target_layers")
+                                  or config_get(target_config, "num_hidden_layers"))
+        ids = list(layer_ids)
+        if (not ids or any(b <= a for a, b in itertools.pairwise(ids)) or ids[0] < -1
+                or ids[-1] >= self.num_target_layers - 1):
+            raise ValueError(f"layer_ids {ids} must be strictly increasing within -1..{self.num_target_layers - 2} "
+                             f"(the target has {self.num_target_layers} layers; the last one is excluded)")
+        self.layer_ids = ids
+        num_heads = config_get(target_config, "num_attention_heads")
+        num_kv_heads = config_get(target_config, "num_key_value_heads") or num_heads
+        head_dim = config_get(target_config, "head_dim") or H // num_heads
+        eps = config_get(target_config, "rms_norm_eps", 1e-6)
+        self.intermediate_size = cfg.intermediate_size or config_get(target_config, "intermediate_size")
+        self.hidden_size, self.vocab_size, self.draft_vocab_size = H, V, W
+        self.block_size, self.ttt_length = cfg.block_size, cfg.ttt_length
+        self.target_fields = {k: config_get(target_config, k) for k in TARGET_FIELDS}
+        self.target_fields.update(head_dim=head_dim, num_key_value_heads=num_kv_heads, rms_norm_eps=eps)
+        self.initializer_range = config_get(target_config, "initializer_range", 0.02) or 0.02
+
+        self.fc = nn.Linear(len(ids) * H, H, bias=False)
+        self.midlayer = Eagle3Layer(H, self.intermediate_size, num_heads, num_kv_heads, head_dim, eps)
+        self.norm = RMSNorm(H, eps)
+        self.rotary = RotaryEmbedding(head_dim, rope_theta_from_config(target_config))
+        self.embed_tokens = _FrozenWeight(embed_weight)
+        self.pruned = W < V
+        has_target_head = tuple(lm_head_weight.shape) == (V, H)
+        # The full target head defines the training targets; with the full vocab it is also the draft head.
+        self.target_lm_head = _FrozenWeight(lm_head_weight) if has_target_head else None
+        if self.pruned:
+            if (d2t is None) != (t2d is None):
+                raise ValueError("pass both d2t and t2d, or neither")
+            if d2t is None:
+                if not has_target_head:
+                    raise ValueError(f"a draft LM head [{W}, {H}] needs its d2t/t2d maps")
+                warnings.warn(f"draft vocab of {W} tokens not fitted yet: using target ids 0..{W - 1} until "
+                              "set_draft_vocab(...) installs the maps built from token counts")
+                d2t, t2d = build_draft_vocab(torch.arange(V, 0, -1), W)
+            self._check_maps(d2t, t2d)
+            self.register_buffer("d2t", d2t.long().clone())
+            self.register_buffer("t2d", t2d.bool().clone())
+            draft_head = lm_head_weight[draft_to_target_ids(self.d2t)] if has_target_head else lm_head_weight
+            self.lm_head = _FrozenWeight(draft_head)
+        else:
+            self.d2t = self.t2d = None
+            self.lm_head = _FrozenWeight(lm_head_weight)
+        self.loss_chunk_rows = _chunk_rows(V)
+        self._init_weights()
+
+    def _check_maps(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        W, V = self.draft_vocab_size, self.vocab_size
+        if tuple(d2t.shape) != (W,) or tuple(t2d.shape) != (V,):
+            raise ValueError(f"d2t must be [{W}] and t2d [{V}]; got {tuple(d2t.shape)} and {tuple(t2d.shape)}")
+        target_ids = draft_to_target_ids(d2t.long())
+        if int(target_ids.min()) < 0 or int(target_ids.max()) >= V or not bool(t2d[target_ids].all()) \
+                or int(t2d.sum()) != W or target_ids.unique().numel() != W:
+            raise ValueError("d2t and t2d disagree: every draft id + d2t must be a distinct target id marked in t2d")
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=self.initializer_range)
+
+    @torch.no_grad()
+    def set_draft_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        """Install draft-vocab maps (e.g. ``build_draft_vocab(count_supervised_tokens(...), W)``) and take the
+        matching rows of the target LM head as the frozen draft head."""
+        if not self.pruned:
+            raise ValueError("set_draft_vocab needs drafter.draft_vocab_size > 0 (this drafter uses the full vocab)")
+        if self.target_lm_head is None:
+            raise ValueError("this drafter was loaded from a pruned export without the target LM head; its draft "
+                             "vocab is fixed")
+        self._check_maps(d2t, t2d)
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+        self.lm_head.weight = self.target_lm_head.weight[draft_to_target_ids(self.d2t)]
+
+    @property
+    def needs_token_counts(self) -> bool:
+        """True while a pruned draft vocab can still be fitted (the trainer then calls ``fit_draft_vocab``)."""
+        return self.pruned and self.target_lm_head is not None
+
+    def fit_draft_vocab(self, samples) -> None:
+        """Keep the ``draft_vocab_size`` most frequent supervised tokens of ``samples`` (dicts with ``input_ids``
+        and ``loss_mask``: conversations or cache samples)."""
+        self.set_draft_vocab(*build_draft_vocab(count_supervised_tokens(samples, self.vocab_size),
+                                                self.draft_vocab_size))
+
+    def draft_target_ids(self) -> torch.Tensor | None:
+        """Target id of every draft id, or None with the full vocabulary."""
+        return draft_to_target_ids(self.d2t) if self.pruned else None
+
+    # -- backbone --------------------------------------------------------------------------------------------
+
+    def fuse(self, features_XLH: torch.Tensor) -> torch.Tensor:
+        """``fc([H(l1); ...; H(lm)])`` -> ``[..., H]`` (Eagle3 norms it inside the layer, with ``hidden_norm``)."""
+        *lead, L, H = features_XLH.shape
+        if (L, H) != (len(self.layer_ids), self.hidden_size):
+            raise ValueError(f"features have {L} layers x hidden {H}; the drafter expects "
+                             f"{len(self.layer_ids)} layers (ids {self.layer_ids}) x hidden {self.hidden_size}")
+        return self.fc(features_XLH.to(self.fc.weight.dtype).reshape(*lead, L * H))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_tokens.weight).to(self.fc.weight.dtype)
+
+    def ttt_hidden(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Output hidden states (pre-norm) of every TTT step, ``[B, T, H]`` each; row t of step s follows the
+        module docstring (token ``x_{t+1+s}``, position ``t+s``). Rows whose token lies past the end hold junk."""
+        ids_BT = batch["input_ids_BT"]
+        B, T = ids_BT.shape
+        hidden_BTH = self.fuse(batch["features_BTLH"])
+        t_T = torch.arange(T, device=ids_BT.device)
+        causal_TT = t_T.unsqueeze(1) >= t_T.unsqueeze(0)
+        k0 = v0 = None
+        diag: list[tuple[torch.Tensor, torch.Tensor]] = []
+        outputs = []
+        for s in range(self.ttt_length):
+            shift = 1 + s
+            tokens_BT = torch.zeros_like(ids_BT)
+            tokens_BT[:, : max(T - shift, 0)] = ids_BT[:, shift:]
+            rope = self.rotary.cos_sin((t_T + s).expand(B, T), hidden_BTH.dtype)
+            q, k, v = self.midlayer.qkv(self._embed(tokens_BT), hidden_BTH, rope)
+            if s == 0:
+                k0, v0 = k, v
+            else:
+                diag.append((k, v))
+            hidden_BTH = self.midlayer.finish(hidden_BTH, ttt_attention(q, k0, v0, causal_TT, diag))
+            outputs.append(hidden_BTH)
+        return outputs
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
+        return self.forward_loss(batch, generator)
+
+    def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
+        """Every supervised position at every TTT step (no sampling: ``generator`` is unused)."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"training batch lacks {', '.join(missing)}; expected keys {', '.join(BATCH_KEYS)}")
+        if self.target_lm_head is None:
+            raise ValueError("this Eagle3 drafter holds only the pruned draft LM head (loaded from an export); "
+                             "training needs the target's full LM head: build it with build_drafter")
+        ids_BT, mask_BT, final_BTH = batch["input_ids_BT"], batch["loss_mask_BT"].bool(), batch["final_BTH"]
+        T = ids_BT.shape[1]
+        S = self.ttt_length
+        t_T = torch.arange(T, device=ids_BT.device)
+        draft_ids_W = self.draft_target_ids()
+        numerator = ce_sum = weight_sum = 0.0
+        accept_sum_S = torch.zeros(S, device=ids_BT.device)
+        count_S = torch.zeros(S, device=ids_BT.device)
+        num_rows = 0
+        for s, hidden_BTH in enumerate(self.ttt_hidden(batch)):
+            # Row t predicts token t+2+s from the target's distribution at position t+1+s.
+            pred_T = t_T + 2 + s
+            valid_BT = (pred_T < T) & mask_BT.gather(1, pred_T.clamp(max=T - 1).expand_as(ids_BT))
+            b_N, t_N = valid_BT.nonzero(as_tuple=True)
+            weight = self.cfg.ttt_decay ** s
+            coef_N = torch.full(b_N.shape, weight, dtype=torch.float32, device=ids_BT.device)
+            loss, ce_N, accept_N = soft_cross_entropy(
+                self.norm(hidden_BTH[b_N, t_N]), self.lm_head.weight, self.target_lm_head.weight,
+                final_BTH[b_N, t_N + 1 + s], draft_ids_W, coef_N, self.loss_chunk_rows)
+            numerator = numerator + loss
+            ce_sum = ce_sum + weight * ce_N.sum()
+            weight_sum = weight_sum + weight * b_N.numel()
+            accept_sum_S[s] = accept_N.sum()
+            count_S[s] = b_N.numel()
+            num_rows += b_N.numel()
+        return LossOutput(numerator=numerator, weight_sum=torch.tensor(float(weight_sum), device=ids_BT.device),
+                          terms={"ce": torch.as_tensor(ce_sum, device=ids_BT.device).detach()},
+                          accept_sum_K=accept_sum_S, count_K=count_S, num_tokens=num_rows)
+
+    # -- decoding --------------------------------------------------------------------------------------------
+
+    def _weights_version(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for p in self.parameters())
+
+    def _context_kv(self, context_TLH: torch.Tensor, row_ids_T: torch.Tensor):
+        """Step-0 keys/values of every context row (``[1, G, T, D]``), the last row's query and fused hidden.
+
+        Rows past the longest prefix unchanged since the previous call (same features, same token, same weights)
+        are the only ones projected: decoding extends the context by the accepted tokens each round.
+        """
+        version = self._weights_version()
+        cached = getattr(self, "_context_cache", None)
+        reuse = 0
+        if cached is not None and cached[0] == version:
+            prev_TLH, prev_ids_T = cached[1], cached[2]
+            # The previous call's last row embedded its anchor; that row is redone unless it is still a prefix row.
+            n = min(prev_TLH.shape[0], context_TLH.shape[0] - 1)
+            if (n > 0 and prev_TLH.dtype == context_TLH.dtype and torch.equal(prev_TLH[:n], context_TLH[:n])
+                    and torch.equal(prev_ids_T[:n], row_ids_T[:n])):
+                reuse = n
+        T = context_TLH.shape[0]
+        hidden_1TH = self.fuse(context_TLH[reuse:].unsqueeze(0))
+        pos_1T = torch.arange(reuse, T, device=context_TLH.device).unsqueeze(0)
+        rope = self.rotary.cos_sin(pos_1T, hidden_1TH.dtype)
+        q, k, v = self.midlayer.qkv(self._embed(row_ids_T[reuse:].unsqueeze(0)), hidden_1TH, rope)
+        if reuse:
+            k = torch.cat([cached[3][:, :, :reuse], k], dim=2)
+            v = torch.cat([cached[4][:, :, :reuse], v], dim=2)
+        self._context_cache = (version, context_TLH, row_ids_T, k, v)
+        return k, v, q[:, :, :, -1:], hidden_1TH[:, -1:]
+
+    @torch.no_grad()
+    def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
+                generator: torch.Generator | None = None, context_ids_T: torch.Tensor | None = None) -> Proposal:
+        """Chain-draft ``block_size`` tokens after ``anchor_id`` (at position T).
+
+        ``context_ids_T`` are the token ids at positions 0..T-1 (row u of step 0 embeds token u+1, the anchor for
+        the last row). Probabilities are returned over the TARGET vocab (0 outside a pruned draft vocab).
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        T = context_TLH.shape[0]
+        if context_ids_T is None or context_ids_T.shape != (T,) or T < 1:
+            raise ValueError(f"Eagle3 propose needs context_ids_T with one token id per context row ({T}), got "
+                             f"{None if context_ids_T is None else tuple(context_ids_T.shape)}")
+        device = self.fc.weight.device
+        anchor_1 = torch.tensor([int(anchor_id)], device=device)
+        row_ids_T = torch.cat([context_ids_T.to(device, torch.long)[1:], anchor_1])
+        k0, v0, q, hidden_11H = self._context_kv(context_TLH.to(device), row_ids_T)
+        visible_1T = torch.ones(1, T, dtype=torch.bool, device=device)
+        target_ids_W = self.draft_target_ids()
+        diag: list[tuple[torch.Tensor, torch.Tensor]] = []
+        tokens, probs = [], []
+        token = anchor_1
+        for s in range(self.block_size):
+            if s > 0:
+                rope = self.rotary.cos_sin(torch.full((1, 1), T - 1 + s, device=device), hidden_11H.dtype)
+                q, k, v = self.midlayer.qkv(self._embed(token.view(1, 1)), hidden_11H, rope)
+                diag.append((k, v))
+            hidden_11H = self.midlayer.finish(hidden_11H, ttt_attention(q, k0, v0, visible_1T, diag))
+            logits_W = (self.norm(hidden_11H)[0, 0].float() @ self.lm_head.weight.float().T)
+            if temperature == 0:
+                draft_id = logits_W.argmax().view(1)
+                p_W = F.one_hot(draft_id[0], self.draft_vocab_size).float()
+            else:
+                p_W = (logits_W / temperature).softmax(dim=-1)
+                draft_id = torch.multinomial(p_W, 1, generator=generator).view(1)
+            token = target_ids_W[draft_id] if target_ids_W is not None else draft_id
+            p_V = p_W if target_ids_W is None else p_W.new_zeros(self.vocab_size).index_copy_(0, target_ids_W, p_W)
+            tokens.append(token)
+            probs.append(p_V)
+        return Proposal(tokens_K=torch.cat(tokens), probs_KV=torch.stack(probs))
+
+    # -- export ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def export_native(drafter: Eagle3Drafter, target_config, out_dir):
+        """The layout the trainer writes for this drafter and ``load_drafter`` reads back: SGLang/vLLM eagle3."""
+        from dspark.export.eagle3 import export_eagle3
+
+        return export_eagle3(drafter, target_config, out_dir)
+
+    def drafter_config(self) -> dict:
+        from dspark.export.eagle3 import eagle3_config
+
+        raise ValueError(f"an Eagle3 drafter exports as eagle3 (architectures {eagle3_config(self)['architectures']}) "
+                         "or speculators, not in the deepspec layout: use --format eagle3")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained tensors, the maps when pruned, and the frozen ``embed_tokens`` and (draft) ``lm_head``."""
+        state = dict(self.state_dict())
+        state["embed_tokens.weight"] = self.embed_tokens.weight
+        state["lm_head.weight"] = self.lm_head.weight
+        return state

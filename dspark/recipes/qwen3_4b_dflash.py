@@ -1,0 +1,7 @@
+"""DFlash (CE only, no sequential or confidence head) for Qwen3-4B, otherwise as qwen3_4b_dspark."""
+
+from dspark.config import load_recipe_dict
+
+RECIPE = load_recipe_dict("qwen3_4b_dspark")
+RECIPE["run_dir"] = "runs/qwen3_4b_dflash"
+RECIPE["drafter"].update(algorithm="dflash", markov_rank=0, enable_confidence_head=False)

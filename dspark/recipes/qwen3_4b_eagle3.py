@@ -1,0 +1,9 @@
+"""Eagle3 for Qwen3-4B: one fused-feature layer, TTT length 7 with step weights 0.8^s, full vocabulary,
+gamma 7 at decode time; target, feature layers and optimiser as qwen3_4b_dspark."""
+
+from dspark.config import load_recipe_dict
+
+RECIPE = load_recipe_dict("qwen3_4b_dspark")
+RECIPE["run_dir"] = "runs/qwen3_4b_eagle3"
+RECIPE["drafter"].update(algorithm="eagle3", num_layers=1, markov_rank=0, enable_confidence_head=False,
+                         ttt_length=7, ttt_decay=0.8, draft_vocab_size=0)

@@ -1,0 +1,34 @@
+"""Every shipped recipe loads and validates (no download, no model), and the Qwen3 recipes carry the paper's
+settings: gamma 7, 5 draft layers (Eagle3: 1), lr 6e-4 with 4% warmup then cosine, grad clip 1.0, 512 anchors."""
+
+import pytest
+
+from dspark.config import list_recipes, load_config
+
+QWEN3_LAYERS = {"4b": [1, 9, 17, 25, 33], "8b": [1, 9, 17, 25, 33], "14b": [1, 10, 19, 28, 37]}
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_loads_and_validates(name):
+    cfg = load_config(name)
+    if name.endswith(("_dspark", "_dflash", "_eagle3")):
+        assert cfg.drafter.algorithm == name.rsplit("_", 1)[1]
+    if cfg.drafter.algorithm == "eagle3":
+        assert cfg.drafter.num_layers == 1 and cfg.drafter.markov_rank == 0
+        assert not cfg.drafter.enable_confidence_head
+
+
+@pytest.mark.parametrize("size", sorted(QWEN3_LAYERS))
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
+def test_qwen3_recipes(size, algorithm):
+    cfg = load_config(f"qwen3_{size}_{algorithm}")
+    assert cfg.target.name_or_path == f"Qwen/Qwen3-{size.upper()}"
+    assert cfg.target.layer_ids == QWEN3_LAYERS[size]
+    assert cfg.run_dir == f"runs/qwen3_{size}_{algorithm}"
+    assert cfg.drafter.block_size == 7 and cfg.drafter.num_anchors == 512
+    assert cfg.drafter.num_layers == (1 if algorithm == "eagle3" else 5)
+    assert (cfg.train.lr, cfg.train.warmup_ratio, cfg.train.grad_clip) == (6e-4, 0.04, 1.0)
+    if algorithm == "eagle3":
+        assert (cfg.drafter.ttt_length, cfg.drafter.ttt_decay, cfg.drafter.draft_vocab_size) == (7, 0.8, 0)
+    if algorithm == "dspark":
+        assert cfg.drafter.markov_rank == 256 and cfg.drafter.enable_confidence_head
