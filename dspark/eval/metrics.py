@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from dspark.eval.calibration import CalibrationReport
+
 
 def _check_rounds(accepted: list[int], proposed: list[int]) -> None:
     if len(accepted) != len(proposed):
@@ -67,12 +69,17 @@ class EvalReport:
     survival_K: list[float]  # prefix survival at slot k (index k-1)
     wall_s: float
     tokens_per_s: float
+    confidence_threshold: float = 0.0  # drafting stopped below this cumulative confidence (0 = off)
+    calibration: CalibrationReport | None = None  # when the drafter reports confidences
 
     @classmethod
     def from_rounds(cls, accepted: list[int], proposed: list[int], *, generated_tokens: int, num_prompts: int,
-                    wall_s: float, temperature: float) -> "EvalReport":
-        """Aggregate per-round records (all prompts concatenated) into a report."""
+                    wall_s: float, temperature: float, confidences: list[list[float]] | None = None,
+                    confidence_threshold: float = 0.0) -> EvalReport:
+        """Aggregate per-round records (all prompts concatenated) into a report; ``confidences`` (one list per
+        round, one entry per proposed draft) adds the calibration of the confidence head."""
         _check_rounds(accepted, proposed)
+        calibration = CalibrationReport.from_rounds(accepted, proposed, confidences) if confidences else None
         return cls(
             temperature=float(temperature),
             num_prompts=num_prompts,
@@ -84,6 +91,8 @@ class EvalReport:
             survival_K=prefix_survival(accepted, proposed),
             wall_s=wall_s,
             tokens_per_s=generated_tokens / wall_s if wall_s > 0 else math.nan,
+            confidence_threshold=float(confidence_threshold),
+            calibration=calibration,
         )
 
     def to_dict(self) -> dict:
@@ -94,6 +103,8 @@ class EvalReport:
                 return None
             if isinstance(value, list):
                 return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
             return value
 
         return {key: clean(value) for key, value in asdict(self).items()}
@@ -118,5 +129,27 @@ def format_table(reports: dict[str, EvalReport]) -> str:
             f"{name:<{name_width}}  {_fmt(r.tau, 6, 3)}  {_fmt(r.mean_proposal_len, 5, 2)}  {r.num_rounds:>7d}"
             f"  {r.generated_tokens:>7d}  {_fmt(r.tokens_per_s, 8, 1)}"
             + "".join(f"  {_fmt(a, 6, 3)}" for a in acceptance)
+        )
+    return "\n".join(lines)
+
+
+def format_calibration_table(reports: dict[str, EvalReport]) -> str:
+    """Confidence-head calibration per drafter (those that report confidences): slot-level ECE, AUROC, Brier,
+    the same for the cumulative product against prefix survival, and ECE at each position."""
+    rows = {name: r.calibration for name, r in reports.items() if r.calibration is not None}
+    if not rows:
+        raise ValueError("format_calibration_table needs a report with calibration (a drafter with confidences)")
+    num_positions = max(len(c.ece_K) for c in rows.values())
+    name_width = max(7, *(len(name) for name in rows))
+    header = (f"{'drafter':<{name_width}}  {'pairs':>6}  {'ece':>6}  {'auroc':>6}  {'brier':>6}  {'s.ece':>6}"
+              f"  {'s.auroc':>7}  {'s.brier':>7}" + "".join(f"  {f'ece@{k}':>6}" for k in range(1, num_positions + 1)))
+    lines = [header, "-" * len(header)]
+    for name, c in rows.items():
+        ece_K = c.ece_K + [math.nan] * (num_positions - len(c.ece_K))
+        lines.append(
+            f"{name:<{name_width}}  {c.num_pairs:>6d}  {_fmt(c.ece, 6, 3)}  {_fmt(c.auroc, 6, 3)}"
+            f"  {_fmt(c.brier, 6, 3)}"
+            f"  {_fmt(c.survival_ece, 6, 3)}  {_fmt(c.survival_auroc, 7, 3)}  {_fmt(c.survival_brier, 7, 3)}"
+            + "".join(f"  {_fmt(e, 6, 3)}" for e in ece_K)
         )
     return "\n".join(lines)

@@ -39,3 +39,38 @@ def plot_acceptance(reports: dict[str, EvalReport], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def plot_reliability(reports: dict[str, EvalReport], path: str | Path) -> Path:
+    """Reliability diagram of the confidence head (slot confidence c_k against acceptance of slot k, pooled over
+    positions, equal-width bins), one line per drafter that reports confidences (ECE in the legend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    calibrated = {name: r for name, r in reports.items() if r.calibration is not None}
+    if not calibrated:
+        raise ValueError("plot_reliability needs a report with calibration (a drafter with confidences)")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"plot path must end in .png, got {str(path)!r}")
+    fig = Figure(figsize=(8.0, 5.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, report in calibrated.items():
+        c = report.calibration
+        points = [(x, y) for n, x, y in zip(c.bin_count, c.bin_confidence, c.bin_accuracy) if n]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
+                label=f"{name} (ECE {c.ece:.3f}, {c.num_pairs} slots)")
+    temperatures = sorted({r.temperature for r in calibrated.values()})
+    ax.set_title(f"confidence reliability (T = {', '.join(f'{t:g}' for t in temperatures)})")
+    ax.set_xlabel("confidence c_k (bin mean)")
+    ax.set_ylabel("P(slot k accepted | 1..k-1 accepted)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: points reach every corner
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,8 +21,8 @@ import torch
 
 from dspark.eval.metrics import EvalReport, format_table
 
-__all__ = ["GenerationResult", "EvalReport", "speculative_generate", "target_generate", "evaluate",
-           "format_table", "prompt_seed", "verify_drafts"]
+__all__ = ["EvalReport", "GenerationResult", "confident_length", "evaluate", "format_table", "prompt_seed",
+           "speculative_generate", "speculative_generate_batch", "target_generate", "verify_drafts"]
 
 
 @dataclass
@@ -93,7 +94,7 @@ def verify_drafts(logits_NV: torch.Tensor, drafts_K: torch.Tensor, draft_probs_K
     return num_accepted, _sample(residual_V, generator)
 
 
-def _check_proposal(proposal, vocab_size: int, temperature: float) -> None:
+def _check_proposal(proposal, vocab_size: int | None, temperature: float) -> None:
     tokens_K = proposal.tokens_K
     if tokens_K.dim() != 1:
         raise ValueError(f"drafter proposal tokens_K must be 1-D, got shape {tuple(tokens_K.shape)}")
@@ -102,43 +103,151 @@ def _check_proposal(proposal, vocab_size: int, temperature: float) -> None:
                          f"({tokens_K.shape[0]}, {vocab_size}) to match tokens_K and the target vocabulary")
 
 
-@torch.no_grad()
-def speculative_generate(target, drafter, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
-                         generator: torch.Generator | None = None,
-                         stop_ids: Iterable[int] = ()) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` after ``prompt_ids`` with ``drafter`` proposing and ``target`` verifying.
+class _SequentialSessions:
+    """The batch-session API (``add_rows``, ``select``, ``extend``, ``truncate``) over one ``decode_session()`` per
+    row: for a single sequence, and for backends without a batched decoder (one forward per row)."""
 
-    The first new token comes from the prefill (it counts as generated and becomes the first anchor). A proposal
-    is cut to the remaining budget, so a round that fills the budget ends without a bonus token. A stop token
-    ends the sequence and is kept; drafts after it are neither kept nor counted as proposed.
-    """
-    _check_request(prompt_ids, max_new_tokens, temperature)
-    stops = set(stop_ids)
-    start = time.perf_counter()
-    session = target.decode_session()
-    logits_PV, features_PLH = session.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
-    vocab_size = logits_PV.shape[-1]
-    # Target features of every position fed so far, preallocated so each round's context is a view, not a copy.
-    context_TLH = features_PLH.new_empty((len(prompt_ids) + max_new_tokens, *features_PLH.shape[1:]))
-    context_TLH[: len(prompt_ids)] = features_PLH
-    num_context = len(prompt_ids)
-    result = GenerationResult(tokens=[_next_token(logits_PV[-1], temperature, generator)])
+    def __init__(self, target):
+        self.target = target
+        self.sessions = []
 
-    while result.tokens[-1] not in stops and len(result.tokens) < max_new_tokens:
-        anchor = result.tokens[-1]
-        proposal = drafter.propose(context_TLH[:num_context], anchor, temperature=temperature, generator=generator)
-        _check_proposal(proposal, vocab_size, temperature)
-        budget = max_new_tokens - len(result.tokens)
-        drafts_K = proposal.tokens_K[:budget].to(logits_PV.device, torch.long)
+    def add_rows(self, num: int) -> None:
+        self.sessions += [self.target.decode_session() for _ in range(num)]
+
+    def select(self, rows: list[int]) -> None:
+        self.sessions = [self.sessions[r] for r in rows]
+
+    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [session.extend(x) for session, x in zip(self.sessions, ids)]
+
+    def truncate(self, lengths: list[int]) -> None:
+        for session, length in zip(self.sessions, lengths):
+            session.truncate(length)
+
+
+def confident_length(confidence_K: torch.Tensor | None, threshold: float) -> int | None:
+    """How many leading drafts to verify under a static confidence threshold: drafting stops at the first slot
+    whose cumulative confidence product ``prod_{i<=k} c_i`` (the survival estimate a_k of the paper's scheduler)
+    falls below ``threshold``. None = no cut (threshold 0, or a drafter without confidences)."""
+    if threshold <= 0 or confidence_K is None:
+        return None
+    below_K = torch.cumprod(confidence_K.detach().float().cpu(), dim=0) < threshold
+    return int(below_K.long().argmax()) if bool(below_K.any()) else int(below_K.numel())
+
+
+@dataclass
+class _Row:
+    """One prompt being decoded: its generator, its target features so far and its pending round."""
+
+    prompt: list[int]
+    generator: torch.Generator | None
+    start: float
+    result: GenerationResult | None = None  # None until the prefill has run
+    context_TLH: torch.Tensor | None = None
+    context_ids_T: torch.Tensor | None = None  # token ids of the same positions (for ``needs_context_ids``)
+    num_context: int = 0  # positions the target has seen (= the row's cache length between steps)
+    drafts_K: torch.Tensor | None = None
+    draft_probs_KV: torch.Tensor | None = None
+    confidence_K: torch.Tensor | None = None
+    budget: int = 0
+
+    def done(self, max_new_tokens: int, stops: set[int]) -> bool:
+        tokens = self.result.tokens if self.result is not None else None
+        return tokens is not None and (tokens[-1] in stops or len(tokens) >= max_new_tokens)
+
+
+class _Decoder:
+    """Speculative decoding of many prompts with at most ``batch_size`` in flight: one batched target forward
+    per step verifies every row's drafts (or prefills a row just admitted); a finished row leaves and the next
+    prompt takes its place. Each row samples only from its own generator, in the same order as when decoded
+    alone, so the tokens do not depend on the batch size or on which rows share a step."""
+
+    def __init__(self, target, drafter, *, max_new_tokens: int, temperature: float, stop_ids: Iterable[int],
+                 confidence_threshold: float, session):
+        self.target, self.drafter, self.session = target, drafter, session
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.stops = set(stop_ids)
+        self.confidence_threshold = confidence_threshold
+        self.vocab_size: int | None = None
+        self.warned_no_confidence = False
+
+    def run(self, prompts: list[list[int]], generators: list, batch_size: int, on_done=None
+            ) -> list[GenerationResult]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for prompt in prompts:
+            _check_request(prompt, self.max_new_tokens, self.temperature)
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompts are admitted in order
+        rows: list[tuple[int, _Row]] = []
+        while waiting or rows:
+            admitted = []
+            while waiting and len(rows) + len(admitted) < batch_size:
+                index = waiting.pop()
+                admitted.append((index, _Row(list(prompts[index]), generators[index], time.perf_counter())))
+            if admitted:
+                self.session.add_rows(len(admitted))
+                rows += admitted
+            outputs = self.session.extend([self._feed(row) for _, row in rows])
+            for (_, row), (logits_NV, features_NLH) in zip(rows, outputs):
+                self._absorb(row, logits_NV, features_NLH)
+            self.session.truncate([row.num_context for _, row in rows])
+            keep = [i for i, (_, row) in enumerate(rows) if not row.done(self.max_new_tokens, self.stops)]
+            if len(keep) < len(rows):
+                for index, row in (rows[i] for i in range(len(rows)) if i not in set(keep)):
+                    row.result.wall_s = time.perf_counter() - row.start
+                    results[index] = row.result
+                    if on_done is not None:
+                        on_done()
+                self.session.select(keep)
+                rows = [rows[i] for i in keep]
+        return results  # type: ignore[return-value]
+
+    def _feed(self, row: _Row) -> torch.Tensor:
+        """The tokens row feeds this step: its prompt, or the anchor and the drafts of a new proposal."""
+        if row.result is None:
+            return torch.tensor(row.prompt, dtype=torch.long)
+        anchor = row.result.tokens[-1]
+        # A drafter that embeds context tokens (Eagle3) says so with ``needs_context_ids``.
+        ids = ({"context_ids_T": row.context_ids_T[: row.num_context]}
+               if getattr(self.drafter, "needs_context_ids", False) else {})
+        proposal = self.drafter.propose(row.context_TLH[: row.num_context], anchor, temperature=self.temperature,
+                                        generator=row.generator, **ids)
+        _check_proposal(proposal, self.vocab_size, self.temperature)
+        row.budget = self.max_new_tokens - len(row.result.tokens)
+        k = min(row.budget, proposal.tokens_K.shape[0])
+        cut = confident_length(proposal.confidence_K, self.confidence_threshold)
+        if cut is not None:
+            k = min(k, cut)
+        elif self.confidence_threshold > 0 and not self.warned_no_confidence:
+            warnings.warn(f"eval.confidence_threshold={self.confidence_threshold:g} is ignored: drafter "
+                          f"{type(self.drafter).__name__} reports no confidences", stacklevel=2)
+            self.warned_no_confidence = True
+        row.drafts_K = proposal.tokens_K[:k].long()
+        row.draft_probs_KV = proposal.probs_KV[:k] if self.temperature > 0 else None
+        row.confidence_K = proposal.confidence_K
+        return torch.cat([torch.tensor([anchor]), row.drafts_K.cpu()])
+
+    def _absorb(self, row: _Row, logits_NV: torch.Tensor, features_NLH: torch.Tensor) -> None:
+        """Take the target's output for row's feed: start the row after its prefill, else verify its drafts."""
+        if row.result is None:
+            self.vocab_size = logits_NV.shape[-1]
+            # Target features of every position fed so far, preallocated so each round's context is a view.
+            num = len(row.prompt)
+            row.context_TLH = features_NLH.new_empty((num + self.max_new_tokens, *features_NLH.shape[1:]))
+            row.context_TLH[:num] = features_NLH
+            row.context_ids_T = torch.zeros(num + self.max_new_tokens, dtype=torch.long)
+            row.context_ids_T[:num] = torch.tensor(row.prompt, dtype=torch.long)
+            row.num_context = num
+            row.result = GenerationResult(tokens=[_next_token(logits_NV[-1], self.temperature, row.generator)])
+            return
+        result, budget = row.result, row.budget
+        drafts_K = row.drafts_K.to(logits_NV.device)
         k = drafts_K.shape[0]
-        draft_probs_KV = proposal.probs_KV[:k] if temperature > 0 else None
-
-        logits_NV, features_NLH = session.extend(torch.cat([drafts_K.new_tensor([anchor]), drafts_K]))
-        num_accepted, own_token = verify_drafts(logits_NV, drafts_K, draft_probs_KV, temperature=temperature,
-                                                generator=generator)
-
+        num_accepted, own_token = verify_drafts(logits_NV, drafts_K, row.draft_probs_KV,
+                                                temperature=self.temperature, generator=row.generator)
         new = drafts_K[:num_accepted].tolist() + [own_token]
-        stop_at = next((j for j, t in enumerate(new) if t in stops), len(new) - 1)
+        stop_at = next((j for j, t in enumerate(new) if t in self.stops), len(new) - 1)
         new = new[: min(stop_at + 1, budget)]
         if len(new) <= num_accepted:
             # Cut inside the accepted drafts (stop token, or all accepted with the budget full): the drafts
@@ -146,19 +255,55 @@ def speculative_generate(target, drafter, prompt_ids: list[int], *, max_new_toke
             num_accepted = k = len(new)
         result.accepted.append(num_accepted)
         result.proposed.append(k)
-        if proposal.confidence_K is not None:
-            result.confidences.append(proposal.confidence_K[:k].float().tolist())
+        if row.confidence_K is not None:
+            result.confidences.append(row.confidence_K[:k].float().tolist())
         result.tokens.extend(new)
-
         # Keep the anchor and the kept drafts (all but the new anchor, which the target has not seen yet);
         # their features were computed on the right prefix, so they serve as the next round's context.
         num_kept = len(new)
-        context_TLH[num_context : num_context + num_kept] = features_NLH[:num_kept]
-        num_context += num_kept
-        session.truncate(num_context)
+        row.context_TLH[row.num_context : row.num_context + num_kept] = features_NLH[:num_kept]
+        kept_ids = result.tokens[-num_kept - 1 : -1]  # the anchor and the kept drafts
+        row.context_ids_T[row.num_context : row.num_context + num_kept] = torch.tensor(kept_ids)
+        row.num_context += num_kept
 
-    result.wall_s = time.perf_counter() - start
-    return result
+
+@torch.no_grad()
+def speculative_generate(target, drafter, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
+                         generator: torch.Generator | None = None, stop_ids: Iterable[int] = (),
+                         confidence_threshold: float = 0.0) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` with ``drafter`` proposing and ``target`` verifying.
+
+    The first new token comes from the prefill (it counts as generated and becomes the first anchor). A proposal
+    is cut to the remaining budget (and, with ``confidence_threshold`` > 0, where ``confident_length`` says), so
+    a round that fills the budget ends without a bonus token. A stop token ends the sequence and is kept; drafts
+    after it are neither kept nor counted as proposed.
+    """
+    _check_request(prompt_ids, max_new_tokens, temperature)
+    decoder = _Decoder(target, drafter, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
+                       confidence_threshold=confidence_threshold, session=_SequentialSessions(target))
+    return decoder.run([prompt_ids], [generator], batch_size=1)[0]
+
+
+@torch.no_grad()
+def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max_new_tokens: int,
+                               temperature: float, generators: list[torch.Generator | None], batch_size: int,
+                               stop_ids: Iterable[int] = (), confidence_threshold: float = 0.0,
+                               on_done=None) -> list[GenerationResult]:
+    """``speculative_generate`` of every prompt (``generators[i]`` drives prompt i), ``batch_size`` at a time in
+    one batched target forward per step (continuous batching: a finished prompt's slot goes to the next one).
+
+    With ``batch_size`` > 1 uses ``target.batch_decode_session()`` when the backend has one, else (and for
+    batch size 1) one decode session per prompt. The tokens of a prompt are those ``speculative_generate`` gives
+    it with the same generator, whatever the batch size (up to float rounding of the batched forward, which can
+    flip a draw only on a near tie). ``on_done()`` is called as each prompt finishes.
+    """
+    if len(generators) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
+    make = getattr(target, "batch_decode_session", None)
+    session = make() if make is not None and batch_size > 1 else _SequentialSessions(target)
+    decoder = _Decoder(target, drafter, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
+                       confidence_threshold=confidence_threshold, session=session)
+    return decoder.run(prompts, generators, batch_size, on_done=on_done)
 
 
 @torch.no_grad()
@@ -186,34 +331,39 @@ def prompt_seed(seed: int, index: int) -> int:
 
 
 def evaluate(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
-             stop_ids: Iterable[int] = (), progress: bool = False) -> EvalReport:
+             stop_ids: Iterable[int] = (), progress: bool = False, batch_size: int = 1,
+             confidence_threshold: float = 0.0) -> EvalReport:
     """Speculative decoding over ``prompts`` (token id lists) and the acceptance report of ``drafter``.
 
-    Each prompt samples with its own generator seeded by ``prompt_seed(seed, index)``, on the drafter's device.
+    Each prompt samples with its own generator seeded by ``prompt_seed(seed, index)``, on the drafter's device,
+    so the report does not depend on ``batch_size`` (prompts decoded together, see
+    ``speculative_generate_batch``). With ``confidence_threshold`` > 0 proposals stop where the cumulative
+    confidence product falls below it (``confident_length``).
     """
     from tqdm import tqdm
 
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
-    stop_ids = list(stop_ids)
     param = next(iter(drafter.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
+    generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, i)) for i in range(len(prompts))]
     was_training = drafter.training
     drafter.eval()
-    accepted: list[int] = []
-    proposed: list[int] = []
-    generated = 0
     start = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=f"spec-decode T={temperature:g}", disable=not progress, unit="prompt")
     try:
-        for index, prompt in enumerate(tqdm(prompts, desc=f"spec-decode T={temperature:g}", disable=not progress,
-                                            unit="prompt")):
-            generator = torch.Generator(device=device).manual_seed(prompt_seed(seed, index))
-            result = speculative_generate(target, drafter, prompt, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, generator=generator, stop_ids=stop_ids)
-            accepted += result.accepted
-            proposed += result.proposed
-            generated += len(result.tokens)
+        results = speculative_generate_batch(target, drafter, prompts, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, generators=generators, batch_size=batch_size,
+                                             stop_ids=list(stop_ids), confidence_threshold=confidence_threshold,
+                                             on_done=bar.update)
     finally:
+        bar.close()
         drafter.train(was_training)
-    return EvalReport.from_rounds(accepted, proposed, generated_tokens=generated, num_prompts=len(prompts),
-                                  wall_s=time.perf_counter() - start, temperature=temperature)
+    wall_s = time.perf_counter() - start
+    accepted = [a for r in results for a in r.accepted]
+    proposed = [p for r in results for p in r.proposed]
+    with_confidence = all(len(r.confidences) == len(r.accepted) for r in results) and any(r.accepted for r in results)
+    confidences = [c for r in results for c in r.confidences] if with_confidence else None
+    return EvalReport.from_rounds(accepted, proposed, generated_tokens=sum(len(r.tokens) for r in results),
+                                  num_prompts=len(prompts), wall_s=wall_s, temperature=temperature,
+                                  confidences=confidences, confidence_threshold=confidence_threshold)
