@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+# Light: each exporter module is imported only when it is used.
+from dspark.export import FORMATS as EXPORT_FORMATS
+
 DEFAULT_RECIPE = "smollm2_dspark"
 
 
@@ -105,7 +108,7 @@ def prepare(recipe, overrides):
 
 @main.group()
 def cache():
-    """Hidden-state caches: build, inspect, verify."""
+    """Hidden-state caches: build, inspect, verify, estimate."""
 
 
 @cache.command("build")
@@ -113,6 +116,9 @@ def cache():
 @_friendly_errors
 def cache_build(recipe, overrides):
     """Capture the target's hidden states of the prepared conversations into a zstd cache.
+
+    One process; for several (each writes its own shards, the cache is the same) use the launcher:
+    deepspeed --num_gpus 2 launcher/build_cache.py --config R
 
     \b
     Example:
@@ -150,16 +156,58 @@ def cache_inspect(cache_dir, as_json):
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 @_friendly_errors
 def cache_verify(cache_dir):
-    """Recompute every shard checksum; exit non-zero naming the first corrupt shard and sample.
+    """Recompute every shard checksum; exit non-zero listing every corrupt shard and sample (with its offset).
 
     \b
     Example:
       dspark cache verify runs/smollm2_dspark/cache
     """
-    from dspark.cache import CacheReader
+    from dspark.cache import CacheCorruptError, CacheReader
 
     reader = CacheReader(Path(cache_dir))
-    click.echo(f"ok: {reader.verify()} samples in {len(reader.manifest['shards'])} shards verified")
+    try:
+        count = reader.verify()
+    except CacheCorruptError as exc:
+        for fault in getattr(exc, "faults", [exc]):
+            click.echo(f"corrupt: {fault}", err=True)
+        raise
+    click.echo(f"ok: {count} samples in {len(reader.manifest['shards'])} shards verified")
+
+
+@cache.command("estimate")
+@click.option("--target", help="Builtin name (qwen3-4b, qwen3-8b, qwen3-14b, qwen3-32b, deepseek-v3, smollm2) "
+                               "or a local HF model dir / config.json.")
+@click.option("--hidden-size", type=int, help="Instead of --target: the target's hidden size H.")
+@click.option("--num-layers", type=int, help="How many feature layers are cached (default: 5, or the target's).")
+@click.option("--layer-ids", help="Comma-separated feature layer ids (default: the target's).")
+@click.option("--num-tokens", type=float, required=True, help="Tokens to cache, e.g. 1.24e9.")
+@click.option("--codec", type=click.Choice(["bf16", "fp8", "raw"]), default="bf16", show_default=True)
+@click.option("--zstd-level", type=int, default=3, show_default=True)
+@click.option("--mask-bytes", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="uint8 masks per token in DeepSpec's raw layout.")
+@click.option("--ratios", type=click.Path(dir_okay=False),
+              help="Measured codec ratios (default: benchmarks/results/cache_codecs.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_friendly_errors
+def cache_estimate(target, hidden_size, num_layers, layer_ids, num_tokens, codec, zstd_level, mask_bytes, ratios,
+                   as_json):
+    """Project a cache's size before building it, next to DeepSpec's uncompressed layout.
+
+    \b
+    Example:
+      dspark cache estimate --target qwen3-4b --num-tokens 1.24e9 --codec fp8
+    """
+    from dspark.cache.estimate import estimate, format_estimate
+
+    try:
+        ids = [int(x) for x in layer_ids.split(",")] if layer_ids else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {layer_ids!r}",
+                                 param_hint="--layer-ids") from None
+    est = estimate(num_tokens=int(num_tokens), target=target, hidden_size=hidden_size, num_layers=num_layers,
+                   layer_ids=ids, codec=codec, zstd_level=zstd_level, mask_bytes=mask_bytes,
+                   ratios_path=Path(ratios) if ratios else None)
+    click.echo(json.dumps(est, indent=2) if as_json else format_estimate(est))
 
 
 @main.command()
@@ -168,12 +216,14 @@ def cache_verify(cache_dir):
 def train(recipe, overrides):
     """Train the drafter on the cache inside a DeepSpeed engine (one process).
 
-    For several processes or nodes use the launcher:
-    deepspeed --num_gpus 2 launcher/train.py --config R
+    With --set train.online=true there is no cache: the target runs in the same job on the prepared
+    conversations and feeds its features straight to the drafter. For several processes or nodes use the
+    launcher: deepspeed --num_gpus 2 launcher/train.py --config R
 
     \b
     Example:
       dspark train -c smollm2_dspark --set train.max_steps=50
+      dspark train -c smollm2_dspark --set train.online=true
     """
     cfg = _load(recipe, overrides)
     _quiet_libraries()
@@ -186,30 +236,52 @@ def train(recipe, overrides):
                f"tensorboard: {result.tensorboard_dir}")
 
 
+def _drafter_specs(specs: tuple[str, ...]) -> dict[str, Path]:
+    """``--drafter [NAME=]DIR`` values as {name: directory}; a bare DIR is named after the directory."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or os.sep in name:
+            name, directory = Path(spec).name or spec, spec
+        if name in out:
+            raise click.BadParameter(f"two drafters named {name!r}: name them with NAME=DIR", param_hint="--drafter")
+        out[name] = Path(directory)
+    return out
+
+
 @main.command("eval")
 @_config_options
-@click.option("--drafter", "drafter_dir", default=None, type=click.Path(file_okay=False),
-              help="Drafter directory (default: <run_dir>/drafter).")
+@click.option("--drafter", "drafter_specs", multiple=True, metavar="[NAME=]DIR",
+              help="Drafter directory to evaluate (repeatable: one report row and plot line each; default: "
+                   "<run_dir>/drafter next to an untrained drafter).")
 @click.option("--dataset", "datasets", multiple=True, metavar="NAME[,NAME...]",
               help="Evaluate on fetched benchmarks instead of the held-out prompts (repeatable or "
                    "comma-separated; see `dspark data fetch-benchmarks`).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help='Evaluate on a jsonl file of {"turns": [...]} or {"prompt": ...} rows (its dataset name is '
+                   "the file stem); combines with --dataset.")
 @_friendly_errors
-def eval_cmd(recipe, overrides, drafter_dir, datasets):
+def eval_cmd(recipe, overrides, drafter_specs, datasets, prompts_file):
     """Speculative decoding of the trained drafter (and an untrained one) against the target.
 
-    Reports tau (accepted length incl. the bonus token) and per-position conditional acceptance.
+    Reports per dataset and temperature: tau (accepted length incl. the bonus token), per-position conditional
+    acceptance, prefix survival, mean proposal length, generated tokens/s, and the confidence head's
+    calibration (ECE, AUROC, Brier) for drafters that have one. Writes <run_dir>/eval/report.json, acceptance
+    and reliability PNGs there, and TensorBoard scalars under <run_dir>/tensorboard.
 
     \b
     Example:
-      dspark eval -c smollm2_dspark --set eval.num_prompts=8
+      dspark eval -c smollm2_dspark --set eval.num_prompts=8 --set eval.batch_size=8
       dspark eval -c smollm2_dspark --dataset gsm8k --dataset humaneval,mt-bench
+      dspark eval -c smollm2_dspark --prompts my_prompts.jsonl --drafter a=runs/a/drafter --drafter runs/b/drafter
     """
     cfg = _load(recipe, overrides)
+    drafters = _drafter_specs(drafter_specs)
     _quiet_libraries()
     from dspark import pipeline
 
-    pipeline.evaluate(cfg, drafter_dir=Path(drafter_dir) if drafter_dir else None,
-                      datasets=list(datasets) if datasets else None)
+    pipeline.evaluate(cfg, drafter_dirs=drafters or None, datasets=list(datasets) if datasets else None,
+                      prompts_file=prompts_file)
     click.echo(f"report: {Path(cfg.run_dir) / 'eval' / 'report.json'}")
 
 
@@ -243,8 +315,9 @@ def data_fetch_benchmarks(names, data_dir, force):
 @main.command()
 @click.argument("drafter_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", default="deepspec", show_default=True, type=click.Choice(["deepspec"]),
-              help="Attach-on layout to write.")
+@click.option("--format", "fmt", default="deepspec", show_default=True,
+              type=click.Choice(sorted(EXPORT_FORMATS)),
+              help="Attach-on layout to write (speculators: vLLM speculators' format).")
 @_friendly_errors
 def export(drafter_dir, out_dir, fmt):
     """Export a trained drafter as a Hugging Face attach-on checkpoint.

@@ -32,6 +32,10 @@ class TargetConfig:
     dtype: str = "float32"
     # Feature layers: id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embedding output.
     layer_ids: list[int]
+    # megatron backend: ranks per tensor-parallel group (must divide heads, KV heads and the world size).
+    tensor_parallel: int = 1
+    # pipeline backend: number of stages the decoder layers are split over (0 = the world size).
+    pipeline_stages: int = 0
 
 
 @dataclass(kw_only=True)
@@ -49,9 +53,12 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class CacheConfig:
-    codec: str = "bf16"  # bf16 (lossless, byte-plane split) | raw
+    codec: str = "bf16"  # bf16 (lossless, byte-plane split) | fp8 (e4m3 + per-token scale, lossy) | raw
     zstd_level: int = 3
     samples_per_shard: int = 64
+    compress_threads: int = 2  # writer threads that encode + zstd while capture continues
+    shuffle_buffer: int = 1024  # reader: samples in the seeded shuffle buffer (shards are shuffled too); 0 = no shuffle
+    skip_corrupt: bool = False  # reader: skip (count and log) corrupt samples instead of raising
 
 
 @dataclass(kw_only=True)
@@ -72,6 +79,11 @@ class DrafterConfig:
     l1_weight: float = 0.9
     bce_weight: float = 1.0
     intermediate_size: int = 0  # 0 = the target's
+    # Eagle3 only: training-time-test steps, their loss weight decay (step s weighs ttt_decay**s), and the
+    # pruned draft vocabulary size (0 = the target's whole vocabulary).
+    ttt_length: int = 7
+    ttt_decay: float = 0.8
+    draft_vocab_size: int = 0
 
 
 @dataclass(kw_only=True)
@@ -80,19 +92,27 @@ class TrainConfig:
     max_steps: int = 0  # 0 = run num_epochs
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
+    # Samples per optimizer step over all ranks; 0 = derived (micro batch x grad accumulation x world size).
+    # When set it must equal that product: a contradiction is refused, never silently resolved.
+    global_batch_size: int = 0
     lr: float = 6e-4
     warmup_ratio: float = 0.04
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (fp16 is refused by DeepSpeed on CPU)
+    zero_stage: int = 0  # 0 | 1 | 2 | 3
+    # Keep the optimizer states (and the fp32 master step) in CPU memory; needs zero_stage >= 1.
+    offload_optimizer: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only: make_ds_config refuses it on CPU)
     seed: int = 0
     log_every: int = 1
     num_threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
     save_every: int = 0  # checkpoint every N optimizer steps; 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept in <run_dir>/checkpoints
     resume: bool = True  # continue from the newest complete checkpoint in <run_dir>/checkpoints
+    # Online mode: host the target in the training job and feed its features straight to the drafter (no cache);
+    # samples come from <run_dir>/data/train.jsonl in the order the cache would give them.
+    online: bool = False
 
 
 @dataclass(kw_only=True)
@@ -105,6 +125,11 @@ class EvalConfig:
     datasets: list[str] = field(default_factory=list)
     # Where fetched benchmarks live; empty = $DSPARK_DATA_DIR or ~/.cache/dspark/benchmarks.
     data_dir: str = ""
+    # Prompts decoded together (one batched target forward per step); results do not depend on it.
+    batch_size: int = 4
+    # > 0: drafting stops at the first slot whose cumulative confidence product falls below this; the report
+    # then shows each confident drafter with and without the cut. 0 = off.
+    confidence_threshold: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -307,22 +332,35 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"target.layer_ids must be strictly increasing, got {ids}")
     if ids[0] < -1:
         raise ConfigError(f"target.layer_ids: -1 (embeddings) is the smallest id, got {ids[0]}")
-    if cfg.target.backend not in ("hf",):
-        raise ConfigError(f"target.backend {cfg.target.backend!r} is not available; expected one of: hf")
+    if cfg.target.backend not in ("hf", "zero3", "pipeline", "megatron"):
+        raise ConfigError(f"target.backend {cfg.target.backend!r} is not available; "
+                          "expected one of: hf, zero3, pipeline, megatron")
     if cfg.target.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"target.dtype must be float32 or bfloat16, got {cfg.target.dtype!r}")
-    if cfg.drafter.algorithm not in ("dspark", "dflash"):
-        raise ConfigError(f"drafter.algorithm {cfg.drafter.algorithm!r} unknown; expected dspark or dflash")
+    if cfg.drafter.algorithm not in ("dspark", "dflash", "eagle3"):
+        raise ConfigError(f"drafter.algorithm {cfg.drafter.algorithm!r} unknown; expected dspark, dflash or eagle3")
+    if cfg.drafter.algorithm == "eagle3" and (cfg.drafter.num_layers != 1 or cfg.drafter.ttt_length < 1
+                                              or not 0 < cfg.drafter.ttt_decay <= 1
+                                              or cfg.drafter.draft_vocab_size < 0):
+        raise ConfigError(f"eagle3 needs drafter.num_layers 1, ttt_length >= 1, 0 < ttt_decay <= 1 and "
+                          f"draft_vocab_size >= 0 (0 = full vocab); got num_layers={cfg.drafter.num_layers}, "
+                          f"ttt_length={cfg.drafter.ttt_length}, ttt_decay={cfg.drafter.ttt_decay}, "
+                          f"draft_vocab_size={cfg.drafter.draft_vocab_size}")
     if cfg.drafter.markov_head_type not in ("vanilla", "rnn", "gated"):
         raise ConfigError(f"drafter.markov_head_type must be vanilla, rnn or gated, got {cfg.drafter.markov_head_type!r}")
     if cfg.drafter.block_size < 1:
         raise ConfigError(f"drafter.block_size must be >= 1, got {cfg.drafter.block_size}")
-    if cfg.train.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision must be fp32 or bf16 (fp16 is refused on CPU), got {cfg.train.precision!r}")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16 (GPU only), got {cfg.train.precision!r}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.train.offload_optimizer and cfg.train.zero_stage < 1:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed ignores it at stage 0)")
     if cfg.train.save_every < 0 or cfg.train.keep_last < 1:
         raise ConfigError(f"train.save_every must be >= 0 and train.keep_last >= 1, got save_every="
                           f"{cfg.train.save_every}, keep_last={cfg.train.keep_last}")
-    if cfg.cache.codec not in ("bf16", "raw"):
-        raise ConfigError(f"cache.codec must be bf16 or raw, got {cfg.cache.codec!r}")
+    if cfg.cache.codec not in ("bf16", "fp8", "raw"):
+        raise ConfigError(f"cache.codec must be bf16, fp8 or raw, got {cfg.cache.codec!r}")
+    if cfg.cache.compress_threads < 1 or cfg.cache.shuffle_buffer < 0:
+        raise ConfigError(f"cache.compress_threads must be >= 1 and cache.shuffle_buffer >= 0, got "
+                          f"{cfg.cache.compress_threads} and {cfg.cache.shuffle_buffer}")

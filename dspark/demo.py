@@ -11,12 +11,13 @@ from dspark.config import RunConfig
 
 def run_demo(cfg: RunConfig) -> dict:
     """prepare -> cache build -> train -> eval -> export, with the target loaded once."""
+    from dspark.distributed import local_device
     from dspark.targets import load_target
 
     paths = pipeline.RunPaths(Path(cfg.run_dir))
     times = pipeline.StageTimes()
     with times.timed("load target"):
-        target = load_target(cfg.target)
+        target = load_target(cfg.target, device=local_device())
     print(f"target: {target.name} ({sum(p.numel() for p in target.model.parameters()) / 1e6:.0f}M parameters), "
           f"feature layers {cfg.target.layer_ids}")
     with times.timed("prepare (regenerate answers)"):
@@ -28,7 +29,9 @@ def run_demo(cfg: RunConfig) -> dict:
     with times.timed("eval"):
         report = pipeline.evaluate(cfg, target=target)
     with times.timed("export"):
-        exported = pipeline.export(paths.drafter, paths.export("deepspec"), "deepspec")
+        # The drafter is exported in the layout it was trained into (Eagle3 has its own; see load_drafter).
+        fmt = "eagle3" if cfg.drafter.algorithm == "eagle3" else "deepspec"
+        exported = pipeline.export(paths.drafter, paths.export(fmt), fmt)
 
     summary = {"stage_seconds": {k: round(v, 1) for k, v in times.seconds.items()},
                "train_steps": result.steps, "final_loss": result.final_loss,

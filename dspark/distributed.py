@@ -59,3 +59,50 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def local_device() -> str:
+    """The device this process computes on: its own GPU (``LOCAL_RANK``) when there are GPUs, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def shutdown() -> None:
+    """Tear the process group down, DeepSpeed's cached subgroups included, so that a later ``init_distributed``
+    in this process starts a fresh world (tests run several trainings in one process). A plain
+    ``torch.distributed.destroy_process_group`` leaves DeepSpeed holding the dead world group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
+def launcher_main(description: str, run) -> int:
+    """The body every DeepSpeed entry script in ``launcher/`` shares: parse ``--config R --set k=v`` (and the
+    ``--local_rank`` the deepspeed launcher adds), load the config (a config error is one line and exit code 2),
+    set up the process group, then ``run(cfg, rank, world)``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="smollm2_dspark", help="recipe file or shipped recipe name")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from dspark.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank, world = init_distributed()
+    run(cfg, rank, world)
+    return 0

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dspark import distributed as dist_utils
 from dspark.config import RunConfig
 
 
@@ -75,7 +76,7 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True) -> dict[str, Pat
     paths = RunPaths(Path(cfg.run_dir))
     prompts = load_prompts(cfg.data.prompts, cfg.data.max_prompts)
     train_prompts, eval_prompts = split_prompts(prompts, cfg.data.num_eval_prompts, cfg.data.seed)
-    target = target or load_target(cfg.target)
+    target = target or load_target(cfg.target, device=dist_utils.local_device())
     conversations = regenerate(
         target, train_prompts, max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.regen_temperature,
         batch_size=cfg.data.regen_batch_size, seed=cfg.data.seed, max_seq_len=cfg.data.max_seq_len,
@@ -88,33 +89,53 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True) -> dict[str, Pat
 
 
 def build_cache(cfg: RunConfig, target=None, progress: bool = True) -> Path:
-    """Capture the target's hidden states for the prepared conversations into the zstd cache."""
+    """Capture the target's hidden states for the prepared conversations into the zstd cache.
+
+    Runs as one process, or on every rank of an initialised process group (``launcher/build_cache.py``):
+    each rank captures a disjoint, fixed slice into its own shards, then rank 0 writes the manifest. The
+    cache is the same, sample for sample and bit for bit, whatever the number of ranks.
+    """
     from dspark.cache.build import build_cache as _build
+    from dspark.cache.writer import finalize_cache
     from dspark.data.regenerate import read_conversations
     from dspark.targets import load_target
 
+    rank, world = dist_utils.rank(), dist_utils.world_size()
     paths = RunPaths(Path(cfg.run_dir))
     if not paths.train_data.is_file():
         raise ValueError(f"no prepared data at {paths.train_data}: run `dspark prepare` with this config first")
     conversations = read_conversations(paths.train_data)
-    target = target or load_target(cfg.target)
-    return _build(target, conversations, paths.cache, cfg.cache, progress=progress)
+    target = target or load_target(cfg.target, device=dist_utils.local_device())
+    _build(target, conversations, paths.cache, cfg.cache, progress=progress and rank == 0, rank=rank,
+           world_size=world, finalize=False)
+    dist_utils.barrier()  # every rank's shards are finished before the manifest lists them
+    if rank == 0:
+        finalize_cache(paths.cache, target.identity())
+    dist_utils.barrier()
+    return paths.cache
 
 
 def train(cfg: RunConfig, progress: bool = True):
-    """Train the drafter on the cache in a DeepSpeed engine (this process; use launcher/train.py for many)."""
+    """Train the drafter in a DeepSpeed engine on the cache, or online on the prepared conversations
+    (``train.online``); this process only, use launcher/train.py for many."""
     from dspark.train.trainer import train as _train
 
-    return _train(cfg, cache_dir=RunPaths(Path(cfg.run_dir)).cache, progress=progress)
+    paths = RunPaths(Path(cfg.run_dir))
+    return _train(cfg, cache_dir=paths.cache, conversations_path=paths.train_data, progress=progress)
 
 
 def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progress: bool = True,
-             datasets: list[str] | None = None) -> dict:
+             datasets: list[str] | None = None, drafter_dirs: dict[str, Path] | None = None,
+             prompts_file: str | None = None) -> dict:
     """Speculative decoding on the held-out prompts: the trained drafter next to an untrained one.
 
-    ``datasets`` (default ``cfg.eval.datasets``) names fetched benchmarks (``dspark.data.benchmarks``) to
-    evaluate on instead, each capped at ``eval.num_prompts``; their report keys are ``"<dataset>/T<temp>"``
-    rather than ``"T<temp>"``.
+    ``drafter_dirs`` ({name: directory}) evaluates exactly those drafters instead (``drafter_dir`` replaces just
+    the trained one). ``datasets`` (default ``cfg.eval.datasets``) names fetched benchmarks
+    (``dspark.data.benchmarks``) and ``prompts_file`` a jsonl of {"turns": [...]} or {"prompt": ...} rows to
+    evaluate on instead of the held-out prompts, each capped at ``eval.num_prompts``; their report keys are
+    ``"<dataset>/T<temp>"`` (a prompt file's dataset is its file stem) rather than ``"T<temp>"``. With
+    ``eval.confidence_threshold`` > 0 every drafter that reports confidences is also run with that cut, as
+    ``"<name>@c<threshold>"``.
     """
     import torch
 
@@ -122,28 +143,50 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
     from dspark.drafters import build_drafter, load_drafter
-    from dspark.eval.plots import plot_acceptance
+    from dspark.eval.metrics import format_calibration_table
+    from dspark.eval.plots import plot_acceptance, plot_reliability
     from dspark.eval.specdec import evaluate as run_eval
     from dspark.eval.specdec import format_table
     from dspark.targets import load_target
     from dspark.train.metrics import MetricsLogger
 
+    ev = cfg.eval
+    if ev.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
+    if not 0.0 <= ev.confidence_threshold < 1.0:
+        raise ValueError(f"eval.confidence_threshold must be in [0, 1) (0 = off), got {ev.confidence_threshold}")
     paths = RunPaths(Path(cfg.run_dir))
-    drafter_dir = Path(drafter_dir) if drafter_dir else paths.drafter
-    if not (drafter_dir / "config.json").is_file():
-        raise ValueError(f"no trained drafter at {drafter_dir}: run `dspark train` with this config first")
-    names = parse_names(cfg.eval.datasets if datasets is None else datasets)
-    if not names and not paths.eval_prompts.is_file():
+    if drafter_dirs is None:
+        drafter_dirs = {"trained": Path(drafter_dir) if drafter_dir else paths.drafter}
+        with_untrained = True
+    else:
+        with_untrained = False
+    if not drafter_dirs:
+        raise ValueError("evaluate needs at least one drafter directory")
+    for name, directory in drafter_dirs.items():
+        if not (Path(directory) / "config.json").is_file():
+            hint = "run `dspark train` with this config first" if name == "trained" and with_untrained else \
+                "expected an exported drafter directory"
+            raise ValueError(f"no trained drafter at {directory} (drafter {name!r}): {hint}")
+    names = parse_names(ev.datasets if datasets is None else datasets)
+    if not names and not prompts_file and not paths.eval_prompts.is_file():
         raise ValueError(f"no held-out prompts at {paths.eval_prompts}: run `dspark prepare` first")
     # Prompt sets are read before the target loads so that a missing benchmark fails fast. "" = held out.
-    prompt_sets = {name: load_benchmark(name, cfg.eval.data_dir or None, cfg.eval.num_prompts) for name in names}
-    if not names:
-        prompt_sets[""] = load_prompts(str(paths.eval_prompts), cfg.eval.num_prompts)
-    target = target or load_target(cfg.target)
-    trained = load_drafter(drafter_dir).eval()
-    torch.manual_seed(cfg.train.seed)  # the same initialisation the trained drafter started from
-    untrained = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
-                              target.lm_head_weight).eval()
+    prompt_sets = {name: load_benchmark(name, ev.data_dir or None, ev.num_prompts) for name in names}
+    if prompts_file:
+        stem = Path(prompts_file).stem
+        if stem in prompt_sets:
+            raise ValueError(f"prompt file {prompts_file} is named like benchmark {stem!r}: rename the file")
+        prompt_sets[stem] = load_prompts(str(prompts_file), ev.num_prompts)
+    if not prompt_sets:
+        prompt_sets[""] = load_prompts(str(paths.eval_prompts), ev.num_prompts)
+    target = target or load_target(cfg.target, device=dist_utils.local_device())
+    device = target.embed_weight.device  # drafters run where the target's logits are
+    drafters = {name: load_drafter(directory).to(device).eval() for name, directory in drafter_dirs.items()}
+    if with_untrained:
+        torch.manual_seed(cfg.train.seed)  # the same initialisation the trained drafter started from
+        drafters["untrained"] = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
+                                              target.lm_head_weight).to(device).eval()
     stop_ids = sorted({i for i in [target.tokenizer.eos_token_id] if i is not None})
 
     results: dict[str, dict] = {}
@@ -151,24 +194,47 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
     logger = MetricsLogger(paths.tensorboard)
     for dataset, prompts in prompt_sets.items():
         prompt_token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
-        for temperature in cfg.eval.temperatures:
+        for temperature in ev.temperatures:
             reports = {}
-            for name, drafter in (("trained", trained), ("untrained", untrained)):
-                reports[name] = run_eval(target, drafter, prompt_token_ids, max_new_tokens=cfg.eval.max_new_tokens,
-                                         temperature=temperature, seed=cfg.eval.seed, stop_ids=stop_ids,
-                                         progress=progress)
+            for name, drafter in drafters.items():
+                kwargs = {"max_new_tokens": ev.max_new_tokens, "temperature": temperature, "seed": ev.seed,
+                          "stop_ids": stop_ids, "progress": progress, "batch_size": ev.batch_size}
+                reports[name] = run_eval(target, drafter, prompt_token_ids, **kwargs)
+                if ev.confidence_threshold > 0 and reports[name].calibration is not None:
+                    reports[f"{name}@c{ev.confidence_threshold:g}"] = run_eval(
+                        target, drafter, prompt_token_ids, confidence_threshold=ev.confidence_threshold, **kwargs)
             tag = f"T{temperature:g}"
             key, file_tag = (f"{dataset}/{tag}", f"{dataset}_{tag}") if dataset else (tag, tag)
             print(f"\nspeculative decoding on {len(prompts)} {dataset or 'held-out'} prompts, "
                   f"temperature {temperature:g}")
             print(format_table(reports))
             plot_acceptance(reports, paths.eval_dir / f"acceptance_{file_tag}.png")
+            if any(r.calibration is not None for r in reports.values()):
+                print("\nconfidence head calibration (slot c_k vs acceptance; s. = cumulative product vs survival)")
+                print(format_calibration_table(reports))
+                plot_reliability(reports, paths.eval_dir / f"reliability_{file_tag}.png")
             results[key] = {name: r.to_dict() for name, r in reports.items()}
             for name, r in reports.items():
-                logger.log(0, {f"eval_{file_tag}/{name}/tau": r.tau})
+                _log_eval_report(logger, f"eval_{file_tag}/{name}", r)
     logger.close()
     (paths.eval_dir / "report.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _log_eval_report(logger, prefix: str, report) -> None:
+    """TensorBoard scalars of one report: summary numbers at step 0, per-position curves with step = k."""
+    import math
+
+    scalars = {"tau": report.tau, "mean_proposal_len": report.mean_proposal_len,
+               "tokens_per_s": report.tokens_per_s}
+    if report.calibration is not None:
+        c = report.calibration
+        scalars.update({"conf_ece": c.ece, "conf_auroc": c.auroc, "conf_brier": c.brier,
+                        "conf_survival_ece": c.survival_ece})
+    logger.log(0, {f"{prefix}/{k}": v for k, v in scalars.items() if not math.isnan(v)})
+    for k, (acc, surv) in enumerate(zip(report.acceptance_K, report.survival_K), start=1):
+        logger.log(k, {f"{prefix}/{name}": v for name, v in (("acceptance", acc), ("survival", surv))
+                       if not math.isnan(v)})
 
 
 def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec") -> Path:
@@ -179,4 +245,22 @@ def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec") -> Path:
     if not (Path(drafter_dir) / "config.json").is_file():
         raise ValueError(f"{drafter_dir} holds no trained drafter (config.json missing)")
     drafter = load_drafter(drafter_dir)
-    return export_drafter(drafter, out_dir, fmt)
+    return export_drafter(drafter, out_dir, fmt, target_config=_run_target_config(Path(drafter_dir)))
+
+
+def _run_target_config(drafter_dir: Path):
+    """The verifier's HF config for a drafter inside a run directory (``<run>/drafter``), named by the run's
+    ``target.name_or_path`` so formats that record their verifier (speculators) can; None outside a run."""
+    from transformers import AutoConfig
+
+    from dspark.config import config_from_dict
+    from dspark.targets.hf import resolve_target_source
+
+    run_config = drafter_dir.parent / "config.json"
+    if not run_config.is_file():
+        return None
+    cfg = config_from_dict(json.loads(run_config.read_text()))
+    source, gguf_file, _ = resolve_target_source(cfg.target.name_or_path)
+    config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    config._name_or_path = cfg.target.name_or_path
+    return config

@@ -71,3 +71,23 @@ def tiny_demo_run(tmp_path_factory, tiny_llama_dir) -> tuple[Path, str]:
                     "--set", f"target.name_or_path={tiny_llama_dir}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, proc.stdout
+
+
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def single_process_world():
+    """For modules that call ``train()`` in this process: it sets up a one-process world through the environment.
+    Undo it afterwards (through DeepSpeed, which otherwise keeps the dead group), else later tests' subprocesses
+    inherit RANK/MASTER_PORT and a later in-process run finds a stale group."""
+    from dspark.distributed import shutdown
+
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,7 +1,8 @@
 """The training loop: one function over a step function, the same for every drafter algorithm.
 
 The drafter supplies its loss (``Drafter.forward_loss``); the trainer only normalises it globally, steps the
-DeepSpeed engine, and logs. Features come from the cache; the trainer never knows which algorithm it trains.
+DeepSpeed engine, and logs. Samples come from a ``SampleSource`` (``dspark.train.sources``): the cache, or the
+target running in this job (``train.online``); the trainer never knows which, nor which algorithm it trains.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dspark import distributed as dist_utils
 from dspark.config import RunConfig
 from dspark.train import checkpoint
 from dspark.train.metrics import MetricsLogger, peak_rss_gb, tau_estimate
+from dspark.train.sources import open_source
 
 
 class NonFiniteLossError(ValueError, FloatingPointError):
@@ -34,18 +36,7 @@ class TrainResult:
     tensorboard_dir: Path
 
 
-def frozen_target_parts(cfg: RunConfig):
-    """(HF config, identity, embedding, LM head) of the target: what a drafter reuses and a cache must match."""
-    from dspark.targets import load_target
-
-    target = load_target(cfg.target)
-    parts = (target.config, target.identity(), target.embed_weight.detach().clone(),
-             target.lm_head_weight.detach().clone())
-    del target
-    return parts
-
-
-def _micro_batches(reader, cfg: RunConfig, epoch: int, rank: int, world: int, per_rank: int, skip_micro: int = 0):
+def _micro_batches(source, cfg: RunConfig, epoch: int, rank: int, world: int, per_rank: int, skip_micro: int = 0):
     """Yield collated micro batches of this rank's slice, after the first ``skip_micro`` (resuming mid-epoch);
     every rank yields the same count (else DeepSpeed hangs)."""
     from dspark.data.collate import collate
@@ -53,7 +44,7 @@ def _micro_batches(reader, cfg: RunConfig, epoch: int, rank: int, world: int, pe
     mbs = cfg.train.micro_batch_size
     start = skip_micro * mbs
     chunk: list[dict] = []
-    samples = reader.iter_samples(seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world, start=start)
+    samples = source.iter_samples(seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world, start=start)
     for i, sample in enumerate(samples, start=start):
         if i >= per_rank:
             break
@@ -72,15 +63,18 @@ def _plan_steps(num_samples: int, cfg: RunConfig, world: int) -> tuple[int, int,
         total = min(total, cfg.train.max_steps) if total else cfg.train.max_steps
     if steps_per_epoch == 0:
         raise ValueError(
-            f"cache has {num_samples} samples: too few for micro batch {cfg.train.micro_batch_size} x grad "
+            f"the training data has {num_samples} samples: too few for micro batch {cfg.train.micro_batch_size} x grad "
             f"accumulation {cfg.train.grad_accum_steps} x world size {world}"
         )
     return per_rank, steps_per_epoch, total
 
 
-def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = True,
-          stop_after_steps: int | None = None) -> TrainResult:
+def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: Path | None = None,
+          progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
     """Train ``cfg.drafter`` on the cache at ``cache_dir`` (default ``<run_dir>/cache``) inside DeepSpeed.
+
+    With ``train.online`` there is no cache: the target runs in this process on the conversations at
+    ``conversations_path`` (default ``<run_dir>/data/train.jsonl``) and its features go straight to the drafter.
 
     Checkpoints go to ``<run_dir>/checkpoints`` every ``train.save_every`` steps and at the end; with
     ``train.resume`` the newest complete one is loaded first and the run continues exactly where it stopped.
@@ -90,32 +84,35 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
     import deepspeed
     from tqdm import tqdm
 
-    from dspark.cache import CacheReader
     from dspark.drafters import build_drafter
     from dspark.export.deepspec import export_deepspec
 
     rank, world = dist_utils.init_distributed()
     run_dir = Path(cfg.run_dir)
-    cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache"
-    if not (cache_dir / "manifest.json").is_file():
-        raise ValueError(f"no hidden-state cache at {cache_dir} (manifest.json missing): run `dspark cache build` first")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if rank == 0:
         cfg.save(run_dir / "config.json")
 
-    hf_config, identity, embed_VH, lm_head_VH = frozen_target_parts(cfg)
-    reader = CacheReader(cache_dir, expected=identity)
-    per_rank, steps_per_epoch, total_steps = _plan_steps(len(reader), cfg, world)
+    cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache"
+    conversations_path = Path(conversations_path) if conversations_path else run_dir / "data" / "train.jsonl"
+    source, frozen = open_source(cfg, cache_dir=cache_dir, conversations_path=conversations_path,
+                                 device=dist_utils.local_device())
+    hf_config = frozen.hf_config
+    per_rank, _, total_steps = _plan_steps(len(source), cfg, world)
 
     torch.manual_seed(cfg.train.seed)
-    drafter = build_drafter(cfg.drafter, hf_config, cfg.target.layer_ids, embed_VH, lm_head_VH)
+    drafter = build_drafter(cfg.drafter, hf_config, cfg.target.layer_ids, frozen.embed_VH, frozen.lm_head_VH)
+    if getattr(drafter, "needs_token_counts", False):  # a pruned draft vocab (Eagle3): the most frequent tokens
+        from dspark.data.regenerate import read_conversations
+
+        drafter.fit_draft_vocab(read_conversations(conversations_path))
     from dspark.train.ds_config import make_ds_config
 
     ds_config = make_ds_config(cfg.train, world_size=world, total_steps=total_steps)
     engine, _, _, _ = deepspeed.initialize(model=drafter, model_parameters=drafter.trainable_parameters(),
                                            config=ds_config)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
     # Anchor sampling differs per rank (different data) but is reproducible for a given (seed, rank).
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
@@ -148,14 +145,15 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
         for epoch in range(position.epoch, num_epochs):
             if epoch != position.epoch:
                 position.epoch, position.micro_in_epoch = epoch, 0
-            batches = _micro_batches(reader, cfg, epoch, rank, world, per_rank, skip_micro=position.micro_in_epoch)
+            batches = _micro_batches(source, cfg, epoch, rank, world, per_rank, skip_micro=position.micro_in_epoch)
             while position.step < stop_at:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
                 window["wait"] += time.perf_counter() - t0
                 if batch is None:
                     break
-                batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+                batch = {k: v.to(engine.device, dtype if v.is_floating_point() else v.dtype)
+                         for k, v in batch.items()}
                 loss, stats = _train_micro_step(engine, batch, generator, world, position.step)
                 micro += 1
                 position.micro_in_epoch += 1
@@ -196,7 +194,8 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, progress: bool = Tru
         save_now()
     drafter_dir = run_dir / "drafter"
     if position.step >= total_steps:
-        _save_final_drafter(engine, hf_config, drafter_dir, rank, export_deepspec)
+        # A drafter the deepspec layout cannot hold names its own exporter (Eagle3: the eagle3 layout).
+        _save_final_drafter(engine, hf_config, drafter_dir, rank, getattr(drafter, "export_native", export_deepspec))
     dist_utils.barrier()
     return TrainResult(steps=position.step, final_loss=last_loss,
                        tokens_per_s=tokens_seen * world / max(wall, 1e-9), wall_s=wall, drafter_dir=drafter_dir,

@@ -14,26 +14,7 @@ from dspark.train import checkpoint
 from dspark.train.trainer import NonFiniteLossError, train
 
 STEPS = 6  # of the 10 steps an epoch of the tiny cache has (20 conversations / micro batch 2)
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_process_world():
-    """train() sets up a one-process world through the environment; undo it afterwards, else later tests'
-    subprocesses inherit RANK/MASTER_PORT and try to listen on the port this process still holds."""
-    import os
-
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+pytestmark = pytest.mark.usefixtures("single_process_world")
 
 
 def _cfg(run_dir: Path, tiny_llama_dir: Path, *extra: str):
