@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per dataset")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per prompt")
     parser.add_argument("--temperatures", default="1,0")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (results do not change)")
     parser.add_argument("--run-root", default="runs/table1")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides, all runs")
     parser.add_argument("--out", default="benchmarks/results/table1.json")
@@ -114,7 +115,8 @@ def main() -> None:
             for name, drafter in drafters.items():
                 start = time.perf_counter()
                 reports[name] = evaluate(target, drafter, token_ids, max_new_tokens=args.tokens,
-                                         temperature=temperature, seed=shared_cfg.eval.seed, stop_ids=stop_ids)
+                                         temperature=temperature, seed=shared_cfg.eval.seed, stop_ids=stop_ids,
+                                         batch_size=args.batch_size)
                 seconds[f"eval {name} {dataset} T{temperature:g}"] = time.perf_counter() - start
                 print(f"{dataset:<10} T={temperature:g} {name:<20} tau {reports[name].tau:.3f}", flush=True)
             key = f"{dataset}/T{temperature:g}"
