@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (results do not change)")
     parser.add_argument("--run-root", default="runs/table1")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides, all runs")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the untrained DSpark baseline")
     parser.add_argument("--out", default="benchmarks/results/table1.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,7 +101,7 @@ def main() -> None:
             train_info[algorithm] = {"steps": result.steps, "final_loss": result.final_loss,
                                      "block_tokens_per_s": result.tokens_per_s}
         drafters[algorithm] = load_drafter(paths.drafter).eval()
-        if algorithm == "dspark":
+        if algorithm == "dspark" and not args.no_baseline:
             torch.manual_seed(cfg.train.seed)  # the initialisation the trained DSpark drafter started from
             drafters["dspark (untrained)"] = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids,
                                                            target.embed_weight, target.lm_head_weight).eval()
