@@ -113,6 +113,11 @@ class TrainConfig:
     # Online mode: host the target in the training job and feed its features straight to the drafter (no cache);
     # samples come from <run_dir>/data/train.jsonl in the order the cache would give them.
     online: bool = False
+    # Every N optimizer steps (not at step 0) decode eval.num_prompts held-out prompts with the current drafter
+    # and log eval/tau_T<t>, eval/acceptance@k_T<t>, eval/mean_proposal_len_T<t>; 0 = off. Reuses the hosted
+    # target online; otherwise rank 0 loads the target itself, so it needs one a single process can host
+    # (target.backend=hf).
+    eval_every: int = 0
 
 
 @dataclass(kw_only=True)
@@ -359,6 +364,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.save_every < 0 or cfg.train.keep_last < 1:
         raise ConfigError(f"train.save_every must be >= 0 and train.keep_last >= 1, got save_every="
                           f"{cfg.train.save_every}, keep_last={cfg.train.keep_last}")
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0 (0 = off), got {cfg.train.eval_every}")
     if cfg.cache.codec not in ("bf16", "fp8", "raw"):
         raise ConfigError(f"cache.codec must be bf16, fp8 or raw, got {cfg.cache.codec!r}")
     if cfg.cache.compress_threads < 1 or cfg.cache.shuffle_buffer < 0:
