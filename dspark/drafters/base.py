@@ -23,6 +23,16 @@ import torch
 from torch import nn
 
 
+BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "features_BTLH", "final_BTH")
+
+
+def check_training_batch(batch: dict[str, torch.Tensor]) -> None:
+    """Refuse a training batch that lacks a field, naming what is missing and what is expected."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"training batch lacks {', '.join(missing)}; expected keys {', '.join(BATCH_KEYS)}")
+
+
 @dataclass
 class LossOutput:
     numerator: torch.Tensor  # scalar, differentiable: sum over valid slots of w_k * (combined loss terms)

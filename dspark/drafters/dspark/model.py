@@ -26,13 +26,12 @@ from torch import nn
 
 from dspark.config import DrafterConfig
 from dspark.drafters.anchors import block_labels, position_weights, sample_anchors
-from dspark.drafters.base import Drafter, LossOutput, Proposal
+from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch
 from dspark.drafters.common import DraftDecoderLayer, RMSNorm, RotaryEmbedding, config_get, rope_theta_from_config
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
 
 ALGORITHMS = ("dspark", "dflash")
-BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "features_BTLH", "final_BTH")
 # Version of the "dspark" section of the exported config.json; readers refuse newer versions.
 DSPARK_SECTION_VERSION = 1
 LAYER_SEMANTICS = "id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embeddings"
@@ -203,15 +202,9 @@ class DSparkDrafter(Drafter):
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
-        """The DeepSpeed engine calls the module: training forward = ``forward_loss``."""
-        return self.forward_loss(batch, generator)
-
     def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
         """Sample anchors, run every block at once, and return the weighted loss sums (DESIGN section 4)."""
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise ValueError(f"training batch lacks {', '.join(missing)}; expected keys {', '.join(BATCH_KEYS)}")
+        check_training_batch(batch)
         ids_BT, mask_BT = batch["input_ids_BT"], batch["loss_mask_BT"].bool()
         K = self.block_size
         anchor_pos_BA, anchor_valid_BA = sample_anchors(mask_BT, self.cfg.num_anchors, generator)

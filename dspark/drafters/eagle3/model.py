@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.config import DrafterConfig
-from dspark.drafters.base import Drafter, LossOutput, Proposal
+from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch
 from dspark.drafters.common import (
     RMSNorm,
     RotaryEmbedding,
@@ -46,7 +46,6 @@ from dspark.drafters.eagle3.vocab import (
     draft_to_target_ids,
 )
 
-BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "features_BTLH", "final_BTH")
 # Version of the "dspark" section of the exported config.json; readers refuse newer versions.
 EAGLE3_SECTION_VERSION = 1
 LAYER_SEMANTICS = "id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embeddings"
@@ -232,14 +231,9 @@ class Eagle3Drafter(Drafter):
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
-        return self.forward_loss(batch, generator)
-
     def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
         """Every supervised position at every TTT step (no sampling: ``generator`` is unused)."""
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise ValueError(f"training batch lacks {', '.join(missing)}; expected keys {', '.join(BATCH_KEYS)}")
+        check_training_batch(batch)
         if self.target_lm_head is None:
             raise ValueError("this Eagle3 drafter holds only the pruned draft LM head (loaded from an export); "
                              "training needs the target's full LM head: build it with build_drafter")
