@@ -5,6 +5,7 @@ Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, N new token
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -204,22 +205,32 @@ class HFTarget(TargetBackend):
 
 
 class HFDecodeSession(DecodeSession):
-    def __init__(self, target: HFTarget):
+    """Incremental decoding with transformers' KV cache. Backends that wrap a transformers model (zero3) reuse it
+    and override ``_device`` and ``_forward_context`` (where the parameters must be gathered for a forward)."""
+
+    def __init__(self, target):
         from transformers import DynamicCache
 
         self.target = target
         self.cache = DynamicCache(config=target.model.config)
         self.length = 0
 
+    def _device(self) -> torch.device:
+        return self.target.model.device
+
+    def _forward_context(self):
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.target.model
-        ids_1N = ids_N.view(1, -1).to(model.device)
-        positions = torch.arange(self.length, self.length + ids_1N.shape[1], device=model.device).view(1, -1)
-        out = model.model(input_ids=ids_1N, position_ids=positions, cache=self.cache, use_cache=True,
-                          output_hidden_states=True)
+        model, device = self.target.model, self._device()
+        ids_1N = ids_N.view(1, -1).to(device)
+        positions = torch.arange(self.length, self.length + ids_1N.shape[1], device=device).view(1, -1)
+        with self._forward_context():
+            out = model.base_model(input_ids=ids_1N, position_ids=positions, cache=self.cache, use_cache=True,
+                                   output_hidden_states=True)
+            logits_NV = model.get_output_embeddings()(out.last_hidden_state[0]).float()
         self.length += ids_1N.shape[1]
-        logits_NV = model.lm_head(out.last_hidden_state[0]).float()
         return logits_NV, self.target._select(out.hidden_states)[0]
 
     def truncate(self, length: int) -> None:

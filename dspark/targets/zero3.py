@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dspark.targets.base import DecodeSession, TargetBackend, TargetFeatures, TargetIdentity
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity
 from dspark.targets.families import require_family
+from dspark.targets.hf import HFDecodeSession
 from dspark.targets.weights import WeightIndex
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -312,36 +313,18 @@ class ZeRO3Target(TargetBackend):
         return outputs
 
 
-class ZeRO3DecodeSession(DecodeSession):
+class ZeRO3DecodeSession(HFDecodeSession):
     """Incremental decoding with transformers' KV cache over the layer-gathered model.
 
     Lockstep only: each ``extend`` is a collective forward, so every rank must call ``extend`` the same number
     of times (a rank with nothing to decode can feed a dummy token into a session of its own).
     """
 
-    def __init__(self, target: ZeRO3Target):
-        from transformers import DynamicCache
+    def _device(self) -> torch.device:
+        return self.target.device
 
-        self.target = target
-        self.cache = DynamicCache(config=target.model.config)
-        self.length = 0
-
-    @torch.no_grad()
-    def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = self.target
-        ids_1N = ids_N.view(1, -1).to(target.device)
-        positions = torch.arange(self.length, self.length + ids_1N.shape[1], device=target.device).view(1, -1)
-        with target._gather.call():
-            out = target.model.base_model(input_ids=ids_1N, position_ids=positions, cache=self.cache,
-                                          use_cache=True, output_hidden_states=True)
-            logits_NV = target.model.get_output_embeddings()(out.last_hidden_state[0]).float()
-        self.length += ids_1N.shape[1]
-        return logits_NV, target._select(out.hidden_states)[0]
-
-    def truncate(self, length: int) -> None:
-        if length < self.length:
-            self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
-            self.length = length
+    def _forward_context(self):
+        return self.target._gather.call()
 
 
 def build_partitioned(hf_config, dtype: torch.dtype) -> nn.Module:
