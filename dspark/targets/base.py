@@ -64,6 +64,22 @@ class TargetBackend(abc.ABC):
     # number of times, so a rank with nothing left to capture still takes part with a dummy batch.
     collective: bool = False
 
+    def decode_group(self) -> tuple[int, int]:
+        """``(index, count)`` of the groups of ranks that decode together.
+
+        The ranks of one group call ``decode_session`` methods with the same sequences in lockstep (a tensor- or
+        pipeline-parallel group, or the whole world for zero3); different groups decode different prompts
+        independently, so ``dspark eval`` splits its prompts over the groups. Default: every rank on its own.
+        """
+        from dspark import distributed
+
+        return distributed.rank(), distributed.world_size()
+
+    def generate_group(self) -> tuple[int, int]:
+        """``(index, count)`` of the groups that share one ``generate`` call (same prompts on every member);
+        ``dspark prepare`` splits the prompts over the groups. Default: as ``decode_group``."""
+        return self.decode_group()
+
     @abc.abstractmethod
     def features(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> TargetFeatures:
         """Hidden states of ``layer_ids`` and the final hidden state for a (right-padded) batch."""

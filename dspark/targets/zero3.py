@@ -266,6 +266,16 @@ class ZeRO3Target(TargetBackend):
         """Bytes of parameter partitions this rank holds (padding included; buffers excluded)."""
         return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.model.parameters())
 
+    def decode_group(self) -> tuple[int, int]:
+        """Every forward gathers each layer from all ranks, so the whole world decodes one set of sequences."""
+        return 0, 1
+
+    def generate_group(self) -> tuple[int, int]:
+        """``generate`` keeps ranks with different prompts stepping together, so every rank takes its own."""
+        from dspark import distributed
+
+        return distributed.rank(), distributed.world_size()
+
     def decode_session(self) -> ZeRO3DecodeSession:
         return ZeRO3DecodeSession(self)
 

@@ -182,6 +182,10 @@ class MegatronTarget(TargetBackend):
         rows = sum(int(s[0]) for s in shapes[: parallel.tp_rank()])
         return both[..., 0], both[..., 1], rows
 
+    def decode_group(self) -> tuple[int, int]:
+        """One tensor-parallel group decodes together; the data-parallel groups take different prompts."""
+        return parallel.dp_rank(), parallel.dp_size()
+
     def decode_session(self) -> MegatronDecodeSession:
         return MegatronDecodeSession(self)
 

@@ -48,6 +48,15 @@ def tp_rank() -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 
 
+def dp_rank() -> int:
+    """Index of this rank's tensor-parallel group among the world's (megatron's data-parallel rank)."""
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return parallel_state.get_data_parallel_world_size()
+
+
 def tp_src_rank() -> int:
     """Global rank of the first member of this rank's tensor-parallel group."""
     return parallel_state.get_tensor_model_parallel_src_rank()
