@@ -29,6 +29,8 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # object collectives (all_gather_object) run on the current device: make it ours
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
@@ -52,6 +54,53 @@ def all_reduce_sum(tensor):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _control_device():
+    """Where small control tensors go for the default group's backend: nccl reduces CUDA tensors only."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_ints(values: list[int], op: str = "sum") -> list[int]:
+    """Reduce a few integers over ranks (``op``: sum, min or max); unchanged in a single process.
+
+    For decisions every rank must take together (the end of an epoch, a stop), whatever the backend.
+    """
+    import torch
+    import torch.distributed as dist
+
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"all_reduce_ints: op must be one of {sorted(ops)}, got {op!r}")
+    values = [int(v) for v in values]
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    tensor = torch.tensor(values, dtype=torch.int64, device=_control_device())
+    dist.all_reduce(tensor, op=ops[op])
+    return tensor.tolist()
+
+
+def all_gather_ints(value: int) -> list[int]:
+    """Every rank's ``value``, in rank order (``[value]`` in a single process)."""
+    one_hot = [0] * world_size()
+    one_hot[rank()] = int(value)
+    return all_reduce_ints(one_hot)
 
 
 def barrier() -> None:
@@ -82,17 +131,20 @@ def shutdown() -> None:
         deepspeed.comm.destroy_process_group()
 
 
-def launcher_main(description: str, run) -> int:
+def launcher_main(description: str, run, add_arguments=None) -> int:
     """The body every DeepSpeed entry script in ``launcher/`` shares: parse ``--config R --set k=v`` (and the
-    ``--local_rank`` the deepspeed launcher adds), load the config (a config error is one line and exit code 2),
-    set up the process group, then ``run(cfg, rank, world)``."""
+    ``--local_rank`` the deepspeed launcher adds, plus the script's own options from ``add_arguments(parser)``),
+    load the config (a config error is one line and exit code 2), set up the process group, then
+    ``run(cfg, rank, world, args)``."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smollm2_dspark", help="recipe file or shipped recipe name")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -104,5 +156,5 @@ def launcher_main(description: str, run) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rank, world = init_distributed()
-    run(cfg, rank, world)
+    run(cfg, rank, world, args)
     return 0

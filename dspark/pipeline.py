@@ -68,7 +68,12 @@ class StageTimes:
 
 
 def prepare(cfg: RunConfig, target=None, progress: bool = True) -> dict[str, Path]:
-    """Regenerate answers to the training prompts with the target; hold out evaluation prompts."""
+    """Regenerate answers to the training prompts with the target; hold out evaluation prompts.
+
+    Runs as one process, or on every rank of an initialised process group (``launcher/prepare.py``): the
+    prompts are split over the target's generate groups (``TargetBackend.generate_group``), the rows gathered,
+    and rank 0 writes the files. Greedy regeneration gives the same files whatever the number of ranks.
+    """
     from dspark.data.prompts import load_prompts, split_prompts
     from dspark.data.regenerate import regenerate, write_jsonl
     from dspark.targets import load_target
@@ -80,12 +85,28 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True) -> dict[str, Pat
     conversations = regenerate(
         target, train_prompts, max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.regen_temperature,
         batch_size=cfg.data.regen_batch_size, seed=cfg.data.seed, max_seq_len=cfg.data.max_seq_len,
-        progress=progress,
+        progress=progress and dist_utils.rank() == 0, group=target.generate_group(),
     )
-    write_jsonl(paths.train_data, conversations)
-    write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])
-    cfg.save(paths.root / "config.json")
+    if dist_utils.world_size() > 1:
+        conversations = _gather_rows(conversations)
+    if dist_utils.rank() == 0:
+        write_jsonl(paths.train_data, conversations)
+        write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])
+        cfg.save(paths.root / "config.json")
+    dist_utils.barrier()
     return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
+
+
+def _gather_rows(rows: list[dict]) -> list[dict]:
+    """Every rank's conversation rows, by id; the ranks of one generate group hold copies that must agree."""
+    merged: dict[str, dict] = {}
+    for rank, theirs in enumerate(dist_utils.all_gather_objects(rows)):
+        for row in theirs:
+            seen = merged.setdefault(row["id"], row)
+            if seen["input_ids"] != row["input_ids"]:
+                raise RuntimeError(f"conversation {row['id']}: rank {rank} generated different tokens than another "
+                                   f"rank of its generate group; the group fell out of lockstep")
+    return [merged[key] for key in sorted(merged, key=lambda k: (len(k), k))]  # p00009 < p00010 < p100000
 
 
 def build_cache(cfg: RunConfig, target=None, progress: bool = True) -> Path:
@@ -143,10 +164,7 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
     from dspark.drafters import build_drafter, load_drafter
-    from dspark.eval.metrics import format_calibration_table
-    from dspark.eval.plots import plot_acceptance, plot_reliability
     from dspark.eval.specdec import evaluate as run_eval
-    from dspark.eval.specdec import format_table
     from dspark.targets import load_target
     from dspark.train.metrics import MetricsLogger
 
@@ -189,9 +207,14 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
                                               target.lm_head_weight).to(device).eval()
     stop_ids = sorted({i for i in [target.tokenizer.eos_token_id] if i is not None})
 
+    # In a process group every rank runs the same loop (decoding is split by target.decode_group() inside
+    # run_eval and gathered back, so every rank holds every report); rank 0 alone prints and writes.
+    writer = dist_utils.rank() == 0
+    progress = progress and writer
     results: dict[str, dict] = {}
-    paths.eval_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(paths.tensorboard)
+    if writer:
+        paths.eval_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricsLogger(paths.tensorboard)
     for dataset, prompts in prompt_sets.items():
         prompt_token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
         for temperature in ev.temperatures:
@@ -205,20 +228,32 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
                         target, drafter, prompt_token_ids, confidence_threshold=ev.confidence_threshold, **kwargs)
             tag = f"T{temperature:g}"
             key, file_tag = (f"{dataset}/{tag}", f"{dataset}_{tag}") if dataset else (tag, tag)
-            print(f"\nspeculative decoding on {len(prompts)} {dataset or 'held-out'} prompts, "
-                  f"temperature {temperature:g}")
-            print(format_table(reports))
-            plot_acceptance(reports, paths.eval_dir / f"acceptance_{file_tag}.png")
-            if any(r.calibration is not None for r in reports.values()):
-                print("\nconfidence head calibration (slot c_k vs acceptance; s. = cumulative product vs survival)")
-                print(format_calibration_table(reports))
-                plot_reliability(reports, paths.eval_dir / f"reliability_{file_tag}.png")
             results[key] = {name: r.to_dict() for name, r in reports.items()}
-            for name, r in reports.items():
-                _log_eval_report(logger, f"eval_{file_tag}/{name}", r)
-    logger.close()
-    (paths.eval_dir / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+            if writer:
+                _write_eval_reports(reports, logger, paths.eval_dir, len(prompts), dataset, temperature, file_tag)
+    if writer:
+        logger.close()
+        (paths.eval_dir / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+    dist_utils.barrier()
     return results
+
+
+def _write_eval_reports(reports: dict, logger, eval_dir: Path, num_prompts: int, dataset: str, temperature: float,
+                        file_tag: str) -> None:
+    """Print the tables of one (dataset, temperature) cell, plot it and log it to TensorBoard."""
+    from dspark.eval.metrics import format_calibration_table
+    from dspark.eval.plots import plot_acceptance, plot_reliability
+    from dspark.eval.specdec import format_table
+
+    print(f"\nspeculative decoding on {num_prompts} {dataset or 'held-out'} prompts, temperature {temperature:g}")
+    print(format_table(reports))
+    plot_acceptance(reports, eval_dir / f"acceptance_{file_tag}.png")
+    if any(r.calibration is not None for r in reports.values()):
+        print("\nconfidence head calibration (slot c_k vs acceptance; s. = cumulative product vs survival)")
+        print(format_calibration_table(reports))
+        plot_reliability(reports, eval_dir / f"reliability_{file_tag}.png")
+    for name, r in reports.items():
+        _log_eval_report(logger, f"eval_{file_tag}/{name}", r)
 
 
 def _log_eval_report(logger, prefix: str, report) -> None:
@@ -264,3 +299,137 @@ def _run_target_config(drafter_dir: Path):
     config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     config._name_or_path = cfg.target.name_or_path
     return config
+
+
+def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progress: bool = True,
+              datasets: list[str] | None = None, prompts_file: str | None = None,
+              scheduler_sps: str | None = None) -> dict:
+    """Sequential Temperature Scaling of the trained drafter's confidence head (``dspark.eval.sts``).
+
+    Real speculative decoding (``eval.*`` settings, full proposals, no confidence cut) at
+    ``eval.calibration_temperature`` over the held-out prompts, or the ``datasets`` / ``prompts_file`` prompts as
+    in ``evaluate`` (pooled). The prompts are split in two halves (shuffled with ``eval.seed``): the temperatures
+    are fitted on the first half's rounds, the ECE of the cumulative confidence product before / after is
+    measured on the second's. Writes ``<drafter>/calibration.json``, which ``load_drafter`` applies from then on
+    (an existing one is ignored while decoding and replaced). With ``scheduler_sps`` (an SPS table, see
+    ``tools/profile_sps.py``) also replays the held-out rounds through the prefix scheduler
+    (``dspark.eval.scheduler.simulate``, ``eval.batch_size`` requests per step) with calibrated confidences.
+    """
+    import random
+
+    import torch
+
+    from dspark.data.benchmarks import load_benchmark, parse_names
+    from dspark.data.chat import prompt_ids
+    from dspark.data.prompts import load_prompts
+    from dspark.drafters import load_drafter
+    from dspark.eval import sts
+    from dspark.eval.calibration import CalibrationReport
+    from dspark.eval.scheduler import SPSTable
+    from dspark.eval.specdec import prompt_seed, speculative_generate_batch
+    from dspark.targets import load_target
+
+    ev = cfg.eval
+    grid = sts.temperature_grid(ev.sts_min_temperature, ev.sts_max_temperature, ev.sts_step)
+    if not ev.calibration_temperature >= 0:
+        raise ValueError(f"eval.calibration_temperature must be >= 0 (0 = greedy), got {ev.calibration_temperature}")
+    paths = RunPaths(Path(cfg.run_dir))
+    drafter_dir = Path(drafter_dir) if drafter_dir else paths.drafter
+    if not (drafter_dir / "config.json").is_file():
+        raise ValueError(f"no trained drafter at {drafter_dir}: run `dspark train` with this config first")
+    sps = SPSTable.load(scheduler_sps) if scheduler_sps else None  # a bad table fails before decoding
+    names = parse_names(ev.datasets if datasets is None else datasets)
+    prompts = [p for name in names for p in load_benchmark(name, ev.data_dir or None, ev.num_prompts)]
+    if prompts_file:
+        prompts += load_prompts(str(prompts_file), ev.num_prompts)
+    if not names and not prompts_file:
+        if not paths.eval_prompts.is_file():
+            raise ValueError(f"no held-out prompts at {paths.eval_prompts}: run `dspark prepare` first")
+        prompts = load_prompts(str(paths.eval_prompts), ev.num_prompts)
+    if len(prompts) < 2:
+        raise ValueError(f"calibrate needs at least 2 prompts (one half to fit, one held out), got {len(prompts)}; "
+                         "raise eval.num_prompts or pass more prompts")
+
+    drafter = load_drafter(drafter_dir, apply_calibration=False)  # the raw head: STS inverts its sigmoid
+    if getattr(drafter, "confidence_head", None) is None:
+        raise ValueError(f"drafter at {drafter_dir} has no confidence head to calibrate "
+                         f"(algorithm {drafter.algorithm}, enable_confidence_head off)")
+    target = target or load_target(cfg.target, device=dist_utils.local_device())
+    device = target.embed_weight.device
+    drafter = drafter.to(device).eval()
+    gamma = drafter.block_size
+    token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
+    generators = [torch.Generator(device=device).manual_seed(prompt_seed(ev.seed, i)) for i in range(len(prompts))]
+    stop_ids = sorted({i for i in [target.tokenizer.eos_token_id] if i is not None})
+    results = speculative_generate_batch(target, drafter, token_ids, max_new_tokens=ev.max_new_tokens,
+                                         temperature=ev.calibration_temperature, generators=generators,
+                                         batch_size=ev.batch_size, stop_ids=stop_ids)
+    order = list(range(len(prompts)))
+    random.Random(ev.seed).shuffle(order)
+    halves = {"fit": sorted(order[: (len(order) + 1) // 2]), "heldout": sorted(order[(len(order) + 1) // 2 :])}
+
+    def rounds(indices):
+        acc = [a for i in indices for a in results[i].accepted]
+        prop = [p for i in indices for p in results[i].proposed]
+        conf = [c for i in indices for c in results[i].confidences]
+        return acc, prop, conf
+
+    fit_acc, fit_prop, fit_conf = rounds(halves["fit"])
+    held_acc, held_prop, held_conf = rounds(halves["heldout"])
+    if not fit_acc or not held_acc:
+        raise ValueError(f"no verification rounds in the {'fit' if not fit_acc else 'held-out'} half: raise "
+                         "eval.max_new_tokens or use more prompts")
+    temperatures = sts.fit_sts(fit_acc, fit_prop, sts.logits_from_confidences(fit_conf), grid)
+    temperatures += [1.0] * (gamma - len(temperatures))  # slots no round reached (short budgets) stay as trained
+    held_cal = sts.apply_temperatures(sts.logits_from_confidences(held_conf), temperatures)
+    before = CalibrationReport.from_rounds(held_acc, held_prop, held_conf)
+    after = CalibrationReport.from_rounds(held_acc, held_prop, held_cal)
+    stats = {
+        "ece_before": before.survival_ece, "ece_after": after.survival_ece,
+        "ece_before_K": sts.survival_ece_K(held_acc, held_prop, held_conf),
+        "ece_after_K": sts.survival_ece_K(held_acc, held_prop, held_cal),
+        "slot_ece_before": before.ece, "slot_ece_after": after.ece,
+        "num_fit_prompts": len(halves["fit"]), "num_fit_rounds": len(fit_acc),
+        "num_heldout_prompts": len(halves["heldout"]), "num_heldout_rounds": len(held_acc),
+        "sampling_temperature": ev.calibration_temperature,
+        "grid": {"min": ev.sts_min_temperature, "max": ev.sts_max_temperature, "step": ev.sts_step},
+    }
+    stats["ece_before_K"] += [float("nan")] * (gamma - len(stats["ece_before_K"]))
+    stats["ece_after_K"] += [float("nan")] * (gamma - len(stats["ece_after_K"]))
+    path = sts.write_calibration(drafter_dir, temperatures, **stats)
+    print(f"\nSequential Temperature Scaling at sampling temperature {ev.calibration_temperature:g}: fitted on "
+          f"{len(fit_acc)} rounds of {len(halves['fit'])} prompts; ECE of prod c_i vs prefix survival on "
+          f"{len(held_acc)} held-out rounds of {len(halves['heldout'])} prompts")
+    print(sts.format_sts_table(temperatures, stats["ece_before_K"], stats["ece_after_K"], stats["ece_before"],
+                               stats["ece_after"]))
+    out = {"calibration_json": str(path), "temperatures": temperatures, **stats}
+    if sps is not None:
+        out["scheduler"] = _simulate_scheduler([results[i] for i in halves["heldout"]], held_cal, gamma, sps,
+                                               ev.batch_size, scheduler_sps)
+    return out
+
+
+def _simulate_scheduler(results: list, calibrated: list[list[float]], gamma: int, sps, batch_size: int,
+                        sps_path: str) -> dict:
+    """Replay the rounds of ``results`` drafted to the full ``gamma`` (with their ``calibrated`` confidences, all
+    rounds pooled in order) through the prefix scheduler; print and return the per-policy numbers."""
+    from dspark.eval.scheduler import format_simulation, simulate
+
+    per_prompt = _split_rounds(calibrated, [len(r.accepted) for r in results])
+    full = [[(a, c) for a, p, c in zip(r.accepted, r.proposed, conf) if p == gamma]
+            for r, conf in zip(results, per_prompt)]
+    num_full = sum(len(rounds) for rounds in full)
+    simulation = simulate(full, num_drafts=gamma, sps=sps, batch_size=batch_size)
+    print(f"\nprefix scheduler on {num_full} held-out rounds drafted fully ({len(calibrated) - num_full} cut short "
+          f"left out), {batch_size} requests per step, SPS from {sps_path}")
+    print(format_simulation(simulation))
+    return {"num_rounds": num_full, **{k: v.to_dict() for k, v in simulation.items()}}
+
+
+def _split_rounds(rows: list, counts: list[int]) -> list[list]:
+    """``rows`` cut into consecutive pieces of ``counts`` rows (per-prompt rounds from the pooled list)."""
+    out, start = [], 0
+    for n in counts:
+        out.append(rows[start : start + n])
+        start += n
+    return out

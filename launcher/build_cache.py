@@ -8,7 +8,7 @@ logic lives here.
 import sys
 
 
-def _build(cfg, rank: int, world: int) -> None:
+def _build(cfg, rank: int, world: int, args) -> None:
     from dspark.pipeline import build_cache
 
     out = build_cache(cfg, progress=True)

@@ -6,7 +6,7 @@ It parses, sets up distributed state and calls into the package; no logic lives 
 import sys
 
 
-def _train(cfg, rank: int, world: int) -> None:
+def _train(cfg, rank: int, world: int, args) -> None:
     from dspark.train.trainer import train
 
     result = train(cfg, progress=True)

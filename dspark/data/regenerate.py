@@ -24,11 +24,13 @@ REQUIRED_KEYS = ("id", "input_ids", "loss_mask")
 
 
 def regenerate(target, prompts: list[str], *, max_new_tokens: int, temperature: float, batch_size: int, seed: int,
-               max_seq_len: int, progress: bool = False) -> list[dict]:
+               max_seq_len: int, progress: bool = False, group: tuple[int, int] = (0, 1)) -> list[dict]:
     """Answer every prompt with ``target`` and return conversation rows (truncated to ``max_seq_len`` tokens).
 
     ``temperature`` 0 is greedy. A prompt whose template alone fills ``max_seq_len`` would leave no answer token
-    to train on: it is skipped (not generated) with one warning giving the count.
+    to train on: it is skipped (not generated) with one warning giving the count. ``group`` = (index, count)
+    answers only every count-th kept prompt from ``index`` on (the share of one generate group, see
+    ``TargetBackend.generate_group``); row ids are the prompts' indices in ``prompts`` either way.
     """
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
         if value < 1:
@@ -44,6 +46,7 @@ def regenerate(target, prompts: list[str], *, max_new_tokens: int, temperature: 
             f">= max_seq_len={max_seq_len} tokens",
             stacklevel=2,
         )
+    keep = keep[group[0]::group[1]]
     answers = target.generate([prefixes[i] for i in keep], max_new_tokens=max_new_tokens, temperature=temperature,
                               batch_size=batch_size, seed=seed, progress=progress)
     rows = []

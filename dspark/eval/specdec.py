@@ -332,34 +332,47 @@ def prompt_seed(seed: int, index: int) -> int:
 
 def evaluate(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
              stop_ids: Iterable[int] = (), progress: bool = False, batch_size: int = 1,
-             confidence_threshold: float = 0.0) -> EvalReport:
+             confidence_threshold: float = 0.0, group: tuple[int, int] | None = None) -> EvalReport:
     """Speculative decoding over ``prompts`` (token id lists) and the acceptance report of ``drafter``.
 
     Each prompt samples with its own generator seeded by ``prompt_seed(seed, index)``, on the drafter's device,
     so the report does not depend on ``batch_size`` (prompts decoded together, see
     ``speculative_generate_batch``). With ``confidence_threshold`` > 0 proposals stop where the cumulative
     confidence product falls below it (``confident_length``).
+
+    In a process group, ``group`` = (index, count) (default: ``target.decode_group()``) splits the prompts over
+    the groups of ranks that decode together: this rank decodes the prompts ``i`` with ``i % count == index``,
+    then every rank gathers all results, so each returns the report over all prompts, equal to a one-process
+    report (the seeds depend on prompt indices only). Members of one group must agree token for token.
     """
     from tqdm import tqdm
 
+    from dspark import distributed
+
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
+    if group is None:
+        group = target.decode_group() if hasattr(target, "decode_group") else (0, 1)
+    index, count = group
+    mine = list(range(index, len(prompts), count))
     param = next(iter(drafter.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, i)) for i in range(len(prompts))]
+    generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, i)) for i in mine]
     was_training = drafter.training
     drafter.eval()
     start = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc=f"spec-decode T={temperature:g}", disable=not progress, unit="prompt")
+    bar = tqdm(total=len(mine), desc=f"spec-decode T={temperature:g}", disable=not progress, unit="prompt")
     try:
-        results = speculative_generate_batch(target, drafter, prompts, max_new_tokens=max_new_tokens,
-                                             temperature=temperature, generators=generators, batch_size=batch_size,
-                                             stop_ids=list(stop_ids), confidence_threshold=confidence_threshold,
-                                             on_done=bar.update)
+        results = speculative_generate_batch(target, drafter, [prompts[i] for i in mine],
+                                             max_new_tokens=max_new_tokens, temperature=temperature,
+                                             generators=generators, batch_size=batch_size, stop_ids=list(stop_ids),
+                                             confidence_threshold=confidence_threshold, on_done=bar.update)
     finally:
         bar.close()
         drafter.train(was_training)
     wall_s = time.perf_counter() - start
+    if count > 1 or distributed.world_size() > 1:
+        results, wall_s = _gather_results(dict(zip(mine, results)), wall_s, len(prompts))
     accepted = [a for r in results for a in r.accepted]
     proposed = [p for r in results for p in r.proposed]
     with_confidence = all(len(r.confidences) == len(r.accepted) for r in results) and any(r.accepted for r in results)
@@ -367,3 +380,24 @@ def evaluate(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, 
     return EvalReport.from_rounds(accepted, proposed, generated_tokens=sum(len(r.tokens) for r in results),
                                   num_prompts=len(prompts), wall_s=wall_s, temperature=temperature,
                                   confidences=confidences, confidence_threshold=confidence_threshold)
+
+
+def _gather_results(mine: dict[int, GenerationResult], wall_s: float, num_prompts: int
+                    ) -> tuple[list[GenerationResult], float]:
+    """Every rank's results, by prompt index, on every rank; the slowest rank's wall time. Ranks of one decode
+    group hold copies of the same results: a copy that differs means the group fell out of lockstep."""
+    from dspark import distributed
+
+    merged: dict[int, GenerationResult] = {}
+    slowest = wall_s
+    for rank, (theirs, their_wall_s) in enumerate(distributed.all_gather_objects((mine, wall_s))):
+        slowest = max(slowest, their_wall_s)
+        for i, result in theirs.items():
+            seen = merged.setdefault(i, result)
+            if (seen.tokens, seen.accepted, seen.proposed) != (result.tokens, result.accepted, result.proposed):
+                raise RuntimeError(f"prompt {i}: rank {rank} decoded different tokens than another rank of its "
+                                   f"decode group; the group fell out of lockstep")
+    missing = sorted(set(range(num_prompts)) - set(merged))
+    if missing:
+        raise RuntimeError(f"no rank decoded prompts {missing[:8]}: the decode groups do not cover the prompts")
+    return [merged[i] for i in range(num_prompts)], slowest

@@ -58,13 +58,12 @@ class MegatronTarget(TargetBackend):
         self.name = name
         self.tp_size = tp_size
         self._full_weights: dict[str, torch.Tensor] = {}
+        self.device = next(model.parameters()).device
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> MegatronTarget:
         from dspark.targets.hf import resolve_target_source
 
-        if device != "cpu":
-            raise ValueError(f"the megatron backend runs on CPU in this build; got device {device!r}")
         source, gguf_file, display = resolve_target_source(cfg.name_or_path)
         if gguf_file or not Path(source).is_dir():
             raise ValueError(f"target.backend=megatron reads a local safetensors directory; {cfg.name_or_path!r} "
@@ -72,12 +71,17 @@ class MegatronTarget(TargetBackend):
         if cfg.dtype not in _DTYPES:
             raise ValueError(f"target.dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
         return cls.from_dir(source, layer_ids=cfg.layer_ids, tp_size=cfg.tensor_parallel,
-                            dtype=_DTYPES[cfg.dtype], name=display)
+                            dtype=_DTYPES[cfg.dtype], name=display, device=device)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, layer_ids: list[int], tp_size: int,
-                 dtype: torch.dtype = torch.float32, name: str | None = None, tokenizer=None) -> MegatronTarget:
-        """Validate config, TP size and checkpoint index first; then build on meta and read only local shards."""
+                 dtype: torch.dtype = torch.float32, name: str | None = None, tokenizer=None,
+                 device: str = "cpu") -> MegatronTarget:
+        """Validate config, TP size and checkpoint index first; then build on meta and read only local shards.
+
+        ``device`` is where this rank's shards live and compute (``cuda:<local rank>`` under NCCL, ``cpu`` under
+        gloo); collectives run on the process group's backend, so it must be the device that backend serves.
+        """
         from transformers import AutoConfig, AutoTokenizer
 
         from dspark.targets.families import require_family
@@ -102,7 +106,7 @@ class MegatronTarget(TargetBackend):
             model = Decoder(spec, parallel.MegatronLayers(tp_size, dtype), inv_freq, rope_scaling).cast(dtype)
         plan = adapter.shard_plan(spec, model, parallel.tp_rank(), tp_size)
         index.check_against(adapter.expected_checkpoint(plan, spec, index))
-        model.to_empty(device="cpu")  # allocates this rank's shards only
+        model.to_empty(device=device)  # allocates this rank's shards only
         model.tie_weights()
         adapter.load_shards(model, plan, index, dtype)
         for p in model.parameters():
@@ -155,9 +159,10 @@ class MegatronTarget(TargetBackend):
 
     @torch.no_grad()
     def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
-        mask_BT = torch.ones_like(input_ids_BT) if attention_mask_BT is None else attention_mask_BT
+        input_ids_BT = input_ids_BT.to(self.device)
+        mask_BT = torch.ones_like(input_ids_BT) if attention_mask_BT is None else attention_mask_BT.to(self.device)
         ids_GT, mask_GT, rows = self._gather_group_batches(input_ids_BT, mask_BT)
-        positions_GT = torch.arange(ids_GT.shape[1]).expand_as(ids_GT)  # as HF's features(): no position_ids
+        positions_GT = torch.arange(ids_GT.shape[1], device=self.device).expand_as(ids_GT)  # as HF's features(): no position_ids
         layers, final_GTH = self.model(ids_GT, positions_GT, mask_GT, self.layer_ids)
         B, T = input_ids_BT.shape
         layers_BTLH = torch.stack(layers, dim=2)[rows : rows + B, :T]
@@ -168,12 +173,12 @@ class MegatronTarget(TargetBackend):
         if self.tp_size == 1:
             return ids_BT, mask_BT, 0
         group = parallel.tp_group()
-        shape = torch.tensor(ids_BT.shape, dtype=torch.long)
+        shape = torch.tensor(ids_BT.shape, dtype=torch.long, device=self.device)
         shapes = [torch.empty_like(shape) for _ in range(self.tp_size)]
         dist.all_gather(shapes, shape, group=group)
         rows_max, width = (int(max(s[d] for s in shapes)) for d in (0, 1))
         # gloo gathers equal shapes only: pad every batch to the largest, then keep each rank's real rows.
-        padded = torch.zeros(rows_max, width, 2, dtype=torch.long)
+        padded = torch.zeros(rows_max, width, 2, dtype=torch.long, device=self.device)
         padded[: ids_BT.shape[0], : ids_BT.shape[1], 0] = ids_BT
         padded[: ids_BT.shape[0], : ids_BT.shape[1], 1] = mask_BT
         parts = [torch.empty_like(padded) for _ in range(self.tp_size)]
@@ -206,7 +211,7 @@ class MegatronTarget(TargetBackend):
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch_idx in tqdm(batches, desc="regenerate", disable=not progress, unit="batch"):
-            generator = torch.Generator().manual_seed(seed + batch_idx[0])  # same seed on every TP rank
+            generator = torch.Generator(device=self.device).manual_seed(seed + batch_idx[0])  # same seed on every TP rank
             new = self._generate_batch([prompts[i] for i in batch_idx], max_new_tokens, temperature, generator,
                                        eos, pad_id)
             for i, tokens in zip(batch_idx, new):
@@ -222,9 +227,10 @@ class MegatronTarget(TargetBackend):
         for row, p in enumerate(prompts):
             ids_BT[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask_BS[row, width - len(p) :] = 1
+        ids_BT, mask_BS = ids_BT.to(self.device), mask_BS.to(self.device)
         positions_BT = (mask_BS.cumsum(-1) - 1).clamp(min=0)
         cache = KVCache(len(self.model.layers))
-        done_B = torch.zeros(len(prompts), dtype=torch.bool)
+        done_B = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         new_tokens: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
             _, final_BTH = self.model(ids_BT, positions_BT, mask_BS, [], cache)
@@ -257,10 +263,11 @@ class MegatronDecodeSession(DecodeSession):
 
     @torch.no_grad()
     def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_1N = ids_N.view(1, -1).to(torch.long)
+        device = self.target.device
+        ids_1N = ids_N.view(1, -1).to(device=device, dtype=torch.long)
         n = ids_1N.shape[1]
-        positions_1N = torch.arange(self.length, self.length + n).view(1, -1)
-        key_mask_1S = torch.ones(1, self.length + n, dtype=torch.long)
+        positions_1N = torch.arange(self.length, self.length + n, device=device).view(1, -1)
+        key_mask_1S = torch.ones(1, self.length + n, dtype=torch.long, device=device)
         layers, final_1NH = self.target.model(ids_1N, positions_1N, key_mask_1S, self.target.layer_ids, self.cache)
         self.length += n
         return self.target.logits(final_1NH[0]), torch.stack(layers, dim=2)[0]
