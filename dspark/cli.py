@@ -285,6 +285,41 @@ def eval_cmd(recipe, overrides, drafter_specs, datasets, prompts_file):
     click.echo(f"report: {Path(cfg.run_dir) / 'eval' / 'report.json'}")
 
 
+@main.command()
+@_config_options
+@click.option("--drafter", "drafter_dir", default=None, type=click.Path(file_okay=False),
+              help="Drafter directory to calibrate (default: <run_dir>/drafter); calibration.json is written there.")
+@click.option("--dataset", "datasets", multiple=True, metavar="NAME[,NAME...]",
+              help="Calibrate on fetched benchmarks instead of the held-out prompts (repeatable or comma-separated).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help='Calibrate on a jsonl file of {"turns": [...]} or {"prompt": ...} rows; combines with --dataset.')
+@click.option("--scheduler-sps", "scheduler_sps", default=None, type=click.Path(dir_okay=False),
+              help="SPS table of the verifier (tools/profile_sps.py): also simulate the prefix scheduler "
+                   "(paper Algorithm 1 and its asynchronous form) on the held-out rounds.")
+@_friendly_errors
+def calibrate(recipe, overrides, drafter_dir, datasets, prompts_file, scheduler_sps):
+    """Fit Sequential Temperature Scaling of the drafter's confidence head and write calibration.json.
+
+    Runs speculative decoding at eval.calibration_temperature, fits one temperature per draft slot on half of the
+    prompts (grid eval.sts_min_temperature..eval.sts_max_temperature in steps of eval.sts_step) and reports the
+    ECE of the cumulative confidence product before/after on the other half. `dspark eval` and
+    eval.confidence_threshold then use the calibrated confidences.
+
+    \b
+    Example:
+      dspark calibrate -c smollm2_dspark --set eval.num_prompts=32
+      dspark calibrate -c smollm2_dspark --dataset gsm8k --scheduler-sps sps_smollm2.json
+    """
+    cfg = _load(recipe, overrides)
+    _quiet_libraries()
+    from dspark import pipeline
+
+    out = pipeline.calibrate(cfg, drafter_dir=Path(drafter_dir) if drafter_dir else None,
+                             datasets=list(datasets) if datasets else None, prompts_file=prompts_file,
+                             scheduler_sps=scheduler_sps)
+    click.echo(f"calibration: {out['calibration_json']}")
+
+
 @main.group()
 def data():
     """Prompt data: fetch public benchmarks for `dspark eval --dataset`."""

@@ -135,6 +135,13 @@ class EvalConfig:
     # > 0: drafting stops at the first slot whose cumulative confidence product falls below this; the report
     # then shows each confident drafter with and without the cut. 0 = off.
     confidence_threshold: float = 0.0
+    # `dspark calibrate`: sampling temperature of the rounds Sequential Temperature Scaling is fitted on (the head
+    # is calibrated for serving at this temperature), and the grid of confidence temperatures it searches per
+    # slot: min, min + step, ..., <= max (dspark.eval.sts).
+    calibration_temperature: float = 1.0
+    sts_min_temperature: float = 0.25
+    sts_max_temperature: float = 4.0
+    sts_step: float = 0.05
 
 
 @dataclass(kw_only=True)

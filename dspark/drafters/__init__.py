@@ -35,11 +35,17 @@ def build_drafter(cfg: DrafterConfig, target_config, layer_ids: list[int], embed
     raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark, dflash or eagle3")
 
 
-def load_drafter(export_dir: str | Path) -> Drafter:
+def load_drafter(export_dir: str | Path, apply_calibration: bool = True) -> Drafter:
     """Rebuild a drafter (weights included) from an export directory (``config.json`` + safetensors): the deepspec
-    layout, or the Eagle3 one (``architectures: ["LlamaForCausalLMEagle3"]``)."""
+    layout, or the Eagle3 one (``architectures: ["LlamaForCausalLMEagle3"]``).
+
+    A ``calibration.json`` beside the weights (written by ``dspark calibrate``) sets the confidence head's per-slot
+    temperatures unless ``apply_calibration`` is False; a malformed one, one of the wrong length, or one for a
+    drafter without a confidence head is a ValueError.
+    """
     import json
 
+    from dspark.eval.sts import read_calibration
     from dspark.export.deepspec import load_deepspec
 
     config_path = Path(export_dir) / "config.json"
@@ -50,5 +56,13 @@ def load_drafter(export_dir: str | Path) -> Drafter:
     if "LlamaForCausalLMEagle3" in architectures:
         from dspark.export.eagle3 import load_eagle3
 
-        return load_eagle3(export_dir)
-    return load_deepspec(export_dir)
+        drafter = load_eagle3(export_dir)
+    else:
+        drafter = load_deepspec(export_dir)
+    temperatures = read_calibration(export_dir, getattr(drafter, "block_size", None)) if apply_calibration else None
+    if temperatures is not None:
+        if not hasattr(drafter, "set_confidence_temperatures"):
+            raise ValueError(f"{Path(export_dir) / 'calibration.json'}: drafter {drafter.algorithm} has no "
+                             "confidence head to calibrate")
+        drafter.set_confidence_temperatures(temperatures)
+    return drafter

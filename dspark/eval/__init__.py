@@ -8,6 +8,7 @@ from dspark.eval.metrics import (
     prefix_survival,
     tau,
 )
+from dspark.eval.scheduler import SPSTable, schedule_capacity, schedule_prefixes, simulate
 from dspark.eval.specdec import (
     GenerationResult,
     evaluate,
@@ -15,7 +16,9 @@ from dspark.eval.specdec import (
     speculative_generate_batch,
     target_generate,
 )
+from dspark.eval.sts import fit_sts, read_calibration, write_calibration
 
-__all__ = ["CalibrationReport", "EvalReport", "GenerationResult", "auroc", "brier", "conditional_acceptance", "ece",
-           "evaluate", "format_table", "prefix_survival", "speculative_generate", "speculative_generate_batch",
-           "target_generate", "tau"]
+__all__ = ["CalibrationReport", "EvalReport", "GenerationResult", "SPSTable", "auroc", "brier", "conditional_acceptance",
+           "ece", "evaluate", "fit_sts", "format_table", "prefix_survival", "read_calibration", "schedule_capacity",
+           "schedule_prefixes", "simulate", "speculative_generate", "speculative_generate_batch", "target_generate",
+           "tau", "write_calibration"]

@@ -84,13 +84,24 @@ class MarkovHead(nn.Module):
 
 
 class ConfidenceHead(nn.Module):
-    """``c_k = sigmoid(proj([h_k ; markov_w1[x_{k-1}]]))`` (or ``proj(h_k)`` without a Markov head); returns logits."""
+    """``c_k = sigmoid(proj([h_k ; markov_w1[x_{k-1}]]))`` (or ``proj(h_k)`` without a Markov head); returns logits.
 
-    def __init__(self, hidden_size: int, markov_rank: int):
+    ``temperature_K`` holds the Sequential Temperature Scaling temperatures (``dspark.eval.sts``) that decoding
+    applies as ``sigmoid(logit_k / T_k)`` (``probability``): ones, i.e. no change, until ``load_drafter`` reads a
+    ``calibration.json``. A non-persistent buffer, so checkpoints and exported weights never hold it. Training uses
+    the raw logits.
+    """
+
+    def __init__(self, hidden_size: int, markov_rank: int, block_size: int):
         super().__init__()
         self.proj = nn.Linear(hidden_size + markov_rank, 1)
         self.with_markov = markov_rank > 0
+        self.register_buffer("temperature_K", torch.ones(block_size), persistent=False)
 
     def forward(self, h_XH: torch.Tensor, e_XR: torch.Tensor | None) -> torch.Tensor:
         x = torch.cat([h_XH, e_XR], dim=-1) if self.with_markov else h_XH
         return self.proj(x).squeeze(-1)
+
+    def probability(self, logit_X: torch.Tensor, slot: int) -> torch.Tensor:
+        """Calibrated confidence (fp32) of 0-based ``slot``; with T = 1 exactly ``sigmoid(logit)`` (x / 1 is exact)."""
+        return torch.sigmoid(logit_X.float() / self.temperature_K[slot].float())

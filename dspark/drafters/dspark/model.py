@@ -18,6 +18,7 @@ only what is trained; ``full_state_dict()`` and the exporter add them back.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -119,7 +120,8 @@ class DSparkDrafter(Drafter):
         else:
             self.markov_rank = cfg.markov_rank
             self.markov_head = MarkovHead(cfg.markov_head_type, V, cfg.markov_rank, H) if cfg.markov_rank > 0 else None
-            self.confidence_head = ConfidenceHead(H, cfg.markov_rank) if cfg.enable_confidence_head else None
+            self.confidence_head = (ConfidenceHead(H, cfg.markov_rank, cfg.block_size) if cfg.enable_confidence_head
+                                    else None)
         self.loss_chunk_rows = default_chunk_rows(V)
         self._init_weights()
 
@@ -292,7 +294,7 @@ class DSparkDrafter(Drafter):
                 u_1R, e_1R, state = self.markov_head.step(h_KH[k : k + 1], prev, state)
                 logits_1V = logits_1V + self.markov_head.markov_w2(u_1R).float()
             if self.confidence_head is not None:
-                confs.append(torch.sigmoid(self.confidence_head(h_KH[k : k + 1], e_1R).float()))
+                confs.append(self.confidence_head.probability(self.confidence_head(h_KH[k : k + 1], e_1R), k))
             if temperature == 0:
                 token = logits_1V.argmax(dim=-1)
                 p_1V = F.one_hot(token, self.vocab_size).float()
@@ -304,6 +306,18 @@ class DSparkDrafter(Drafter):
             prev = token
         return Proposal(tokens_K=torch.cat(tokens), probs_KV=torch.cat(probs),
                         confidence_K=torch.cat(confs) if confs else None)
+
+    def set_confidence_temperatures(self, temperatures: list[float]) -> None:
+        """Per-slot STS temperatures for the confidence head (``calibration.json``; ones = uncalibrated)."""
+        if self.confidence_head is None:
+            raise ValueError(f"drafter {self.algorithm} has no confidence head to calibrate "
+                             "(drafter.enable_confidence_head is off)")
+        if len(temperatures) != self.block_size or not all(math.isfinite(t) and t > 0 for t in temperatures):
+            raise ValueError(f"expected {self.block_size} confidence temperatures > 0 (one per slot), got "
+                             f"{list(temperatures)!r}")
+        buffer = self.confidence_head.temperature_K
+        # Replaced rather than copied into, so a drafter cast to bf16 still divides by the exact fp32 values.
+        self.confidence_head.temperature_K = torch.tensor(temperatures, dtype=torch.float32, device=buffer.device)
 
     # -- export ----------------------------------------------------------------------------------------------
 

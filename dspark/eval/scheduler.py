@@ -1,0 +1,225 @@
+"""Hardware-aware prefix scheduling (the DSpark paper's Algorithm 1, DESIGN section 4) and its simulation.
+
+Each decoding step verifies R requests in one target forward. Request r drafted K tokens with confidences
+``c_{r,1..K}``; verifying its first j drafts costs j batch tokens beyond its anchor and is expected to yield
+``a_{r,j} = prod_{i<=j} c_{r,i}`` of them (prefix survival). The verifier runs SPS(B) steps per second at B batch
+tokens, so a step's throughput is ``tau* x SPS(B)`` with ``tau*`` the expected tokens it produces (one own token per
+request plus the surviving drafts).
+
+Algorithm 1 (``schedule_prefixes``): sort every (r, j) by a descending; start at ``B = R``, ``tau* = R``,
+``best = R x SPS(R)``; admit in order (``B += 1``, ``tau* += a``) and stop at the first admission that does not
+raise ``tau* x SPS(B)`` (that admission is not made). Since a never grows along j, ties broken by smaller j keep
+every request's admitted set a prefix. The asynchronous variant (``schedule_capacity``) admits exactly the top
+``capacity`` pairs with no early stop, the capacity being what Algorithm 1 admitted on the confidences two steps
+earlier (``simulate``): the production form, where the batch must be sized before the current drafts exist.
+
+``simulate`` replays recorded rounds (``GenerationResult`` records of a real evaluation, all drafted to the full K)
+under continuous batching of ``batch_size`` requests and compares drafting the full K, Algorithm 1 and the
+asynchronous variant. A prefix of length j of a recorded round accepts ``min(j, accepted)`` drafts (plus the
+target's own token), as a verification of fewer drafts would have. SPS comes from a measured table
+(``tools/profile_sps.py``), interpolated linearly between points and never extrapolated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPS_VERSION = 1
+
+
+class SPSTable:
+    """Verifier steps per second as a function of batch tokens: linear between measured points, an error outside."""
+
+    def __init__(self, points: dict[int, float], source: str = "SPS table"):
+        if not points:
+            raise ValueError(f"{source}: no measured points")
+        for tokens, sps in points.items():
+            if not isinstance(tokens, int) or tokens < 1 or not (isinstance(sps, (int, float)) and sps > 0):
+                raise ValueError(f"{source}: expected positive integer batch tokens -> steps/s > 0, got "
+                                 f"{tokens!r}: {sps!r}")
+        self.tokens = sorted(points)
+        self.sps = [float(points[t]) for t in self.tokens]
+        self.source = source
+
+    @classmethod
+    def load(cls, path: str | Path) -> SPSTable:
+        """Read ``{"version": 1, "sps": {batch_tokens: steps_per_s}, ...}`` (as ``profile_sps.py`` writes) or a bare
+        ``{batch_tokens: steps_per_s}`` mapping."""
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"SPS table {path} does not exist (measure one with tools/profile_sps.py)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"SPS table {path} is not valid JSON: {exc}") from None
+        if isinstance(payload, dict) and "sps" in payload:
+            if payload.get("version") != SPS_VERSION:
+                raise ValueError(f"SPS table {path}: version {payload.get('version')!r} is not supported; this dspark "
+                                 f"reads version {SPS_VERSION}")
+            payload = payload["sps"]
+        if not isinstance(payload, dict):
+            raise ValueError(f"SPS table {path}: expected a JSON object {{batch_tokens: steps_per_s}}")
+        points = {}
+        for key, value in payload.items():
+            try:
+                points[int(key)] = value
+            except ValueError:
+                raise ValueError(f"SPS table {path}: key {key!r} is not an integer number of batch tokens") from None
+        return cls(points, source=f"SPS table {path}")
+
+    def __call__(self, batch_tokens: float) -> float:
+        lo, hi = self.tokens[0], self.tokens[-1]
+        if not lo <= batch_tokens <= hi:
+            raise ValueError(f"{self.source}: batch of {batch_tokens} tokens is outside the measured range "
+                             f"{lo}..{hi}; profile the verifier at that size (tools/profile_sps.py), no extrapolation")
+        for i in range(1, len(self.tokens)):
+            if batch_tokens <= self.tokens[i]:
+                t0, t1 = self.tokens[i - 1], self.tokens[i]
+                w = (batch_tokens - t0) / (t1 - t0)
+                return self.sps[i - 1] + w * (self.sps[i] - self.sps[i - 1])
+        return self.sps[0]  # a single-point table, queried at that point
+
+
+def survival(confidences: list[list[float]]) -> list[list[float]]:
+    """``a_{r,j} = prod_{i<=j} c_{r,i}`` per request."""
+    out = []
+    for r, conf in enumerate(confidences):
+        row, a = [], 1.0
+        for c in conf:
+            if not 0.0 <= c <= 1.0:
+                raise ValueError(f"request {r}: confidence {c!r} is not in [0, 1]")
+            a *= c
+            row.append(a)
+        out.append(row)
+    return out
+
+
+def _ranked(a_RJ: list[list[float]]) -> list[tuple[float, int, int]]:
+    # (a, j, r) by a descending, then smaller j (keeps prefixes when a_{r,j} = a_{r,j+1}), then r.
+    return sorted(((a, j, r) for r, row in enumerate(a_RJ) for j, a in enumerate(row, start=1)),
+                  key=lambda x: (-x[0], x[1], x[2]))
+
+
+@dataclass
+class Schedule:
+    prefix_R: list[int]  # drafts verified per request
+    batch_tokens: int  # B = R + sum(prefix_R)
+    expected_tokens: float  # tau* = R + sum of admitted a
+
+
+def schedule_prefixes(confidences: list[list[float]], sps) -> Schedule:
+    """Algorithm 1 (module docstring) for one step: ``confidences[r]`` are request r's draft confidences,
+    ``sps(B)`` the verifier's steps/s at B batch tokens."""
+    a_RJ = survival(confidences)
+    R = len(a_RJ)
+    prefix_R = [0] * R
+    B, tau_star = R, float(R)
+    best = tau_star * sps(B)
+    for a, j, r in _ranked(a_RJ):
+        value = (tau_star + a) * sps(B + 1)
+        if value <= best:
+            break
+        B, tau_star, best = B + 1, tau_star + a, value
+        prefix_R[r] = j
+    return Schedule(prefix_R, B, tau_star)
+
+
+def schedule_capacity(confidences: list[list[float]], capacity: int) -> Schedule:
+    """The asynchronous form: admit exactly the ``capacity`` (r, j) pairs of highest survival (capped at the drafts
+    there are), no early stop."""
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    a_RJ = survival(confidences)
+    prefix_R = [0] * len(a_RJ)
+    tau_star = float(len(a_RJ))
+    for a, j, r in _ranked(a_RJ)[:capacity]:
+        prefix_R[r] = j
+        tau_star += a
+    return Schedule(prefix_R, len(a_RJ) + sum(prefix_R), tau_star)
+
+
+@dataclass(kw_only=True)
+class PolicyStats:
+    """One scheduling policy over the replayed steps."""
+
+    policy: str
+    num_steps: int
+    mean_batch_tokens: float
+    mean_prefix: float  # drafts verified per request
+    expected_tokens_per_step: float  # tau*: the confidences' estimate
+    tokens_per_step: float  # realised with the recorded acceptance
+    tokens_per_s: float  # realised tokens / sum over steps of 1 / SPS(B_t)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _replay_steps(prompt_rounds: list[list[tuple[int, list[float]]]], batch_size: int
+                  ) -> list[list[tuple[int, list[float]]]]:
+    """Continuous batching: up to ``batch_size`` prompts in flight, each contributing its next round per step; a
+    prompt that runs out of rounds leaves and the next one joins in the same step."""
+    waiting = deque(rounds for rounds in prompt_rounds if rounds)
+    active: list[deque] = []
+    steps = []
+    while waiting or active:
+        while waiting and len(active) < batch_size:
+            active.append(deque(waiting.popleft()))
+        steps.append([stream.popleft() for stream in active])
+        active = [stream for stream in active if stream]
+    return steps
+
+
+def simulate(prompt_rounds: list[list[tuple[int, list[float]]]], *, num_drafts: int, sps, batch_size: int,
+             lag: int = 2) -> dict[str, PolicyStats]:
+    """Replay recorded rounds (per prompt: ``(accepted, confidences)`` with ``len(confidences) == num_drafts``)
+    under the three policies: "full" (every request verifies all ``num_drafts``), "algorithm1" and "async" (capacity
+    from Algorithm 1 on the step ``lag`` steps earlier; the first ``lag`` steps verify everything)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for p, rounds in enumerate(prompt_rounds):
+        for accepted, conf in rounds:
+            if len(conf) != num_drafts or not 0 <= accepted <= num_drafts:
+                raise ValueError(f"prompt {p}: a round with {len(conf)} confidences and {accepted} accepted; "
+                                 f"simulate needs rounds drafted fully ({num_drafts} drafts)")
+    steps = _replay_steps(prompt_rounds, batch_size)
+    if not steps:
+        raise ValueError("simulate needs at least one recorded round drafted fully")
+    history: list[int] = []  # drafts Algorithm 1 admitted at each step
+    schedules: dict[str, list[Schedule]] = {"full": [], "algorithm1": [], "async": []}
+    for t, step in enumerate(steps):
+        conf = [c for _, c in step]
+        sync = schedule_prefixes(conf, sps)
+        history.append(sync.batch_tokens - len(step))
+        schedules["algorithm1"].append(sync)
+        schedules["full"].append(schedule_capacity(conf, len(step) * num_drafts))
+        capacity = history[t - lag] if t >= lag else len(step) * num_drafts
+        schedules["async"].append(schedule_capacity(conf, capacity))
+    out = {}
+    for policy, per_step in schedules.items():
+        realised = [sum(min(j, acc) + 1 for j, (acc, _) in zip(s.prefix_R, step)) for s, step in zip(per_step, steps)]
+        seconds = sum(1.0 / sps(s.batch_tokens) for s in per_step)
+        num_requests = sum(len(s.prefix_R) for s in per_step)
+        out[policy] = PolicyStats(
+            policy=policy, num_steps=len(per_step),
+            mean_batch_tokens=sum(s.batch_tokens for s in per_step) / len(per_step),
+            mean_prefix=sum(sum(s.prefix_R) for s in per_step) / num_requests,
+            expected_tokens_per_step=sum(s.expected_tokens for s in per_step) / len(per_step),
+            tokens_per_step=sum(realised) / len(per_step),
+            tokens_per_s=sum(realised) / seconds if seconds > 0 else math.nan,
+        )
+    return out
+
+
+def format_simulation(stats: dict[str, PolicyStats]) -> str:
+    """Fixed-width table, one row per policy."""
+    header = (f"{'policy':<11}  {'steps':>6}  {'batch':>7}  {'prefix':>6}  {'E[tok]/step':>11}  {'tok/step':>8}"
+              f"  {'tok/s':>9}")
+    lines = [header, "-" * len(header)]
+    for s in stats.values():
+        lines.append(f"{s.policy:<11}  {s.num_steps:>6d}  {s.mean_batch_tokens:>7.2f}  {s.mean_prefix:>6.2f}"
+                     f"  {s.expected_tokens_per_step:>11.3f}  {s.tokens_per_step:>8.3f}  {s.tokens_per_s:>9.1f}")
+    return "\n".join(lines)
