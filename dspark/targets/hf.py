@@ -60,9 +60,46 @@ def resolve_target_source(name_or_path: str) -> tuple[str, str | None, str]:
     return name_or_path, None, name_or_path  # a hub id
 
 
+def _declares_fp8(source: str) -> bool:
+    """Whether local ``source`` declares FP8 quantisation in its config.json."""
+    config_path = Path(source) / "config.json"
+    if not config_path.is_file():
+        return False
+    quant = json.loads(config_path.read_text()).get("quantization_config")
+    return isinstance(quant, dict) and str(quant.get("quant_method", "")).lower() == "fp8"
+
+
+def _load_block_fp8(source: str, dtype: torch.dtype):
+    """A block-FP8 checkpoint as a float model, dequantised by ``WeightIndex`` like the parallel backends.
+
+    Not through transformers' own ``dequantize`` path: on CPU (5.24) it derives the block size from the scale grid
+    and fails on weights whose shape is not a multiple of the block (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``
+    with 128-blocks). The dequantised tensors go to ``from_pretrained(state_dict=...)``, which still applies
+    transformers' own key renames, expert fusing and tying, so the model is the one a float checkpoint gives.
+    """
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer
+
+    from dspark.targets.weights import WeightIndex
+
+    index = WeightIndex(source)  # refuses an unsupported scheme or a broken weight/scale pair before any read
+    config = AutoConfig.from_pretrained(source)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{source}: model_type {config.model_type!r} has no transformers causal-LM class to load "
+                         f"FP8 weights into")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    del config.quantization_config  # the weights handed over are plain floats
+    # Quantised tensors come dequantised in the target dtype; others keep theirs (fp32-kept modules stay fp32).
+    state = {name: index.load(name, dtype if index.is_quantized(name) else None) for name in index.names()}
+    index.close()
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(source)
+
+
 def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if gguf_file is None and _declares_fp8(source):
+        return _load_block_fp8(source, dtype)
     is_hub_id = not Path(source).exists()
     try:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}

@@ -4,6 +4,11 @@ Parallel backends never hold the whole model: each rank asks for the rows, colum
 Only the JSON headers are parsed up front (so a missing shard or a mismatched index is reported before any
 tensor is read); tensor bytes are read through ``safe_open(...).get_slice``, which maps the file and copies
 only the requested rows.
+
+Block-FP8 checkpoints (``quantization_config`` with ``quant_method: fp8`` in ``config.json``, see
+``dspark.targets.fp8``) are dequantised on read: names and shapes are those of the logical weights (the
+``*_scale_inv`` tensors are hidden), and every read returns real values, touching only the FP8 rows/columns and
+the scale rows it needs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.targets import fp8
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -23,6 +30,7 @@ _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
 
 
@@ -50,11 +58,14 @@ def _short_list(names, limit: int = 8) -> str:
 class WeightIndex:
     """Tensor names, shapes and dtypes of an HF checkpoint directory, and lazy partial reads of its tensors.
 
-    ``model_dir`` holds either ``model.safetensors.index.json`` (multi-shard) or one ``model.safetensors``.
+    ``model_dir`` holds either ``model.safetensors.index.json`` (multi-shard) or one ``model.safetensors``. When
+    its ``config.json`` declares block-FP8 quantisation, quantised tensors read as their dequantised values.
     """
 
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
+        # The quantisation scheme first: an unsupported one is refused before any shard is looked at.
+        self.quantization = fp8.BlockFP8.from_model_dir(self.model_dir)
         index_path = self.model_dir / INDEX_FILE
         if index_path.is_file():
             weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
@@ -68,8 +79,8 @@ class WeightIndex:
         else:
             raise FileNotFoundError(f"{self.model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
-        self._file: dict[str, str] = {}  # tensor name -> shard file name
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._file: dict[str, str] = {}  # tensor name -> shard file name (scale tensors included)
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # every stored tensor
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         for file in files:
             for name, entry in _read_header(self.model_dir / file).items():
@@ -84,19 +95,38 @@ class WeightIndex:
             if absent:
                 raise ValueError(f"{index_path} lists tensors missing from their shard files: {_short_list(absent)}")
         self._handles: dict[str, object] = {}
+        self._scales: dict[str, str] = {}  # quantised tensor -> its scale tensor
+        if self.quantization is not None:
+            self._scales = self.quantization.pair_scales(self._meta, str(self.model_dir))
+        else:
+            stray = [n for n in self._meta if n.endswith(fp8.SCALE_SUFFIX) and n.removesuffix(fp8.SCALE_SUFFIX)
+                     in self._meta and self._meta[n.removesuffix(fp8.SCALE_SUFFIX)][1] in fp8.FP8_DTYPES]
+            if stray:
+                raise ValueError(f"{self.model_dir} stores FP8 weights with scales ({_short_list(stray, 3)}) but its "
+                                 f"config.json has no quantization_config to say how to read them")
+        # What callers see: logical tensors (dequantised float32 for quantised ones), scales hidden.
+        self._logical = {name: (shape, torch.float32 if name in self._scales else dtype)
+                         for name, (shape, dtype) in self._meta.items() if name not in self._scales.values()}
 
     # -- metadata ---------------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(self._meta)
+        """Logical tensor names (scale tensors of a quantised checkpoint are not listed)."""
+        return sorted(self._logical)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._meta
+        return name in self._logical
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether ``name`` is stored as block FP8 (reads return it dequantised)."""
+        self._entry(name)
+        return name in self._scales
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[0]
 
     def dtype(self, name: str) -> torch.dtype:
+        """The dtype a read with ``dtype=None`` returns (float32 for a dequantised tensor)."""
         return self._entry(name)[1]
 
     def numel(self, name: str) -> int:
@@ -104,10 +134,10 @@ class WeightIndex:
 
     def check_against(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Refuse a checkpoint whose tensor names or shapes differ from what the model config builds."""
-        missing = [n for n in expected if n not in self._meta]
-        unexpected = [n for n in self._meta if n not in expected]
+        missing = [n for n in expected if n not in self._logical]
+        unexpected = [n for n in self._logical if n not in expected]
         mismatched = [f"{n} {self.shape(n)} (checkpoint) vs {tuple(s)} (config)"
-                      for n, s in expected.items() if n in self._meta and self.shape(n) != tuple(s)]
+                      for n, s in expected.items() if n in self._logical and self.shape(n) != tuple(s)]
         if missing or unexpected or mismatched:
             parts = []
             if missing:
@@ -121,7 +151,10 @@ class WeightIndex:
     # -- reads --------------------------------------------------------------------------------------------
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole tensor."""
+        """The whole tensor (dequantised if stored as block FP8), cast to ``dtype`` if given."""
+        shape = self.shape(name)  # KeyError naming the checkpoint for an unknown (or hidden scale) tensor
+        if name in self._scales:
+            return self._cast(self._dequantized(name, 0, 0, shape[0]), dtype)
         return self._cast(self._handle(name).get_tensor(name), dtype)
 
     def load_slice(self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -132,6 +165,8 @@ class WeightIndex:
         dim %= len(shape)
         if not 0 <= start <= stop <= shape[dim]:
             raise ValueError(f"{name} has shape {shape}; slice [{start}, {stop}) of dim {dim} is out of range")
+        if name in self._scales:
+            return self._cast(self._dequantized(name, dim, start, stop), dtype)
         index = (slice(None),) * dim + (slice(start, stop),)
         return self._cast(self._handle(name).get_slice(name)[index], dtype)
 
@@ -144,11 +179,14 @@ class WeightIndex:
             return self.load(name, dtype).reshape(1)[start:stop]
         row = numel // shape[0] if shape[0] else 1
         first, last = start // row, -(-stop // row)  # rows that cover the range
-        rows = self._handle(name).get_slice(name)[first:last].reshape(-1)
+        if name in self._scales:
+            rows = self._dequantized(name, 0, first, last).reshape(-1)
+        else:
+            rows = self._handle(name).get_slice(name)[first:last].reshape(-1)
         return self._cast(rows[start - first * row : stop - first * row], dtype)
 
     def file_of(self, name: str) -> str:
-        """The shard file (relative to ``model_dir``) holding ``name``."""
+        """The shard file (relative to ``model_dir``) holding ``name`` (its FP8 values, for a quantised tensor)."""
         self._entry(name)
         return self._file[name]
 
@@ -164,14 +202,26 @@ class WeightIndex:
     # -- internals ----------------------------------------------------------------------------------------
 
     def _entry(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        if name not in self._meta:
+        if name not in self._logical:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.model_dir}")
-        return self._meta[name]
+        return self._logical[name]
+
+    def _dequantized(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """fp32 values of quantised ``name`` narrowed to ``[start, stop)`` along ``dim``: reads only those FP8
+        rows/columns and the scale rows/columns of the blocks they touch."""
+        ndim, scale_name, lead = len(self.shape(name)), self._scales[name], (slice(None),) * dim
+        scale_start, scale_stop = self.quantization.scale_range(dim, ndim, start, stop)
+        weight = self._handle(name).get_slice(name)[lead + (slice(start, stop),)]
+        scale = self._handle(scale_name).get_slice(scale_name)[lead + (slice(scale_start, scale_stop),)]
+        first_row = start if dim == ndim - 2 else 0
+        first_col = start if dim == ndim - 1 else 0
+        return fp8.dequantize(weight, scale, self.quantization.block, first_row, first_col)
 
     def _handle(self, name: str):
         from safetensors import safe_open
 
-        self._entry(name)  # KeyError naming the checkpoint for an unknown tensor
+        if name not in self._meta:  # scale tensors are read here too, though hidden from callers
+            raise KeyError(f"tensor {name!r} is not in the checkpoint {self.model_dir}")
         file = self._file[name]
         if file not in self._handles:  # opened on first use, kept open: the header parse is paid once per file
             self._handles[file] = safe_open(self.model_dir / file, framework="pt", device="cpu")
