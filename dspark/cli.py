@@ -93,6 +93,8 @@ def recipes():
 def prepare(recipe, overrides):
     """Regenerate answers to the prompts with the target and hold out evaluation prompts.
 
+    One process; with a target hosted across processes use `deepspeed launcher/prepare.py --config R --set ...`.
+
     \b
     Example:
       dspark prepare -c smollm2_dspark --set data.max_prompts=32
@@ -267,7 +269,8 @@ def eval_cmd(recipe, overrides, drafter_specs, datasets, prompts_file):
     Reports per dataset and temperature: tau (accepted length incl. the bonus token), per-position conditional
     acceptance, prefix survival, mean proposal length, generated tokens/s, and the confidence head's
     calibration (ECE, AUROC, Brier) for drafters that have one. Writes <run_dir>/eval/report.json, acceptance
-    and reliability PNGs there, and TensorBoard scalars under <run_dir>/tensorboard.
+    and reliability PNGs there, and TensorBoard scalars under <run_dir>/tensorboard. One process; with a target
+    hosted across processes use `deepspeed launcher/eval.py` (same options).
 
     \b
     Example:

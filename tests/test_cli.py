@@ -14,7 +14,7 @@ def test_import_and_help_stay_light():
 
 
 @pytest.mark.parametrize("command", [[], ["prepare"], ["cache", "build"], ["cache", "inspect"], ["cache", "verify"], ["train"], ["eval"],
-                                     ["export"], ["demo"]])
+                                     ["calibrate"], ["export"], ["demo"]])
 def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
