@@ -317,8 +317,6 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     """
     import random
 
-    import torch
-
     from dspark.data.benchmarks import load_benchmark, parse_names
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
@@ -326,7 +324,7 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     from dspark.eval import sts
     from dspark.eval.calibration import CalibrationReport
     from dspark.eval.scheduler import SPSTable
-    from dspark.eval.specdec import prompt_seed, speculative_generate_batch
+    from dspark.eval.specdec import decode_prompts
     from dspark.targets import load_target
 
     ev = cfg.eval
@@ -359,11 +357,10 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     drafter = drafter.to(device).eval()
     gamma = drafter.block_size
     token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
-    generators = [torch.Generator(device=device).manual_seed(prompt_seed(ev.seed, i)) for i in range(len(prompts))]
     stop_ids = sorted({i for i in [target.tokenizer.eos_token_id] if i is not None})
-    results = speculative_generate_batch(target, drafter, token_ids, max_new_tokens=ev.max_new_tokens,
-                                         temperature=ev.calibration_temperature, generators=generators,
-                                         batch_size=ev.batch_size, stop_ids=stop_ids)
+    results, _ = decode_prompts(target, drafter, token_ids, max_new_tokens=ev.max_new_tokens,
+                                temperature=ev.calibration_temperature, seed=ev.seed, batch_size=ev.batch_size,
+                                stop_ids=stop_ids, progress=progress and dist_utils.rank() == 0)
     order = list(range(len(prompts)))
     random.Random(ev.seed).shuffle(order)
     halves = {"fit": sorted(order[: (len(order) + 1) // 2]), "heldout": sorted(order[(len(order) + 1) // 2 :])}
@@ -396,6 +393,9 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     }
     stats["ece_before_K"] += [float("nan")] * (gamma - len(stats["ece_before_K"]))
     stats["ece_after_K"] += [float("nan")] * (gamma - len(stats["ece_after_K"]))
+    if dist_utils.rank() != 0:  # every rank decoded and fitted the same; rank 0 alone writes and prints
+        dist_utils.barrier()
+        return {"temperatures": temperatures, **stats}
     path = sts.write_calibration(drafter_dir, temperatures, **stats)
     print(f"\nSequential Temperature Scaling at sampling temperature {ev.calibration_temperature:g}: fitted on "
           f"{len(fit_acc)} rounds of {len(halves['fit'])} prompts; ECE of prod c_i vs prefix survival on "
@@ -406,6 +406,7 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     if sps is not None:
         out["scheduler"] = _simulate_scheduler([results[i] for i in halves["heldout"]], held_cal, gamma, sps,
                                                ev.batch_size, scheduler_sps)
+    dist_utils.barrier()
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 
 from dspark.eval.metrics import EvalReport, format_table
 
-__all__ = ["EvalReport", "GenerationResult", "confident_length", "evaluate", "format_table", "prompt_seed",
+__all__ = ["EvalReport", "GenerationResult", "confident_length", "decode_prompts", "evaluate", "format_table", "prompt_seed",
            "speculative_generate", "speculative_generate_batch", "target_generate", "verify_drafts"]
 
 
@@ -330,27 +330,28 @@ def prompt_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def evaluate(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
-             stop_ids: Iterable[int] = (), progress: bool = False, batch_size: int = 1,
-             confidence_threshold: float = 0.0, group: tuple[int, int] | None = None) -> EvalReport:
-    """Speculative decoding over ``prompts`` (token id lists) and the acceptance report of ``drafter``.
+def decode_prompts(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
+                   stop_ids: Iterable[int] = (), progress: bool = False, batch_size: int = 1,
+                   confidence_threshold: float = 0.0, group: tuple[int, int] | None = None
+                   ) -> tuple[list[GenerationResult], float]:
+    """Speculative decoding of every prompt: the results in prompt order and the wall time of the slowest rank.
 
     Each prompt samples with its own generator seeded by ``prompt_seed(seed, index)``, on the drafter's device,
-    so the report does not depend on ``batch_size`` (prompts decoded together, see
-    ``speculative_generate_batch``). With ``confidence_threshold`` > 0 proposals stop where the cumulative
-    confidence product falls below it (``confident_length``).
+    so the results do not depend on ``batch_size`` (prompts decoded together, see ``speculative_generate_batch``).
+    With ``confidence_threshold`` > 0 proposals stop where the cumulative confidence product falls below it
+    (``confident_length``).
 
     In a process group, ``group`` = (index, count) (default: ``target.decode_group()``) splits the prompts over
     the groups of ranks that decode together: this rank decodes the prompts ``i`` with ``i % count == index``,
-    then every rank gathers all results, so each returns the report over all prompts, equal to a one-process
-    report (the seeds depend on prompt indices only). Members of one group must agree token for token.
+    then every rank gathers all results, so each returns the results of all prompts, equal to one process's
+    (the seeds depend on prompt indices only). Members of one group must agree token for token.
     """
     from tqdm import tqdm
 
     from dspark import distributed
 
     if not prompts:
-        raise ValueError("evaluate needs at least one prompt")
+        raise ValueError("speculative decoding needs at least one prompt")
     if group is None:
         group = target.decode_group() if hasattr(target, "decode_group") else (0, 1)
     index, count = group
@@ -372,7 +373,20 @@ def evaluate(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, 
         drafter.train(was_training)
     wall_s = time.perf_counter() - start
     if count > 1 or distributed.world_size() > 1:
-        results, wall_s = _gather_results(dict(zip(mine, results)), wall_s, len(prompts))
+        return _gather_results(dict(zip(mine, results)), wall_s, len(prompts))
+    return results, wall_s
+
+
+def evaluate(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
+             stop_ids: Iterable[int] = (), progress: bool = False, batch_size: int = 1,
+             confidence_threshold: float = 0.0, group: tuple[int, int] | None = None) -> EvalReport:
+    """Speculative decoding over ``prompts`` (token id lists) and the acceptance report of ``drafter``; the
+    arguments are ``decode_prompts``'s (the report is the same whatever the batch size or number of ranks)."""
+    if not prompts:
+        raise ValueError("evaluate needs at least one prompt")
+    results, wall_s = decode_prompts(target, drafter, prompts, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, seed=seed, stop_ids=stop_ids, progress=progress,
+                                     batch_size=batch_size, confidence_threshold=confidence_threshold, group=group)
     accepted = [a for r in results for a in r.accepted]
     proposed = [p for r in results for p in r.proposed]
     with_confidence = all(len(r.confidences) == len(r.accepted) for r in results) and any(r.accepted for r in results)
