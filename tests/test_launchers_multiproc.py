@@ -45,7 +45,7 @@ def _assert_same_report(ours: dict, theirs: dict) -> None:
     a, b = _leaves(ours), _leaves(theirs)
     assert a.keys() == b.keys()
     for key, value in a.items():
-        if "/calibration/" in key and isinstance(value, float):
+        if ("/calibration/" in key or "ece" in key) and isinstance(value, float):
             assert value == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
         else:
             assert value == b[key], key
@@ -78,3 +78,21 @@ def test_eval_on_two_processes_reports_what_one_process_reports(tmp_path, tiny_d
     assert set(ours) == {"T1", "T0"} and set(ours["T1"]) == {"trained", "untrained"}
     _assert_same_report(ours, theirs)
     assert (run_dir / "eval" / "acceptance_T1.png").is_file()
+
+
+def test_calibrate_on_two_processes_fits_what_one_process_fits(tmp_path, tiny_demo_run, tiny_llama_dir):
+    reference, _ = tiny_demo_run
+    runs = {}
+    for name in ("one", "two"):
+        run_dir = runs[name] = tmp_path / name
+        shutil.copytree(reference / "data", run_dir / "data")
+        shutil.copytree(reference / "drafter", run_dir / "drafter")
+    sets = ["eval.num_prompts=4", "eval.calibration_temperature=0"]
+    proc = run_cli(["calibrate", "-c", "tiny_llama_dspark", "--set", f"run_dir={runs['one']}",
+                    "--set", f"target.name_or_path={tiny_llama_dir}", *[a for s in sets for a in ("--set", s)]])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _launch("calibrate.py", runs["two"], tiny_llama_dir, *sets)
+    assert "decoded by 2 processes" in proc.stdout
+    one, two = (json.loads((runs[n] / "drafter" / "calibration.json").read_text()) for n in ("one", "two"))
+    assert one["num_heldout_rounds"] > 0
+    _assert_same_report(two, one)  # the temperatures exactly, the ECEs to float rounding
