@@ -8,12 +8,14 @@ anything transformers can load, in one process.
 from __future__ import annotations
 
 FAMILIES: dict[str, dict[str, str]] = {
-    "llama": {"zero3": "features; decoding in lockstep; generate", "pipeline": "features",
+    "llama": {"zero3": "features; decoding in lockstep; generate",
+              "pipeline": "features; decoding in lockstep; generate",
               "megatron": "tensor parallel; features; decoding in lockstep; generate"},
-    "qwen3": {"zero3": "features; decoding in lockstep; generate", "pipeline": "features",
+    "qwen3": {"zero3": "features; decoding in lockstep; generate",
+              "pipeline": "features; decoding in lockstep; generate",
               "megatron": "tensor parallel; features; decoding in lockstep; generate"},
     "deepseek_v3": {"zero3": "features (MLA + MoE, fused experts); decoding in lockstep; generate",
-                    "pipeline": "features (MLA + MoE)",
+                    "pipeline": "features (MLA + MoE); decoding in lockstep; generate",
                     "megatron": "MLA tensor parallel by heads, MoE experts split over the TP ranks; features; "
                                 "decoding in lockstep; generate"},
     "deepseek_v4": {"zero3": "features (hidden states carry the mHC streams: [B, T, L, hc, H]); decoding in "

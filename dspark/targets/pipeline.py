@@ -24,7 +24,14 @@ gloo; nccl takes the same calls). A world larger than ``pipeline_stages`` holds 
 Memory. Stage 0 holds the embedding and its share of decoder layers, the last stage its share plus the final
 norm; the LM head is not part of the pipeline (features stop at the final norm). ``embed_weight`` and
 ``lm_head_weight`` (needed on every training rank by the drafter) are read from the checkpoint on first use by
-ranks that do not hold them. Decoding (``decode_session``/``generate``) is not supported: use hf or megatron.
+ranks that do not hold them; the last stage reads the LM head on its first decoding step.
+
+Decoding (``decode_session``, ``generate``; in ``pipeline_decode``). Every member of one pipeline replica calls
+with the same ids / prompts and seeds, in lockstep (``decode_group`` = the replica). Each stage keeps a KV cache
+of its own decoder layers; hidden states go stage to stage as in ``features``; the last stage applies the final
+norm and the LM head. A decode session hands every member the fp32 logits and the feature layers (broadcast from
+the stages that hold them: every rank runs the same speculative-decoding loop); ``generate`` keeps one batch
+per stage in flight, samples on the last stage and hands the tokens to every member from stage 0.
 """
 
 from __future__ import annotations
@@ -152,9 +159,10 @@ class TargetDecoderLayer(nn.Module):
             self.layer = decoder_cls(config, layer_id)
         _load_module(self.layer, f"model.layers.{layer_id}.", weights, str(weights.model_dir))
 
-    def forward(self, hidden_BTH, causal_mask, position_embeddings, position_ids) -> torch.Tensor:
+    def forward(self, hidden_BTH, causal_mask, position_embeddings, position_ids, cache=None) -> torch.Tensor:
+        # ``cache``: a transformers Cache indexed by global layer id (the layer's own ``layer_idx``)
         out = self.layer(hidden_BTH, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                         position_ids=position_ids, use_cache=False)
+                         position_ids=position_ids, cache=cache, use_cache=cache is not None)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -277,6 +285,7 @@ class PipelineTarget(TargetBackend):
         self.num_stages = num_stages
         self.pipe_ranks: list[int] = list(grid.pp_group)  # global rank of each stage of this rank's pipeline
         self.pipe_group = grid.get_pipe_parallel_group()
+        self.replica, self.num_replicas = grid.get_data_parallel_id(), grid.data_parallel_size
         assert self.pipe_ranks[self.stage] == torch.distributed.get_rank()
         _, rotary_cls, _ = _family_classes(config)
         self.device = next(self.module.parameters()).device
@@ -330,13 +339,22 @@ class PipelineTarget(TargetBackend):
             chat_template=getattr(self.tokenizer, "chat_template", None),
         )
 
+    def decode_group(self) -> tuple[int, int]:
+        """One pipeline replica decodes together; the replicas (world / stages of them) take different prompts."""
+        return self.replica, self.num_replicas
+
     def decode_session(self):
-        raise ValueError("target.backend=pipeline computes features only; incremental decoding (eval, "
-                         "regeneration) needs target.backend=hf or megatron")
+        """A KV-cached decoder of one sequence; every member of this rank's pipeline extends it in lockstep."""
+        from dspark.targets.pipeline_decode import PipelineDecodeSession
+
+        return PipelineDecodeSession(self)
 
     def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
-        raise ValueError("target.backend=pipeline computes features only; generation (regeneration, eval) "
-                         "needs target.backend=hf or megatron")
+        """Left-padded batched generation; every member of this rank's pipeline passes the same prompts."""
+        from dspark.targets.pipeline_decode import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        batch_size=batch_size, seed=seed, progress=progress)
 
     # -- features ----------------------------------------------------------------------------------------
 
@@ -359,8 +377,13 @@ class PipelineTarget(TargetBackend):
             batches.append((buf[0], buf[1] if has_mask else None))
         return batches
 
-    def _run_stage(self, ids_BT, mask_BT, hidden_BTH):
-        """This stage's layers on one micro-batch: (output hidden, requested features [B,T,L_s,H] or None)."""
+    def _run_stage(self, ids_BT, mask_BT, hidden_BTH, position_ids_BT=None, cache=None):
+        """This stage's layers on one micro-batch: (output hidden, requested features [B,T,L_s,H] or None).
+
+        Without ``cache``: a whole right-padded batch at positions 0..T-1 (``features``). With ``cache`` (decoding):
+        new tokens at ``position_ids_BT`` after the cached prefix; ``mask_BT`` then covers prefix + new tokens
+        (None = no padding), as in HF's model forward.
+        """
         from transformers.masking_utils import create_causal_mask
 
         wanted = set(self.stage_layer_ids[self.stage])
@@ -372,12 +395,16 @@ class PipelineTarget(TargetBackend):
                 if -1 in wanted:
                     found[-1] = hidden_BTH
             elif isinstance(fn, TargetDecoderLayer):
-                if ctx is None:  # same mask and positions as HF's model forward (positions 0..T-1, right padding)
-                    position_ids = torch.arange(hidden_BTH.shape[1], device=self.device).unsqueeze(0)
+                if ctx is None:  # same mask and positions as HF's model forward
+                    position_ids = position_ids_BT
+                    if position_ids is None:
+                        position_ids = torch.arange(hidden_BTH.shape[1], device=self.device).unsqueeze(0)
+                    # The cache is sized from this stage's first layer: the earlier layers' entries are empty here.
                     causal = create_causal_mask(config=self._config, inputs_embeds=hidden_BTH,
-                                                attention_mask=mask_BT, cache=None, position_ids=position_ids)
+                                                attention_mask=mask_BT, cache=cache, position_ids=position_ids,
+                                                layer_idx=fn.layer_id if cache is not None else None)
                     ctx = (causal, self.rotary(hidden_BTH, position_ids=position_ids), position_ids)
-                hidden_BTH = fn(hidden_BTH, *ctx)
+                hidden_BTH = fn(hidden_BTH, *ctx, cache=cache)
                 if fn.layer_id in wanted:
                     found[fn.layer_id] = hidden_BTH
             else:

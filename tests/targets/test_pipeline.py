@@ -50,15 +50,10 @@ def _worker(rank: int, world: int, port: int, jobs: dict[str, dict], out_dir: st
     for key, job in jobs.items():
         target = load_target(TargetConfig(backend="pipeline", **job))
         feats = target.features(*_batch(rank))
-        try:
-            target.decode_session()
-            decode_error = ""
-        except ValueError as exc:
-            decode_error = str(exc)
         identity = target.identity().to_dict() if target.tokenizer is not None else None
         results[key] = {"identity": identity, "layers": feats.layers_BTLH, "final": feats.final_BTH, "stage": target.stage,
                         "param_bytes": target.parameter_bytes(), "embed": target.embed_weight.clone(),
-                        "lm_head": target.lm_head_weight.clone(), "decode_error": decode_error,
+                        "lm_head": target.lm_head_weight.clone(),
                         "stage_layer_ids": target.stage_layer_ids}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
@@ -101,7 +96,6 @@ def _check_parity(jobs: dict[str, dict], results: list[dict]) -> None:
             torch.testing.assert_close(got["final"], want.final_BTH, atol=tol, rtol=tol, msg=key)
             torch.testing.assert_close(got["embed"], ref.embed_weight, atol=0, rtol=0)
             torch.testing.assert_close(got["lm_head"], ref.lm_head_weight, atol=0, rtol=0)
-            assert "hf or megatron" in got["decode_error"]
 
 
 def _param_bytes(ref) -> tuple[int, int]:
