@@ -295,7 +295,8 @@ def resolve_recipe_path(recipe: str) -> Path:
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".py") and p.stem != "__init__")
+    return sorted(p.stem for p in RECIPES_DIR.iterdir()
+                  if p.suffix in (".yaml", ".yml", ".py") and p.stem != "__init__")
 
 
 def load_recipe_dict(recipe: str) -> dict[str, Any]:
@@ -359,7 +360,8 @@ def validate(cfg: RunConfig) -> None:
                           f"ttt_length={cfg.drafter.ttt_length}, ttt_decay={cfg.drafter.ttt_decay}, "
                           f"draft_vocab_size={cfg.drafter.draft_vocab_size}")
     if cfg.drafter.markov_head_type not in ("vanilla", "rnn", "gated"):
-        raise ConfigError(f"drafter.markov_head_type must be vanilla, rnn or gated, got {cfg.drafter.markov_head_type!r}")
+        raise ConfigError(f"drafter.markov_head_type must be vanilla, rnn or gated, "
+                          f"got {cfg.drafter.markov_head_type!r}")
     if cfg.drafter.block_size < 1:
         raise ConfigError(f"drafter.block_size must be >= 1, got {cfg.drafter.block_size}")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):

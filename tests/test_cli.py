@@ -8,13 +8,14 @@ from dspark.cli import main
 
 
 def test_import_and_help_stay_light():
-    code = "import sys, dspark, dspark.cli, dspark.config; print(any(m in sys.modules for m in ('torch', 'deepspeed', 'transformers')))"
+    code = ("import sys, dspark, dspark.cli, dspark.config; "
+            "print(any(m in sys.modules for m in ('torch', 'deepspeed', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["cache", "build"], ["cache", "inspect"], ["cache", "verify"], ["train"], ["eval"],
-                                     ["calibrate"], ["export"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["prepare"], ["cache", "build"], ["cache", "inspect"], ["cache", "verify"],
+                                     ["train"], ["eval"], ["calibrate"], ["export"], ["demo"]])
 def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, run_cli
 
+
 def assert_one_line_error(proc, pattern: str):
     import re
 
@@ -149,7 +150,8 @@ def test_dflash_trains_and_evaluates_through_the_same_loop(tiny_demo_run, tiny_l
     run_dir, _ = tiny_demo_run
     shutil.copytree(run_dir / "cache", tmp_path / "cache")
     shutil.copytree(run_dir / "data", tmp_path / "data")
-    common = ["-c", "tiny_llama_dflash", "--set", f"run_dir={tmp_path}", "--set", f"target.name_or_path={tiny_llama_dir}"]
+    common = ["-c", "tiny_llama_dflash", "--set", f"run_dir={tmp_path}",
+              "--set", f"target.name_or_path={tiny_llama_dir}"]
     for command in (["train"], ["eval"]):
         proc = run_cli([*command, *common])
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -42,7 +42,8 @@ def _check_samples(samples: list[dict]) -> tuple[int, int]:
     for i, sample in enumerate(samples):
         missing = [k for k in SAMPLE_KEYS if k not in sample]
         if missing:
-            raise ValueError(f"sample {i} lacks {', '.join(missing)} (a training sample needs {', '.join(SAMPLE_KEYS)})")
+            raise ValueError(f"sample {i} lacks {', '.join(missing)} "
+                             f"(a training sample needs {', '.join(SAMPLE_KEYS)})")
         num_tokens = sample["input_ids"].shape[0]
         counts = (sample["loss_mask"].shape, sample["features_TLH"].shape[:1], sample["final_TH"].shape[:1])
         if any(tuple(c) != (num_tokens,) for c in counts):

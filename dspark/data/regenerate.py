@@ -107,7 +107,8 @@ def _parse_conversation(line: str, where: str) -> dict:
     row = parse_object(line, where)
     missing = [k for k in REQUIRED_KEYS if k not in row]
     if missing:
-        raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (a conversation needs {', '.join(REQUIRED_KEYS)})")
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)} "
+                         f"(a conversation needs {', '.join(REQUIRED_KEYS)})")
     ids, mask = row["input_ids"], row["loss_mask"]
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
         raise ValueError(f"{where}: input_ids must be a list of non-negative ints")

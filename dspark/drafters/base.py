@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-
 BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "features_BTLH", "final_BTH")
 
 

@@ -18,7 +18,7 @@ from dspark.eval.specdec import (
 )
 from dspark.eval.sts import fit_sts, read_calibration, write_calibration
 
-__all__ = ["CalibrationReport", "EvalReport", "GenerationResult", "SPSTable", "auroc", "brier", "conditional_acceptance",
-           "ece", "evaluate", "fit_sts", "format_table", "prefix_survival", "read_calibration", "schedule_capacity",
-           "schedule_prefixes", "simulate", "speculative_generate", "speculative_generate_batch", "target_generate",
-           "tau", "write_calibration"]
+__all__ = ["CalibrationReport", "EvalReport", "GenerationResult", "SPSTable", "auroc", "brier",
+           "conditional_acceptance", "ece", "evaluate", "fit_sts", "format_table", "prefix_survival",
+           "read_calibration", "schedule_capacity", "schedule_prefixes", "simulate", "speculative_generate",
+           "speculative_generate_batch", "target_generate", "tau", "write_calibration"]

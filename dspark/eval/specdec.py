@@ -21,8 +21,8 @@ import torch
 
 from dspark.eval.metrics import EvalReport, format_table
 
-__all__ = ["EvalReport", "GenerationResult", "confident_length", "decode_prompts", "evaluate", "format_table", "prompt_seed",
-           "speculative_generate", "speculative_generate_batch", "target_generate", "verify_drafts"]
+__all__ = ["EvalReport", "GenerationResult", "confident_length", "decode_prompts", "evaluate", "format_table",
+           "prompt_seed", "speculative_generate", "speculative_generate_batch", "target_generate", "verify_drafts"]
 
 
 @dataclass

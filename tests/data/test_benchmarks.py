@@ -13,11 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import EVAL_DATASETS, run_cli
 
 from dspark.data import benchmarks
-from dspark.data.benchmarks import (BENCHMARKS, benchmark_path, default_data_dir, fetch_benchmarks, load_benchmark,
-                                    parse_names)
-from conftest import EVAL_DATASETS, run_cli
+from dspark.data.benchmarks import (
+    BENCHMARKS,
+    benchmark_path,
+    default_data_dir,
+    fetch_benchmarks,
+    load_benchmark,
+    parse_names,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 needs_shared = pytest.mark.skipif(not EVAL_DATASETS.is_dir(), reason=f"{EVAL_DATASETS} not present")

@@ -37,7 +37,8 @@ def test_short_batch_pads_only_to_longest_and_accepts_uint8_masks():
     samples[0]["loss_mask"] = samples[0]["loss_mask"].to(torch.uint8)
     batch = collate(samples, max_seq_len=512)
     assert batch["input_ids_BT"].shape == (2, 4)
-    assert torch.equal(batch["loss_mask_BT"][0], torch.cat([samples[0]["loss_mask"].bool(), torch.zeros(2, dtype=torch.bool)]))
+    expected_mask = torch.cat([samples[0]["loss_mask"].bool(), torch.zeros(2, dtype=torch.bool)])
+    assert torch.equal(batch["loss_mask_BT"][0], expected_mask)
 
 
 def test_bad_samples():

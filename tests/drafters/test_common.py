@@ -3,8 +3,7 @@ import torch
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
-from dspark.drafters.common import (DraftAttention, RMSNorm, RotaryEmbedding, apply_rope,
-                                    rope_theta_from_config)
+from dspark.drafters.common import DraftAttention, RMSNorm, RotaryEmbedding, apply_rope, rope_theta_from_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_batch, make_drafter
 
 from dspark.config import DrafterConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.drafters.anchors import sample_anchors
-
-from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_batch, make_drafter
 
 EPS = TINY_TARGET["rms_norm_eps"]
 THETA = TINY_TARGET["rope_parameters"]["rope_theta"]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from eval_drafters import FixedDistributionDrafter, OracleDrafter, arbitrary_distribution
 
 from dspark.config import TargetConfig
 from dspark.eval.specdec import evaluate, prompt_seed, speculative_generate, target_generate, verify_drafts
 from dspark.targets import load_target
-
-from eval_drafters import FixedDistributionDrafter, OracleDrafter, arbitrary_distribution
 
 PROMPTS = [[1, 504, 2683, 314, 253], [1, 9690, 28, 44], [1, 17, 2000, 31, 7, 900, 12]]
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from eval_drafters import FixedDistributionDrafter, arbitrary_distribution
 
 from dspark.config import TargetConfig
 from dspark.eval.specdec import prompt_seed, speculative_generate, target_generate, verify_drafts
 from dspark.targets import load_target
-
-from eval_drafters import FixedDistributionDrafter, arbitrary_distribution
 
 PROMPT = [1, 9690, 28, 44]
 NUM_NEW = 3  # tokens per run: the prefill's, then drafted slots (3 drafts cut to the budget of 2)

@@ -161,7 +161,8 @@ def test_dequantised_reads_equal_reference(checkpoints):
             assert torch.equal(_dequantize_fp8_weight(raw, scale, BLOCKS[family], torch.float32), full), name
             for dim in range(full.dim()):
                 size = full.shape[dim]
-                for start, stop in [(0, size), (size // 2, size), (min(5, size), min(size, 37)), (size - 1, size), (1, 1)]:
+                ranges = [(0, size), (size // 2, size), (min(5, size), min(size, 37)), (size - 1, size), (1, 1)]
+                for start, stop in ranges:
                     part = index.load_slice(name, dim, start, stop, torch.float64)
                     assert torch.equal(part, full.narrow(dim, start, stop - start).double()), (name, dim, start)
             n = full.numel()
@@ -294,7 +295,8 @@ def test_broken_weight_scale_pairs(tmp_path):
     with pytest.raises(ValueError, match="has no proj.weight_scale_inv .it has proj.scale: DeepSeek-V4's native"):
         WeightIndex(_small_fp8_dir(tmp_path / "b", GOOD, {"proj.weight": weight, "proj.scale": scale}))
     with pytest.raises(ValueError, match="scale tensors without an FP8 weight: proj.weight_scale_inv"):
-        WeightIndex(_small_fp8_dir(tmp_path / "c", GOOD, {"proj.weight": weight.float(), "proj.weight_scale_inv": scale}))
+        WeightIndex(_small_fp8_dir(tmp_path / "c", GOOD,
+                                   {"proj.weight": weight.float(), "proj.weight_scale_inv": scale}))
     with pytest.raises(ValueError, match="proj.weight_scale_inv has dtype torch.int32; expected a float scale"):
         WeightIndex(_small_fp8_dir(tmp_path / "d", GOOD, {"proj.weight": weight,
                                                           "proj.weight_scale_inv": scale.int()}))
@@ -324,7 +326,8 @@ def test_hf_backend_on_deepseeks_per_expert_layout(checkpoints, tmp_path):
     """DeepSeek's hub layout (one FP8 tensor + scale per expert) goes through transformers' own expert fusing."""
     twin_dir = checkpoints["deepseek_v3"]["twin"]
     fp8_dir = tmp_path / "per-expert"
-    state = write_fp8_checkpoint(twin_dir, fp8_dir, tmp_path / "per-expert-twin", BLOCKS["deepseek_v3"], per_expert=True)
+    state = write_fp8_checkpoint(twin_dir, fp8_dir, tmp_path / "per-expert-twin", BLOCKS["deepseek_v3"],
+                                 per_expert=True)
     assert "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv" in state
     reference = load_target(TargetConfig(name_or_path=str(twin_dir), layer_ids=LAYER_IDS))
     hf_fp8 = load_target(TargetConfig(name_or_path=str(fp8_dir), layer_ids=LAYER_IDS))

@@ -51,8 +51,9 @@ def _worker(rank: int, world: int, port: int, jobs: dict[str, dict], out_dir: st
         target = load_target(TargetConfig(backend="pipeline", **job))
         feats = target.features(*_batch(rank))
         identity = target.identity().to_dict() if target.tokenizer is not None else None
-        results[key] = {"identity": identity, "layers": feats.layers_BTLH, "final": feats.final_BTH, "stage": target.stage,
-                        "param_bytes": target.parameter_bytes(), "embed": target.embed_weight.clone(),
+        results[key] = {"identity": identity, "layers": feats.layers_BTLH, "final": feats.final_BTH,
+                        "stage": target.stage, "param_bytes": target.parameter_bytes(),
+                        "embed": target.embed_weight.clone(),
                         "lm_head": target.lm_head_weight.clone(),
                         "stage_layer_ids": target.stage_layer_ids}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")

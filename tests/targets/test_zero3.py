@@ -137,7 +137,8 @@ def test_bad_inputs_fail_before_any_weight_is_read(checkpoints, tmp_path, monkey
         raise AssertionError("the model was built before the bad input was reported")
 
     monkeypatch.setattr(zero3, "build_partitioned", no_build)
-    cfg = lambda path: TargetConfig(name_or_path=str(path), backend="zero3", layer_ids=LAYER_IDS)
+    def cfg(path):
+        return TargetConfig(name_or_path=str(path), backend="zero3", layer_ids=LAYER_IDS)
 
     missing = shutil.copytree(checkpoints["qwen3"], tmp_path / "missing")
     shard = sorted(missing.glob("model-*.safetensors"))[1]

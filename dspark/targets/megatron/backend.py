@@ -162,7 +162,8 @@ class MegatronTarget(TargetBackend):
         input_ids_BT = input_ids_BT.to(self.device)
         mask_BT = torch.ones_like(input_ids_BT) if attention_mask_BT is None else attention_mask_BT.to(self.device)
         ids_GT, mask_GT, rows = self._gather_group_batches(input_ids_BT, mask_BT)
-        positions_GT = torch.arange(ids_GT.shape[1], device=self.device).expand_as(ids_GT)  # as HF's features(): no position_ids
+        # as HF's features(): no position_ids
+        positions_GT = torch.arange(ids_GT.shape[1], device=self.device).expand_as(ids_GT)
         layers, final_GTH = self.model(ids_GT, positions_GT, mask_GT, self.layer_ids)
         B, T = input_ids_BT.shape
         layers_BTLH = torch.stack(layers, dim=2)[rows : rows + B, :T]
@@ -211,7 +212,8 @@ class MegatronTarget(TargetBackend):
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch_idx in tqdm(batches, desc="regenerate", disable=not progress, unit="batch"):
-            generator = torch.Generator(device=self.device).manual_seed(seed + batch_idx[0])  # same seed on every TP rank
+            # the same seed on every TP rank
+            generator = torch.Generator(device=self.device).manual_seed(seed + batch_idx[0])
             new = self._generate_batch([prompts[i] for i in batch_idx], max_new_tokens, temperature, generator,
                                        eos, pad_id)
             for i, tokens in zip(batch_idx, new):
