@@ -273,14 +273,29 @@ def _log_eval_report(logger, prefix: str, report) -> None:
 
 
 def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec") -> Path:
-    """Write the trained drafter as an HF attach-on directory in ``fmt``."""
+    """Write the trained drafter as an HF attach-on directory in ``fmt``.
+
+    A ``calibration.json`` (``dspark calibrate``) travels with the ``deepspec`` layout, whose loader applies it;
+    the other formats have no confidence head, so it is left behind with a warning.
+    """
+    import shutil
+    import warnings
+
     from dspark.drafters import load_drafter
+    from dspark.eval.sts import CALIBRATION_FILE
     from dspark.export import export_drafter
 
     if not (Path(drafter_dir) / "config.json").is_file():
         raise ValueError(f"{drafter_dir} holds no trained drafter (config.json missing)")
     drafter = load_drafter(drafter_dir)
-    return export_drafter(drafter, out_dir, fmt, target_config=_run_target_config(Path(drafter_dir)))
+    out = export_drafter(drafter, out_dir, fmt, target_config=_run_target_config(Path(drafter_dir)))
+    calibration = Path(drafter_dir) / CALIBRATION_FILE
+    if calibration.is_file():
+        if fmt == "deepspec":
+            shutil.copyfile(calibration, Path(out) / CALIBRATION_FILE)
+        else:
+            warnings.warn(f"{calibration} is not exported: format {fmt} carries no confidence head", stacklevel=2)
+    return out
 
 
 def _run_target_config(drafter_dir: Path):

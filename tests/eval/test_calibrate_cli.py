@@ -78,6 +78,12 @@ def test_profile_then_calibrate_with_scheduler_simulation(run_dirs, tiny_llama_d
     drafter = load_drafter(run_dir / "drafter")
     assert drafter.confidence_head.temperature_K.tolist() == calibration["temperatures"]
 
+    # The deepspec export carries the calibration; its loader applies the same temperatures.
+    proc = run_cli(["export", str(run_dir / "drafter"), str(tmp_path / "export"), "--format", "deepspec"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    exported = load_drafter(tmp_path / "export")
+    assert exported.confidence_head.temperature_K.tolist() == calibration["temperatures"]
+
 
 def test_calibrate_refuses_a_drafter_without_confidence_head_and_a_missing_table(run_dirs, tiny_llama_dir, tmp_path):
     dirs, prompts = run_dirs
