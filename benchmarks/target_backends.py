@@ -1,13 +1,14 @@
 """Benchmark: target backends side by side, per world size: peak RSS per rank, parameter bytes per rank, load
-time and ``features`` throughput (every rank runs its own batch; tokens/s counts all ranks).
+time and ``features`` throughput (every rank runs its own batch; tokens/s counts all ranks, from the median
+iteration), each also as a ratio against the hf rows of the same run.
 
-    python benchmarks/target_backends.py [--backends hf,zero3] [--targets tiny-deepseek_v3,smollm2]
+    python benchmarks/target_backends.py [--backends hf,zero3,pipeline,megatron] [--targets tiny-deepseek_v3,smollm2]
         [--worlds 1,2] [--batch 2] [--seq 256] [--iters 3] [--out benchmarks/results/target_backends.json]
 
 A backend is any name ``load_target`` knows (``TargetConfig.backend``); ``BACKEND_FIELDS`` holds the extra
-TargetConfig fields one needs per world size. Targets are prepared once under ``--work`` as multi-shard
-safetensors directories, so every backend reads the same weights. ``hf`` in a world of N is N full replicas.
-"""
+TargetConfig fields one needs per world size (``WORLD_FOR`` the sizes a target cannot take). Targets are prepared
+once under ``--work`` as multi-shard safetensors directories, so every backend reads the same weights. ``hf`` in a
+world of N is N full replicas."""
 
 from __future__ import annotations
 
@@ -105,14 +106,17 @@ def _worker(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
     vocab = target.config.vocab_size
     ids = torch.randint(0, vocab, (job["batch"], job["seq"]), generator=g)
     target.features(ids)  # warm-up
-    start = time.perf_counter()
+    iter_s = []
     for _ in range(job["iters"]):
+        start = time.perf_counter()
         target.features(ids)
-    wall = time.perf_counter() - start
+        iter_s.append(time.perf_counter() - start)
+    wall = sum(iter_s)
     held = (target.partition_bytes() if hasattr(target, "partition_bytes")
             else target.parameter_bytes() if hasattr(target, "parameter_bytes")
             else sum(p.numel() * p.element_size() for p in target.model.parameters()))
     result = {"rank": rank, "load_s": round(load_s, 2), "features_s": round(wall, 3),
+              "features_iter_s": [round(t, 4) for t in iter_s],
               "tokens": job["batch"] * job["seq"] * job["iters"], "param_mb_held": round(held / 2**20, 2),
               "rss_after_imports_mb": round(rss_imports, 1), "rss_after_load_mb": round(rss_loaded, 1),
               "peak_rss_load_mb": round(peak_load, 1), "rss_after_features_mb": round(_rss_mb("VmRSS"), 1),
@@ -138,16 +142,42 @@ def run_one(job: dict, world: int, timeout: float) -> dict:
                     p.kill()
                 raise TimeoutError(f"{job['backend']} world {world} did not finish within {timeout} s")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
-    wall = max(r["features_s"] for r in ranks)
+    # Iteration i ends when the slowest rank ends it; the median over iterations resists a noisy neighbour.
+    step_s = sorted(max(r["features_iter_s"][i] for r in ranks) for i in range(job["iters"]))
+    median_s = step_s[len(step_s) // 2]
+    tokens_per_iter = job["batch"] * job["seq"] * world
     return {"target": job["target"], "backend": job["backend"], "world": world,
             "batch_per_rank": job["batch"], "seq": job["seq"], "iters": job["iters"],
             "threads_per_rank": job["threads"],
-            "features_tokens_per_s": round(sum(r["tokens"] for r in ranks) / wall, 1), "ranks": ranks}
+            "features_tokens_per_s": round(tokens_per_iter / median_s, 1), "ranks": ranks}
+
+
+# (backend, target, asked world) -> world run instead: SmolLM2 has 9 attention heads, so tensor parallelism over 2
+# ranks is refused; megatron runs it over 3.
+WORLD_FOR = {("megatron", "smollm2", 2): 3}
+
+
+def _add_ratios(row: dict, rows: list[dict]) -> None:
+    """Ratios against the hf rows of the same target measured in this run: features tokens/s against hf at the
+    same world size (N replicas), peak RSS and parameters per rank against one hf process."""
+    hf = {r["world"]: r for r in rows if r["target"] == row["target"] and r["backend"] == "hf"}
+    if row["backend"] == "hf":
+        hf[row["world"]] = row
+    peak = max(r["peak_rss_mb"] for r in row["ranks"])
+    held = max(r["param_mb_held"] for r in row["ranks"])
+    if 1 in hf:
+        base = hf[1]["ranks"][0]
+        row["peak_rss_per_rank_vs_hf1"] = round(peak / base["peak_rss_mb"], 3)
+        row["params_per_rank_vs_hf1"] = round(held / base["param_mb_held"], 3)
+    same = hf.get(row["world"]) or hf.get(1)
+    if same is not None:
+        row["tokens_per_s_vs_hf"] = round(row["features_tokens_per_s"] / same["features_tokens_per_s"], 3)
+        row["tokens_per_s_baseline"] = f"hf, world {same['world']}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="hf,zero3")
+    parser.add_argument("--backends", default="hf,zero3,pipeline,megatron")
     parser.add_argument("--targets", default="tiny-deepseek_v3,smollm2")
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--batch", type=int, default=2)
@@ -174,13 +204,16 @@ def main() -> None:
             if backend not in BACKEND_FIELDS:
                 raise SystemExit(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_FIELDS)}")
             for world in (int(w) for w in args.worlds.split(",")):
+                world = WORLD_FOR.get((backend, name, world), world)
                 job = {"target": name, "path": str(path), "backend": backend, "batch": args.batch,
                        "seq": args.seq, "iters": args.iters, "threads": args.threads}
                 row = run_one(job, world, args.timeout)
+                _add_ratios(row, rows)
                 peak = max(r["peak_rss_mb"] for r in row["ranks"])
                 held = max(r["param_mb_held"] for r in row["ranks"])
-                print(f"{name:18s} {backend:8s} world {world}: {row['features_tokens_per_s']:9.1f} tok/s, "
-                      f"params held/rank {held:8.1f} MB, peak RSS/rank {peak:8.1f} MB", flush=True)
+                print(f"{name:18s} {backend:8s} world {world}: {row['features_tokens_per_s']:9.1f} tok/s "
+                      f"({row.get('tokens_per_s_vs_hf', float('nan')):.2f}x hf), params held/rank {held:8.1f} MB, "
+                      f"peak RSS/rank {peak:8.1f} MB", flush=True)
                 rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"layer_ids": LAYER_IDS, "cpu_count": os.cpu_count(), "rows": rows},

@@ -9,18 +9,27 @@ Block-FP8 checkpoints (``quantization_config`` with ``quant_method: fp8`` in ``c
 ``dspark.targets.fp8``) are dequantised on read: names and shapes are those of the logical weights (the
 ``*_scale_inv`` tensors are hidden), and every read returns real values, touching only the FP8 rows/columns and
 the scale rows it needs.
+
+Two things of DeepSeek-V3/R1 hub checkpoints are handled here for every backend: routed experts stored one tensor
+per expert (``mlp.experts.{e}.gate_proj.weight`` ...) where transformers holds them fused (``expert_parts`` names
+the pieces of a fused tensor, ``load_flat_range_of`` reads a flat range across them), and the multi-token-prediction
+layers ``model.layers.{num_hidden_layers + i}.*`` that transformers does not build (``check_against`` skips them).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import struct
 from pathlib import Path
 
 import torch
 
 from dspark.targets import fp8
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -47,6 +56,26 @@ def _read_header(path: Path) -> dict[str, dict]:
             raise ValueError(f"{path} has a corrupt safetensors header: {exc}") from None
     header.pop("__metadata__", None)
     return header
+
+
+def _mtp_layers(config: dict) -> range:
+    """Layer ids of DeepSeek's multi-token-prediction layers declared by a raw ``config.json`` dict (empty range
+    without ``num_nextn_predict_layers > 0``; transformers 5 also spells it ``num_mtp_layers``)."""
+    num_mtp = config.get("num_nextn_predict_layers", config.get("num_mtp_layers")) or 0
+    num_layers = config.get("num_hidden_layers")
+    if num_mtp <= 0 or num_layers is None:
+        return range(0)
+    return range(num_layers, num_layers + num_mtp)
+
+
+def mtp_tensor_names(names, config: dict) -> list[str]:
+    """The tensors of DeepSeek's multi-token-prediction layers among ``names``: ``model.layers.{i}.*`` with
+    ``num_hidden_layers <= i < num_hidden_layers + num_nextn_predict_layers``, for a ``config`` (the raw
+    ``config.json`` dict) that declares ``num_nextn_predict_layers > 0``; none otherwise. transformers builds no
+    module for them, so a checkpoint may carry them beside the model's tensors."""
+    layers = _mtp_layers(config)
+    layer = re.compile(r"model\.layers\.(\d+)\.")
+    return sorted(n for n in names if (m := layer.match(n)) and int(m.group(1)) in layers)
 
 
 def _short_list(names, limit: int = 8) -> str:
@@ -107,6 +136,10 @@ class WeightIndex:
         # What callers see: logical tensors (dequantised float32 for quantised ones), scales hidden.
         self._logical = {name: (shape, torch.float32 if name in self._scales else dtype)
                          for name, (shape, dtype) in self._meta.items() if name not in self._scales.values()}
+        config_path = self.model_dir / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self._mtp = frozenset(mtp_tensor_names(self._logical, config))
+        self._mtp_declared = _mtp_layers(config)
 
     # -- metadata ---------------------------------------------------------------------------------------------
 
@@ -132,10 +165,26 @@ class WeightIndex:
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
+    def mtp_names(self) -> list[str]:
+        """Tensors of the multi-token-prediction layers (see ``mtp_tensor_names``), judged by ``config.json``."""
+        return sorted(self._mtp)
+
     def check_against(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Refuse a checkpoint whose tensor names or shapes differ from what the model config builds."""
+        """Refuse a checkpoint whose tensor names or shapes differ from what the model config builds.
+
+        Tensors of DeepSeek's multi-token-prediction layers (``mtp_names``) are not built by the model and are
+        skipped with a one-line note; any other tensor the model does not have is an error.
+        """
         missing = [n for n in expected if n not in self._logical]
         unexpected = [n for n in self._logical if n not in expected]
+        skipped = [n for n in unexpected if n in self._mtp]
+        if skipped:
+            unexpected = [n for n in unexpected if n not in self._mtp]
+            declared = self._mtp_declared
+            layers = sorted({int(n.split(".")[2]) for n in skipped})
+            logger.warning("%s: skipping %d tensors of multi-token-prediction layer(s) %s (num_hidden_layers=%d, "
+                           "num_nextn_predict_layers=%d): the model does not use them", self.model_dir, len(skipped),
+                           ", ".join(map(str, layers)), declared.start, len(declared))
         mismatched = [f"{n} {self.shape(n)} (checkpoint) vs {tuple(s)} (config)"
                       for n, s in expected.items() if n in self._logical and self.shape(n) != tuple(s)]
         if missing or unexpected or mismatched:
@@ -185,6 +234,27 @@ class WeightIndex:
             rows = self._handle(name).get_slice(name)[first:last].reshape(-1)
         return self._cast(rows[start - first * row : stop - first * row], dtype)
 
+    def load_flat_range_of(self, names: list[str], start: int, stop: int,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the concatenation of the flattened tensors ``names`` (a fused tensor
+        stored in pieces, see ``expert_parts``); only the pieces the range overlaps are read, each through
+        ``load_flat_range`` (so only their covering rows, dequantised if FP8)."""
+        if not names:
+            raise ValueError("load_flat_range_of needs at least one tensor name")
+        total = sum(self.numel(n) for n in names)
+        if not 0 <= start <= stop <= total:
+            raise ValueError(f"{len(names)} tensors {names[0]} ... have {total} elements together; flat range "
+                             f"[{start}, {stop}) is out of range")
+        dtype = dtype or self.dtype(names[0])
+        pieces, offset = [torch.empty(0, dtype=dtype)], 0
+        for name in names:
+            numel = self.numel(name)
+            first, last = max(start, offset), min(stop, offset + numel)
+            if first < last:
+                pieces.append(self.load_flat_range(name, first - offset, last - offset, dtype))
+            offset += numel
+        return torch.cat(pieces)
+
     def file_of(self, name: str) -> str:
         """The shard file (relative to ``model_dir``) holding ``name`` (its FP8 values, for a quantised tensor)."""
         self._entry(name)
@@ -230,6 +300,38 @@ class WeightIndex:
     @staticmethod
     def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+_FUSED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def expert_parts(index: WeightIndex, name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]] | None:
+    """The per-expert tensors that store a fused expert tensor of the model, when ``index`` uses that layout.
+
+    transformers holds routed experts fused: ``mlp.experts.gate_up_proj [E, 2I, H]`` (each expert's gate rows,
+    then its up rows) and ``mlp.experts.down_proj [E, H, I]``. DeepSeek's hub checkpoints store
+    ``mlp.experts.{e}.gate_proj.weight [I, H]``, ``up_proj`` and ``down_proj [H, I]``. Returns name -> shape of
+    those pieces in the fused tensor's memory order (so the fused tensor flattened is the pieces flattened one
+    after another), or None when ``name`` is not such a tensor or the checkpoint stores it fused.
+    """
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith(".experts") or leaf not in _FUSED_EXPERTS or len(shape) != 3 or name in index:
+        return None
+    projs = _FUSED_EXPERTS[leaf]
+    if f"{prefix}.0.{projs[0]}.weight" not in index:
+        return None
+    num_experts, rows, cols = shape
+    piece = (rows // len(projs), cols)
+    return {f"{prefix}.{e}.{proj}.weight": piece for e in range(num_experts) for proj in projs}
+
+
+def checkpoint_layout(expected: dict[str, tuple[int, ...]], index: WeightIndex) -> dict[str, tuple[int, ...]]:
+    """The model's tensors ``expected`` (name -> shape, transformers' names) in the layout ``index`` stores them:
+    fused expert tensors stored per expert become their pieces (``expert_parts``). For ``check_against``."""
+    stored = {}
+    for name, shape in expected.items():
+        stored.update(expert_parts(index, name, shape) or {name: shape})
+    return stored
 
 
 def unique_state_dict(model) -> dict[str, torch.Tensor]:

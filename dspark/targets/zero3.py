@@ -2,7 +2,9 @@
 
 The HF model is built under ``deepspeed.zero.Init`` (each module is partitioned as soon as it is constructed)
 and each rank then fills only its own flat partition from the safetensors shards
-(``WeightIndex.load_flat_range``), so no rank ever reads or holds the whole model. At forward time one
+(``WeightIndex.load_flat_range``), so no rank ever reads or holds the whole model. Routed experts may be stored
+fused (transformers' layout) or one tensor per expert (DeepSeek's hub layout); in the latter a rank's flat range of
+a fused parameter maps onto rows of a few experts' tensors, and only those rows are read. At forward time one
 all-gather per decoder layer (and per embedding / final norm / LM head) makes that layer whole, it runs, and it
 is partitioned again: peak parameter memory is 1/N of the model plus one layer.
 
@@ -27,7 +29,7 @@ from torch import nn
 from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity
 from dspark.targets.families import require_family
 from dspark.targets.hf import HFDecodeSession
-from dspark.targets.weights import WeightIndex
+from dspark.targets.weights import WeightIndex, checkpoint_layout, expert_parts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,6 +47,20 @@ def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[
             if name not in module._non_persistent_buffers_set:
                 expected[f"{module_name}.{name}" if module_name else name] = tuple(buf.shape)
     return expected, aliases
+
+
+def read_partition(index: WeightIndex, name: str, shape: tuple[int, ...], start: int, stop: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Elements ``[start, stop)`` of parameter ``name`` (model shape ``shape``) flattened, from either layout.
+
+    A fused expert parameter stored per expert is, flattened, its pieces flattened one after another, so the
+    range covers a run of pieces (usually a few experts): only the rows of those pieces that the range touches
+    are read, never the whole expert set.
+    """
+    parts = expert_parts(index, name, shape)
+    if parts is None:
+        return index.load_flat_range(name, start, stop, dtype)
+    return index.load_flat_range_of(list(parts), start, stop, dtype)
 
 
 def gather_units(module: nn.Module) -> list[nn.Module]:
@@ -138,19 +154,27 @@ def fill_partitions(model: nn.Module, index: WeightIndex) -> None:
     import torch.distributed as dist
 
     # Shard by shard, closing each when done: its mapped pages leave RSS, so the load peak is this rank's
-    # partitions plus what it read of one shard (not of the whole checkpoint).
-    params = sorted(model.named_parameters(), key=lambda item: index.file_of(item[0]))
-    for i, (name, param) in enumerate(params):
+    # partitions plus what it read of one shard (not of the whole checkpoint). A parameter stored per expert is
+    # sorted by the shard of its first piece; shards its other pieces live in are closed right after it.
+    def stored(name: str, param) -> list[str]:
+        return list(expert_parts(index, name, tuple(param.ds_shape)) or [name])
+
+    params = sorted(((name, param, stored(name, param)) for name, param in model.named_parameters()),
+                    key=lambda item: index.file_of(item[2][0]))
+    for i, (name, param, pieces) in enumerate(params):
         part = param.ds_tensor
         assert not getattr(param, "ds_persist", False), f"{name} is persistent: the zero.Init config changed"
         rank = dist.get_rank(group=param.ds_process_group)
         start = min(rank * part.ds_numel, param.ds_numel)
         stop = min(start + part.ds_numel, param.ds_numel)
         with torch.no_grad():
-            part[: stop - start].copy_(index.load_flat_range(name, start, stop, part.dtype))
+            part[: stop - start].copy_(read_partition(index, name, tuple(param.ds_shape), start, stop, part.dtype))
             part[stop - start :].zero_()
-        if i + 1 == len(params) or index.file_of(params[i + 1][0]) != index.file_of(name):
-            index.close(index.file_of(name))
+        file = index.file_of(pieces[0])
+        for other in {index.file_of(p) for p in pieces} - {file}:
+            index.close(other)
+        if i + 1 == len(params) or index.file_of(params[i + 1][2][0]) != file:
+            index.close(file)
     for module_name, module in model.named_modules():
         for name, buf in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
@@ -209,7 +233,8 @@ class ZeRO3Target(TargetBackend):
         with torch.device("meta"):
             expected, aliases = expected_tensors(AutoModelForCausalLM.from_config(hf_config))
         present_aliases = aliases & set(index.names())
-        index.check_against({**expected, **{a: index.shape(a) for a in present_aliases}})
+        # Per-expert (hub) layout mapped onto the model's fused experts; MTP layers are skipped by check_against.
+        index.check_against({**checkpoint_layout(expected, index), **{a: index.shape(a) for a in present_aliases}})
         tokenizer = AutoTokenizer.from_pretrained(source)
 
         model = build_partitioned(hf_config, dtype)

@@ -4,6 +4,9 @@
 built with a fixed seed, so two calls give the same weights. Without a ``tokenizer_dir`` the vocab is small
 (256) and no tokenizer is written: enough for ``WeightIndex`` and raw model forwards; pass SmolLM2's tokenizer
 directory (the ``tokenizer_dir`` fixture) to get a directory that ``load_target`` accepts.
+
+``split_experts`` / ``fuse_experts`` / ``add_mtp_layers`` / ``write_checkpoint`` turn such a model into DeepSeek's
+hub layout (one tensor per routed expert, multi-token-prediction layers) and back.
 """
 
 from __future__ import annotations
@@ -84,4 +87,79 @@ def save_tiny(family: str, out_dir: str | Path, max_shard_bytes: int, *, tokeniz
     save_sharded(unique_state_dict(model), out, max_shard_bytes)
     if tok is not None:
         tok.save_pretrained(out)
+    return out
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with fused routed experts (transformers' ``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj
+    [E, H, I]``) stored one tensor per expert, as DeepSeek's hub checkpoints do (``experts.{e}.gate_proj.weight``
+    ``[I, H]``, ``up_proj``, ``down_proj [H, I]``). Order is kept otherwise."""
+    out = {}
+    for name, tensor in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        if not prefix.endswith(".experts") or leaf not in ("gate_up_proj", "down_proj"):
+            out[name] = tensor
+            continue
+        for e, expert in enumerate(tensor):
+            halves = zip(("gate_proj", "up_proj"), expert.chunk(2)) if leaf == "gate_up_proj" else [(leaf, expert)]
+            out.update({f"{prefix}.{e}.{proj}.weight": half.contiguous() for proj, half in halves})
+    return out
+
+
+def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``split_experts``: per-expert tensors stacked into transformers' fused layout."""
+    import re
+
+    pieces: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for name, tensor in state.items():
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if match is None:
+            out[name] = tensor
+            continue
+        prefix, e, proj = match.group(1), int(match.group(2)), match.group(3)
+        leaf = "down_proj" if proj == "down_proj" else "gate_up_proj"
+        if (prefix, leaf) not in pieces:
+            pieces[prefix, leaf] = {}
+            out[f"{prefix}.{leaf}"] = None  # placeholder: keeps the fused tensor where its first piece was
+        pieces[prefix, leaf].setdefault(e, {})[proj] = tensor
+    for (prefix, leaf), experts in pieces.items():
+        projs = ("down_proj",) if leaf == "down_proj" else ("gate_proj", "up_proj")
+        out[f"{prefix}.{leaf}"] = torch.stack([torch.cat([experts[e][p] for p in projs]) for e in sorted(experts)])
+    return out
+
+
+def add_mtp_layers(state: dict[str, torch.Tensor], config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``state`` plus DeepSeek-V3's multi-token-prediction layer(s) as its hub checkpoints carry them:
+    ``model.layers.{num_hidden_layers + i}.*`` = a decoder layer like the last one (random values) plus
+    ``enorm``, ``hnorm``, ``eh_proj [H, 2H]``, ``embed_tokens``, ``shared_head.norm`` and ``shared_head.head``."""
+    g = torch.Generator().manual_seed(seed)
+    last = f"model.layers.{config.num_hidden_layers - 1}."
+    hidden, vocab = config.hidden_size, config.vocab_size
+    out = dict(state)
+    for i in range(config.num_nextn_predict_layers):
+        prefix = f"model.layers.{config.num_hidden_layers + i}."
+        extra = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
+                 "embed_tokens.weight": (vocab, hidden), "shared_head.norm.weight": (hidden,),
+                 "shared_head.head.weight": (vocab, hidden)}
+        shapes = {n.removeprefix(last): tuple(t.shape) for n, t in state.items() if n.startswith(last)} | extra
+        out.update({prefix + n: torch.randn(s, generator=g) * 0.02 for n, s in shapes.items()})
+    return out
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], like_dir: str | Path, out_dir: str | Path, max_shard_bytes: int,
+                     **config_updates) -> Path:
+    """``state`` as multi-shard safetensors in ``out_dir``, beside ``like_dir``'s config (with ``config_updates``
+    applied) and tokenizer files."""
+    import json
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True)
+    for f in Path(like_dir).iterdir():
+        if not f.name.startswith("model"):
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **config_updates}, indent=2))
+    save_sharded(state, out, max_shard_bytes)
     return out
