@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dspark.targets.megatron.model import DecoderSpec
+from dspark.targets.weights import expert_parts
 
 # our parameter name after "layers.{i}." -> split dim of the HF tensor (None = replicated); names are HF's minus
 # "model.". Experts split along dim 0 (which experts a rank holds), everything else by heads or MLP columns.
@@ -90,23 +91,11 @@ def shard_plan(spec: DecoderSpec, model: nn.Module, tp_rank: int, tp_size: int) 
     return plan
 
 
-def _per_expert_names(read: ShardRead, index) -> dict[str, tuple[int, ...]] | None:
-    """The per-expert tensors standing for a fused ``experts.gate_up_proj`` / ``experts.down_proj``, when the
-    checkpoint uses that layout (DeepSeek's own: ``experts.{e}.gate_proj.weight`` ...); None otherwise."""
-    prefix, fused = read.hf_name.rsplit(".", 1)
-    if fused not in ("gate_up_proj", "down_proj") or read.hf_name in index or f"{prefix}.0.down_proj.weight" not in index:
-        return None
-    E, rows, cols = read.hf_shape
-    if fused == "down_proj":
-        return {f"{prefix}.{e}.down_proj.weight": (rows, cols) for e in range(E)}
-    return {f"{prefix}.{e}.{proj}.weight": (rows // 2, cols) for e in range(E) for proj in ("gate_proj", "up_proj")}
-
-
 def expected_checkpoint(plan: dict[str, ShardRead], spec: DecoderSpec, index) -> dict[str, tuple[int, ...]]:
     """Names and full shapes the checkpoint must hold (for ``WeightIndex.check_against``)."""
     expected = {}
     for read in plan.values():
-        expected.update(_per_expert_names(read, index) or {read.hf_name: read.hf_shape})
+        expected.update(expert_parts(index, read.hf_name, read.hf_shape) or {read.hf_name: read.hf_shape})
     if spec.tie_word_embeddings and "lm_head.weight" in index:  # some tied checkpoints also store the head
         expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
     return expected
@@ -128,7 +117,7 @@ def load_shards(model: nn.Module, plan: dict[str, ShardRead], index, dtype: torc
         if read.dim is None:
             param.copy_(index.load(read.hf_name, dtype))
             continue
-        per_expert = _per_expert_names(read, index)
+        per_expert = expert_parts(index, read.hf_name, read.hf_shape)
         if per_expert is not None:  # stack this rank's experts; gate rows before up rows, as HF fuses them
             prefix, fused = read.hf_name.rsplit(".", 1)
             projs = ("down_proj",) if fused == "down_proj" else ("gate_proj", "up_proj")
