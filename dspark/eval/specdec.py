@@ -344,11 +344,11 @@ def decode_prompts(target, drafter, prompts: list[list[int]], *, max_new_tokens:
     In a process group, ``group`` = (index, count) (default: ``target.decode_group()``) splits the prompts over
     the groups of ranks that decode together: this rank decodes the prompts ``i`` with ``i % count == index``,
     then every rank gathers all results, so each returns the results of all prompts, equal to one process's
-    (the seeds depend on prompt indices only). Members of one group must agree token for token.
+    (the seeds depend on prompt indices only); copies from members of one group must agree token for token. With
+    one group (zero3, a single TP group or pipeline) every rank decodes every prompt and nothing is gathered;
+    ``group=(0, 1)`` also lets one rank decode alone (as the trainer's periodic eval does on rank 0).
     """
     from tqdm import tqdm
-
-    from dspark import distributed
 
     if not prompts:
         raise ValueError("speculative decoding needs at least one prompt")
@@ -372,7 +372,7 @@ def decode_prompts(target, drafter, prompts: list[list[int]], *, max_new_tokens:
         bar.close()
         drafter.train(was_training)
     wall_s = time.perf_counter() - start
-    if count > 1 or distributed.world_size() > 1:
+    if count > 1:
         return _gather_results(dict(zip(mine, results)), wall_s, len(prompts))
     return results, wall_s
 

@@ -34,6 +34,9 @@ class Position:
     step: int
     epoch: int
     micro_in_epoch: int
+    # Samples of each rank's stream consumed in the epoch (batched or skipped as corrupt), in rank order; None
+    # (checkpoints before this field) = every rank at micro_in_epoch x micro batch size, true without skips.
+    stream_positions: list[int] | None = None
 
 
 def tag_for(step: int) -> str:
@@ -158,4 +161,5 @@ def load(engine, ckpt_dir: Path, generator: torch.Generator, *, rank: int, world
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}")
     restore_rng_state(torch.load(_rank_file(tag_dir, rank), weights_only=True), generator)
-    return Position(step=record["step"], epoch=record["epoch"], micro_in_epoch=record["micro_in_epoch"])
+    return Position(step=record["step"], epoch=record["epoch"], micro_in_epoch=record["micro_in_epoch"],
+                    stream_positions=record.get("stream_positions"))

@@ -4,12 +4,15 @@ Legend: T tokens, L feature layers, H hidden size, V vocab.
 
 Both are a ``SampleSource``: ``len(source)`` samples, and ``iter_samples(seed=, epoch=, rank=, world_size=,
 start=)`` yielding this rank's samples of one epoch as the dicts a cache stores (``id``, ``input_ids`` long
-``[T]``, ``loss_mask`` bool ``[T]``, ``features_TLH`` bf16 ``[T, L, H]``, ``final_TH`` bf16 ``[T, H]``). The
-trainer reads only that, so it never knows whether features come from disk or from a live target.
+``[T]``, ``loss_mask`` bool ``[T]``, ``features_TLH`` bf16 ``[T, L, H]``, ``final_TH`` bf16 ``[T, H]``), and
+``num_skipped``, the corrupt samples it has left out so far (``cache.skip_corrupt``). The trainer reads only
+that, so it never knows whether features come from disk or from a live target. ``EpochBatches`` turns one rank's
+samples of an epoch into micro batches that end on every rank at the same step.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +21,16 @@ from typing import Protocol
 
 import torch
 
+from dspark import distributed as dist_utils
 from dspark.config import RunConfig
 from dspark.targets.base import TargetIdentity
 
 
 class SampleSource(Protocol):
     def __len__(self) -> int: ...
+
+    @property
+    def num_skipped(self) -> int: ...
 
     def iter_samples(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1, *,
                      start: int = 0) -> Iterator[dict]: ...
@@ -114,6 +121,10 @@ class LiveSource:
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def num_skipped(self) -> int:
+        return 0  # live features are never corrupt
+
     def sample_order(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
         """Conversation indices this rank reads in ``epoch`` (the cache reader's order, see the class doc)."""
         from dspark.cache.stream import epoch_order
@@ -133,6 +144,108 @@ class LiveSource:
                 sample["features_TLH"] = sample["features_TLH"].to(torch.bfloat16)
                 sample["final_TH"] = sample["final_TH"].to(torch.bfloat16)
                 yield sample
+
+
+class DataFailedError(RuntimeError):
+    """Another rank could not read its training data; this one stops with it instead of waiting in a collective."""
+
+
+class EpochBatches:
+    """This rank's micro batches of one epoch, ending on every rank at the same micro batch. Collective.
+
+    Rank r reads its rank stream from position ``start`` (resuming mid epoch) up to ``per_rank``, the sample count
+    every rank has, ``micro_batch_size`` samples a batch; an incomplete last batch is dropped. Without skipped
+    samples every rank then has ``(per_rank - start) // micro_batch_size`` batches. A source that skips corrupt
+    samples (``cache.skip_corrupt``) gives fewer to the ranks that hit them, and since every optimizer step is
+    collective (gradient all-reduce) a rank that stopped early would leave the others waiting forever. So
+    ``next_batch`` asks all ranks, once a micro batch, whether each still has a batch, and the epoch ends for all
+    as soon as one has run out; the others' remaining samples go unused (``totals`` counts them). A rank whose
+    data fails (a corrupt sample without skip_corrupt, any error while reading or collating) re-raises its error,
+    and every other rank raises ``DataFailedError`` quoting it.
+
+    ``position``: samples of this rank's stream consumed, i.e. batched or skipped (what a resume starts from).
+    """
+
+    def __init__(self, source: SampleSource, *, seed: int, epoch: int, rank: int, world_size: int, per_rank: int,
+                 micro_batch_size: int, max_seq_len: int, start: int = 0):
+        if not 0 <= start <= per_rank:
+            raise ValueError(f"EpochBatches: start {start} is outside this rank's 0..{per_rank} samples")
+        self.source, self.epoch, self.rank, self.world_size = source, epoch, rank, world_size
+        self.per_rank, self.micro_batch_size, self.max_seq_len = per_rank, micro_batch_size, max_seq_len
+        self.start = self.position = start
+        self.num_batches = 0  # yielded by next_batch (every rank the same)
+        self.read_s = 0.0  # seconds spent reading and collating (not waiting for the other ranks)
+        self.ended = False  # some rank ran out: the epoch is over for all
+        self._skipped_before = source.num_skipped
+        self._batches = self._read(seed)
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt samples this rank's source skipped in this epoch so far."""
+        return self.source.num_skipped - self._skipped_before
+
+    def _read(self, seed: int) -> Iterator[tuple[dict, int]]:
+        """(collated batch, stream position just past its last sample)."""
+        from dspark.data.collate import collate
+
+        chunk: list[dict] = []
+        samples = self.source.iter_samples(seed=seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                                           start=self.start)
+        end, taken = self.start, 0
+        # Never ask for a sample past per_rank: a live source would capture it, alone on the ranks that have one.
+        while end < self.per_rank and (sample := next(samples, None)) is not None:
+            taken += 1
+            # The source records a skip when it passes the corrupt sample, before yielding the next good one.
+            end = self.start + taken + self.num_skipped
+            if end > self.per_rank:
+                break
+            chunk.append(sample)
+            if len(chunk) == self.micro_batch_size:
+                yield collate(chunk, self.max_seq_len), end
+                chunk = []
+
+    def next_batch(self) -> dict | None:
+        """The next micro batch of this rank, or None (on every rank at once) when the epoch is over."""
+        if self.ended:
+            return None
+        t0 = time.perf_counter()
+        try:
+            item, error = next(self._batches, None), None
+        except Exception as exc:  # noqa: BLE001  (re-raised below, once the other ranks know to stop)
+            item, error = None, exc
+        self.read_s += time.perf_counter() - t0
+        # One max-reduction answers both questions: has any rank run out, and which is the lowest rank that failed
+        # (sent as world - rank, so the largest value is the lowest rank; 0 = none failed).
+        ran_out, failed = dist_utils.all_reduce_ints(
+            [item is None and error is None, self.world_size - self.rank if error is not None else 0], op="max")
+        if failed:
+            messages = dist_utils.all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+            if error is not None:
+                raise error
+            first = self.world_size - failed
+            raise DataFailedError(f"rank {first} could not read its training data in epoch {self.epoch} "
+                                  f"({messages[first]}); rank {self.rank} stops too")
+        if ran_out:
+            self.ended = True
+            self._batches.close()  # stop the source's read-ahead now, not when the generator is collected
+            return None
+        batch, self.position = item
+        self.num_batches += 1
+        return batch
+
+    def totals(self) -> tuple[int, int]:
+        """(corrupt samples skipped, samples left unused) in this epoch so far, summed over ranks. Collective.
+
+        Unused: samples up to ``per_rank`` that were neither trained on nor skipped (the epoch ended for a rank
+        that still had them, or they did not fill a last batch); 0 while the epoch has not ended.
+        """
+        unused = 0
+        if self.ended:
+            trained = self.num_batches * self.micro_batch_size
+            # A skip past per_rank (the one extra sample some ranks have) is counted but not in the budget.
+            unused = max(0, self.per_rank - self.start - trained - self.num_skipped)
+        skipped, unused = dist_utils.all_reduce_ints([self.num_skipped, unused])
+        return skipped, unused
 
 
 def open_source(cfg: RunConfig, *, cache_dir: Path, conversations_path: Path,

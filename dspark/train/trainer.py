@@ -9,6 +9,7 @@ With ``train.eval_every`` it also measures the drafter being trained by real spe
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from dspark import distributed as dist_utils
 from dspark.config import RunConfig
 from dspark.train import checkpoint
 from dspark.train.metrics import MetricsLogger, peak_rss_gb, tau_estimate
-from dspark.train.sources import open_source
+from dspark.train.sources import EpochBatches, open_source
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(ValueError, FloatingPointError):
@@ -35,24 +38,7 @@ class TrainResult:
     drafter_dir: Path
     checkpoint_dir: Path
     tensorboard_dir: Path
-
-
-def _micro_batches(source, cfg: RunConfig, epoch: int, rank: int, world: int, per_rank: int, skip_micro: int = 0):
-    """Yield collated micro batches of this rank's slice, after the first ``skip_micro`` (resuming mid-epoch);
-    every rank yields the same count (else DeepSpeed hangs)."""
-    from dspark.data.collate import collate
-
-    mbs = cfg.train.micro_batch_size
-    start = skip_micro * mbs
-    chunk: list[dict] = []
-    samples = source.iter_samples(seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world, start=start)
-    for i, sample in enumerate(samples, start=start):
-        if i >= per_rank:
-            break
-        chunk.append(sample)
-        if len(chunk) == mbs:
-            yield collate(chunk, cfg.data.max_seq_len)
-            chunk = []
+    num_skipped: int = 0  # corrupt samples skipped (cache.skip_corrupt), all ranks and epochs of this run
 
 
 def _plan_steps(num_samples: int, cfg: RunConfig, world: int) -> tuple[int, int, int]:
@@ -84,6 +70,10 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
     ``train.resume`` the newest complete one is loaded first and the run continues exactly where it stopped.
     ``stop_after_steps`` pauses the run after that many optimizer steps (counted from step 0, with the LR
     schedule of the whole run): it saves a checkpoint and returns without writing the drafter.
+
+    With ``cache.skip_corrupt`` the ranks that skip corrupt samples have fewer batches; every epoch still ends on
+    all ranks at the same micro batch (``EpochBatches``), so such a run takes fewer steps than planned. Rank 0 logs
+    each epoch's skipped count of all ranks (``data/skipped_corrupt``), also returned as ``TrainResult.num_skipped``.
     """
     import deepspeed
     from tqdm import tqdm
@@ -136,6 +126,8 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
 
     def save_now() -> None:
         nonlocal saved_step
+        if feed is not None:  # skipped samples move ranks' streams differently: keep each one's place
+            position.stream_positions = dist_utils.all_gather_ints(feed.position)
         checkpoint.save(engine, ckpt_dir, position, generator, rank=rank, world=world,
                         keep_last=cfg.train.keep_last, run_info=run_info)
         saved_step = position.step
@@ -146,18 +138,23 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
     grad_accum = cfg.train.grad_accum_steps
     # At a checkpoint the accumulation is complete, so the micro-batch count is step x accumulation.
     micro, last_loss = position.step * grad_accum, float("nan")
-    tokens_seen, wall_start = 0, time.perf_counter()
+    tokens_seen, num_skipped, wall_start = 0, 0, time.perf_counter()
     window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
+    feed: EpochBatches | None = None
+    finished = False  # every epoch done (fewer steps than planned when samples were skipped)
     try:
         num_epochs = cfg.train.num_epochs if not cfg.train.max_steps else 10**9
         for epoch in range(position.epoch, num_epochs):
             if epoch != position.epoch:
-                position.epoch, position.micro_in_epoch = epoch, 0
-            batches = _micro_batches(source, cfg, epoch, rank, world, per_rank, skip_micro=position.micro_in_epoch)
+                position.epoch, position.micro_in_epoch, position.stream_positions = epoch, 0, None
+            mbs = cfg.train.micro_batch_size
+            start = position.stream_positions[rank] if position.stream_positions else position.micro_in_epoch * mbs
+            feed = EpochBatches(source, seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world,
+                                per_rank=per_rank, micro_batch_size=mbs, max_seq_len=cfg.data.max_seq_len, start=start)
             while position.step < stop_at:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                window["wait"] += time.perf_counter() - t0
+                read_before = feed.read_s
+                batch = feed.next_batch()
+                window["wait"] += feed.read_s - read_before  # not the wait for other ranks to agree
                 if batch is None:
                     break
                 batch = {k: v.to(engine.device, dtype if v.is_floating_point() else v.dtype)
@@ -199,8 +196,15 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
                     window["start"] += time.perf_counter() - t_eval
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < stop_at:
                     save_now()
+            num_skipped += _report_epoch_data(feed, logger, position, per_rank // mbs, rank)
+            if feed.ended and position.micro_in_epoch == 0:  # else max_steps would loop over empty epochs forever
+                raise ValueError(f"epoch {epoch} gave no micro batch of {mbs} samples on some rank: of its "
+                                 f"{per_rank} samples too many were skipped as corrupt (cache.skip_corrupt); "
+                                 f"check the cache with `dspark cache verify`")
             if position.step >= stop_at:
                 break
+        else:
+            finished = True
     finally:
         # Also on a non-finite loss: flush the logs, but save nothing.
         bar.close()
@@ -210,13 +214,27 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
     if saved_step != position.step:
         save_now()
     drafter_dir = run_dir / "drafter"
-    if position.step >= total_steps:
+    if finished or position.step >= total_steps:
         # A drafter the deepspec layout cannot hold names its own exporter (Eagle3: the eagle3 layout).
         _save_final_drafter(engine, hf_config, drafter_dir, rank, getattr(drafter, "export_native", export_deepspec))
     dist_utils.barrier()
     return TrainResult(steps=position.step, final_loss=last_loss,
                        tokens_per_s=tokens_seen * world / max(wall, 1e-9), wall_s=wall, drafter_dir=drafter_dir,
-                       checkpoint_dir=ckpt_dir, tensorboard_dir=run_dir / "tensorboard")
+                       checkpoint_dir=ckpt_dir, tensorboard_dir=run_dir / "tensorboard", num_skipped=num_skipped)
+
+
+def _report_epoch_data(feed: EpochBatches, logger: MetricsLogger, position: checkpoint.Position,
+                       planned_micro: int, rank: int) -> int:
+    """Log (rank 0, once for all ranks) the corrupt samples skipped in this epoch and what the early end of the
+    epoch left unused; returns the skipped count of all ranks. Collective: every rank calls it at the same point."""
+    skipped, unused = feed.totals()
+    if skipped and rank == 0:
+        ended = (f"the epoch ended for every rank after {position.micro_in_epoch} of {planned_micro} micro batches, "
+                 f"{unused} samples unused" if feed.ended else "the run stopped before the epoch's end")
+        log.warning("epoch %d: %d corrupt cache samples skipped on all ranks together (cache.skip_corrupt); %s",
+                    position.epoch, skipped, ended)
+        logger.log(position.step, {"data/skipped_corrupt": skipped, "data/unused_samples": unused})
+    return skipped
 
 
 class PeriodicEval:
@@ -297,7 +315,8 @@ class PeriodicEval:
         scalars: dict[str, float] = {}
         for temperature in ev.temperatures:
             report = evaluate(self.target, drafter, self.prompt_ids, max_new_tokens=ev.max_new_tokens,
-                              temperature=temperature, seed=ev.seed, stop_ids=stop_ids, batch_size=ev.batch_size)
+                              temperature=temperature, seed=ev.seed, stop_ids=stop_ids, batch_size=ev.batch_size,
+                              group=(0, 1))  # this rank alone decodes every prompt
             tag = f"T{temperature:g}"
             scalars[f"eval/tau_{tag}"] = report.tau
             scalars[f"eval/mean_proposal_len_{tag}"] = report.mean_proposal_len
@@ -322,8 +341,8 @@ def _train_micro_step(engine, batch, generator, world: int, step: int) -> tuple[
     weight_sum = dist_utils.all_reduce_sum(out.weight_sum.detach().float().clone()).clamp_min(1e-6)
     loss = out.numerator.float() * world / weight_sum
     # Every rank must agree to stop, else the others would wait forever in the gradient all-reduce.
-    bad = dist_utils.all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]))
-    if bad.item():
+    (bad,) = dist_utils.all_reduce_ints([not torch.isfinite(loss).item()], op="max")
+    if bad:
         raise NonFiniteLossError(f"non-finite loss ({loss.item()} on rank {dist_utils.rank()}) at step {step + 1}; "
                                  f"stopping without saving")
     engine.backward(loss)
