@@ -377,13 +377,20 @@ def _param_grad_norm(engine) -> float | None:
 
 
 def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int, export_fn) -> None:
-    """Write the trained drafter in the deepspec layout (gathering ZeRO-3 partitions first)."""
+    """Write the trained drafter in the deepspec layout (gathering ZeRO-3 partitions first). A calibration.json
+    left from calibrating earlier weights no longer fits these and is removed (`dspark calibrate` again)."""
     import deepspeed
+
+    from dspark.eval.sts import CALIBRATION_FILE
 
     params = list(engine.module.parameters())
     zero3 = engine.zero_optimization_stage() == 3
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):
         if rank == 0:
+            stale = Path(out_dir) / CALIBRATION_FILE
+            if stale.is_file():
+                log.warning("removing %s: it calibrated the drafter this run replaces", stale)
+                stale.unlink()
             export_fn(engine.module, hf_config, out_dir)
 
 

@@ -93,3 +93,17 @@ def test_calibrate_refuses_a_drafter_without_confidence_head_and_a_missing_table
     proc = run_cli(_args("calibrate", dirs["dspark"], tiny_llama_dir, "--prompts", str(prompts),
                          "--scheduler-sps", str(tmp_path / "missing.json")))
     assert proc.returncode != 0 and "missing.json does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_again_removes_the_stale_calibration(tiny_demo_run, tiny_llama_dir, tmp_path):
+    import shutil
+
+    reference, _ = tiny_demo_run
+    for part in ("data", "cache", "drafter"):
+        shutil.copytree(reference / part, tmp_path / part)
+    stale = tmp_path / "drafter" / "calibration.json"
+    stale.write_text(json.dumps({"version": 1, "method": "sts", "temperatures": [2.0] * BLOCK}))
+    proc = run_cli(_args("train", tmp_path, tiny_llama_dir, "--set", "train.max_steps=1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not stale.exists() and (tmp_path / "drafter" / "model.safetensors").is_file()
+    assert "calibration.json: it calibrated the drafter this run replaces" in proc.stdout + proc.stderr
