@@ -70,16 +70,18 @@ def _declares_fp8(source: str) -> bool:
 
 
 def _load_block_fp8(source: str, dtype: torch.dtype):
-    """A block-FP8 checkpoint as a float model, dequantised by ``WeightIndex`` like the parallel backends.
+    """A block-FP8 checkpoint (DeepSeek-V4's FP8 + MXFP4 too) as a float model, dequantised by ``WeightIndex`` like
+    the parallel backends.
 
     Not through transformers' own ``dequantize`` path: on CPU (5.24) it derives the block size from the scale grid
     and fails on weights whose shape is not a multiple of the block (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``
-    with 128-blocks). The dequantised tensors go to ``from_pretrained(state_dict=...)``, which still applies
-    transformers' own key renames, expert fusing and tying, so the model is the one a float checkpoint gives.
+    with 128-blocks). The dequantised tensors (experts fused here when stored per expert) go to
+    ``from_pretrained(state_dict=...)``, which still applies transformers' own key renames and tying, so the model is
+    the one a float checkpoint gives.
     """
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer
 
-    from dspark.targets.weights import WeightIndex
+    from dspark.targets.weights import WeightIndex, fuse_expert_pieces
 
     index = WeightIndex(source)  # refuses an unsupported scheme or a broken weight/scale pair before any read
     config = AutoConfig.from_pretrained(source)
@@ -89,7 +91,12 @@ def _load_block_fp8(source: str, dtype: torch.dtype):
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     del config.quantization_config  # the weights handed over are plain floats
     # Quantised tensors come dequantised in the target dtype; others keep theirs (fp32-kept modules stay fp32).
-    state = {name: index.load(name, dtype if index.is_quantized(name) else None) for name in index.names()}
+    # Names are the model's (DeepSeek-V4's own are renamed by the index), experts stored per expert are fused here,
+    # and multi-token-prediction layers, which the model does not build, are not read.
+    mtp = set(index.mtp_names())
+    state = {name: index.load(name, dtype if index.is_quantized(name) else None)
+             for name in index.names() if name not in mtp}
+    state = fuse_expert_pieces(state)
     index.close()
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(source)

@@ -6,14 +6,20 @@ tensor is read); tensor bytes are read through ``safe_open(...).get_slice``, whi
 only the requested rows.
 
 Block-FP8 checkpoints (``quantization_config`` with ``quant_method: fp8`` in ``config.json``, see
-``dspark.targets.fp8``) are dequantised on read: names and shapes are those of the logical weights (the
-``*_scale_inv`` tensors are hidden), and every read returns real values, touching only the FP8 rows/columns and
-the scale rows it needs.
+``dspark.targets.fp8``), DeepSeek-V4's MXFP4 experts included, are dequantised on read: names and shapes are those of
+the logical weights (the scale tensors are hidden), and every read returns real values, touching only the quantised
+rows/columns (packed bytes) and the scale rows it needs.
+
+DeepSeek-V4 checkpoints in DeepSeek's own names (``embed.weight``, ``layers.{i}.attn.wq_a.weight``,
+``layers.{i}.ffn.experts.{e}.w1.weight`` ...) are listed under transformers' names: the renames are transformers' own
+``deepseek_v4`` conversion mapping, the ``model.`` prefix is added as transformers adds it for
+``DeepseekV4ForCausalLM``, and experts ``w1/w3/w2`` become ``gate_proj/up_proj/down_proj`` pieces (below).
 
 Two things of DeepSeek-V3/R1 hub checkpoints are handled here for every backend: routed experts stored one tensor
 per expert (``mlp.experts.{e}.gate_proj.weight`` ...) where transformers holds them fused (``expert_parts`` names
 the pieces of a fused tensor, ``load_flat_range_of`` reads a flat range across them), and the multi-token-prediction
-layers ``model.layers.{num_hidden_layers + i}.*`` that transformers does not build (``check_against`` skips them).
+layers ``model.layers.{num_hidden_layers + i}.*`` (V4: ``mtp.{i}.*``) that transformers does not build
+(``check_against`` skips them).
 """
 
 from __future__ import annotations
@@ -70,12 +76,59 @@ def _mtp_layers(config: dict) -> range:
 
 def mtp_tensor_names(names, config: dict) -> list[str]:
     """The tensors of DeepSeek's multi-token-prediction layers among ``names``: ``model.layers.{i}.*`` with
-    ``num_hidden_layers <= i < num_hidden_layers + num_nextn_predict_layers``, for a ``config`` (the raw
-    ``config.json`` dict) that declares ``num_nextn_predict_layers > 0``; none otherwise. transformers builds no
-    module for them, so a checkpoint may carry them beside the model's tensors."""
+    ``num_hidden_layers <= i < num_hidden_layers + num_nextn_predict_layers`` (V3), or ``mtp.{j}.*`` with ``j <
+    num_nextn_predict_layers`` (V4's own names), for a ``config`` (the raw ``config.json`` dict) that declares
+    ``num_nextn_predict_layers > 0``; none otherwise. transformers builds no module for them, so a checkpoint may
+    carry them beside the model's tensors."""
     layers = _mtp_layers(config)
-    layer = re.compile(r"model\.layers\.(\d+)\.")
-    return sorted(n for n in names if (m := layer.match(n)) and int(m.group(1)) in layers)
+    return sorted(n for n in names if (layer := _mtp_layer_of(n, layers.start)) is not None and layer in layers)
+
+
+def _mtp_layer_of(name: str, num_layers: int) -> int | None:
+    """The layer id ``name`` belongs to, counting V4's ``mtp.{j}`` as layer ``num_layers + j``; None outside
+    layers."""
+    if m := re.match(r"model\.layers\.(\d+)\.", name):
+        return int(m.group(1))
+    if m := re.match(r"mtp\.(\d+)\.", name):
+        return num_layers + int(m.group(1))
+    return None
+
+
+_V4_EXPERT = re.compile(r"(.*\.experts\.\d+)\.w([123])\.weight")
+_V4_EXPERT_PROJS = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
+
+
+def deepseek_v4_model_names(stored: list[str]) -> dict[str, str]:
+    """DeepSeek-V4 tensor names as DeepSeek stores them -> the names ``DeepseekV4ForCausalLM`` has.
+
+    transformers' own ``deepseek_v4`` renames (``attn`` -> ``self_attn``, ``wq_a`` -> ``q_a_proj``, ...) apply in
+    order; then, as its loader does for this model, everything but ``lm_head.weight`` and the MTP layers
+    (``mtp.*``, ignored by the model) gains the ``model.`` prefix. transformers fuses routed experts
+    ``experts.{e}.w1/w3/w2.weight`` into ``gate_up_proj`` (w1 rows, then w3 rows) and ``down_proj``; here each
+    stays a piece, named ``experts.{e}.gate_proj/up_proj/down_proj.weight`` as ``expert_parts`` expects.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_checkpoint_conversion_mapping("deepseek_v4") if isinstance(t, WeightRenaming)]
+    out = {}
+    for name in stored:
+        renamed = name
+        for renaming in renamings:
+            renamed, _ = renaming.rename_source_key(renamed)
+        if m := _V4_EXPERT.fullmatch(renamed):
+            renamed = f"{m.group(1)}.{_V4_EXPERT_PROJS[m.group(2)]}.weight"
+        if renamed != "lm_head.weight" and not renamed.startswith("mtp."):
+            renamed = "model." + renamed
+        out[name] = renamed
+    return out
+
+
+def _is_deepseek_v4_native(config: dict, stored) -> bool:
+    """A ``deepseek_v4`` checkpoint in DeepSeek's own names (transformers' names all start with ``model.`` or are
+    ``lm_head.weight``)."""
+    return config.get("model_type") == "deepseek_v4" and "embed.weight" in stored and not any(
+        n.startswith("model.") for n in stored)
 
 
 def _short_list(names, limit: int = 8) -> str:
@@ -124,20 +177,34 @@ class WeightIndex:
             if absent:
                 raise ValueError(f"{index_path} lists tensors missing from their shard files: {_short_list(absent)}")
         self._handles: dict[str, object] = {}
-        self._scales: dict[str, str] = {}  # quantised tensor -> its scale tensor
+        self._quant: dict[str, fp8.Quantized] = {}  # stored name of a quantised tensor -> how it is quantised
         if self.quantization is not None:
-            self._scales = self.quantization.pair_scales(self._meta, str(self.model_dir))
+            self._quant = self.quantization.pair_scales(self._meta, str(self.model_dir))
         else:
-            stray = [n for n in self._meta if n.endswith(fp8.SCALE_SUFFIX) and n.removesuffix(fp8.SCALE_SUFFIX)
-                     in self._meta and self._meta[n.removesuffix(fp8.SCALE_SUFFIX)][1] in fp8.FP8_DTYPES]
+            stray = sorted({s for n, (_, dtype) in self._meta.items() if dtype in fp8.FP8_DTYPES
+                            for s in fp8.scale_names(n) if s in self._meta}
+                           | {n for n, (_, dtype) in self._meta.items() if dtype == fp8.E8M0})
             if stray:
                 raise ValueError(f"{self.model_dir} stores FP8 weights with scales ({_short_list(stray, 3)}) but its "
                                  f"config.json has no quantization_config to say how to read them")
-        # What callers see: logical tensors (dequantised float32 for quantised ones), scales hidden.
-        self._logical = {name: (shape, torch.float32 if name in self._scales else dtype)
-                         for name, (shape, dtype) in self._meta.items() if name not in self._scales.values()}
         config_path = self.model_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        # What callers see: logical tensors (dequantised float32 for quantised ones) under the model's names,
+        # scales hidden. Reads map a logical name back to the stored one.
+        scales = {q.scale for q in self._quant.values()}
+        stored = [n for n in self._meta if n not in scales]
+        renames = (deepseek_v4_model_names(stored) if _is_deepseek_v4_native(config, stored)
+                   else {n: n for n in stored})
+        self._stored: dict[str, str] = {}  # logical name -> stored name
+        for name, logical in renames.items():
+            if logical in self._stored:
+                raise ValueError(f"{self.model_dir}: tensors {self._stored[logical]} and {name} both map to {logical}")
+            self._stored[logical] = name
+        self._logical = {}
+        for logical, name in self._stored.items():
+            shape, dtype = self._meta[name]
+            quant = self._quant.get(name)
+            self._logical[logical] = (quant.logical_shape(shape), torch.float32) if quant else (shape, dtype)
         self._mtp = frozenset(mtp_tensor_names(self._logical, config))
         self._mtp_declared = _mtp_layers(config)
 
@@ -151,9 +218,14 @@ class WeightIndex:
         return name in self._logical
 
     def is_quantized(self, name: str) -> bool:
-        """Whether ``name`` is stored as block FP8 (reads return it dequantised)."""
+        """Whether ``name`` is stored quantised (block FP8 or MXFP4; reads return it dequantised)."""
         self._entry(name)
-        return name in self._scales
+        return self._stored[name] in self._quant
+
+    def stored_name(self, name: str) -> str:
+        """The name the checkpoint stores ``name`` under (itself, except for DeepSeek-V4's own names)."""
+        self._entry(name)
+        return self._stored[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[0]
@@ -181,7 +253,7 @@ class WeightIndex:
         if skipped:
             unexpected = [n for n in unexpected if n not in self._mtp]
             declared = self._mtp_declared
-            layers = sorted({int(n.split(".")[2]) for n in skipped})
+            layers = sorted({_mtp_layer_of(n, declared.start) for n in skipped})
             logger.warning("%s: skipping %d tensors of multi-token-prediction layer(s) %s (num_hidden_layers=%d, "
                            "num_nextn_predict_layers=%d): the model does not use them", self.model_dir, len(skipped),
                            ", ".join(map(str, layers)), declared.start, len(declared))
@@ -200,11 +272,12 @@ class WeightIndex:
     # -- reads --------------------------------------------------------------------------------------------
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole tensor (dequantised if stored as block FP8), cast to ``dtype`` if given."""
+        """The whole tensor (dequantised if stored quantised), cast to ``dtype`` if given."""
         shape = self.shape(name)  # KeyError naming the checkpoint for an unknown (or hidden scale) tensor
-        if name in self._scales:
+        if self.is_quantized(name):
             return self._cast(self._dequantized(name, 0, 0, shape[0]), dtype)
-        return self._cast(self._handle(name).get_tensor(name), dtype)
+        stored = self._stored[name]
+        return self._cast(self._handle(stored).get_tensor(stored), dtype)
 
     def load_slice(self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``tensor.narrow(dim, start, stop - start)``, reading only those rows/columns."""
@@ -214,10 +287,10 @@ class WeightIndex:
         dim %= len(shape)
         if not 0 <= start <= stop <= shape[dim]:
             raise ValueError(f"{name} has shape {shape}; slice [{start}, {stop}) of dim {dim} is out of range")
-        if name in self._scales:
+        if self.is_quantized(name):
             return self._cast(self._dequantized(name, dim, start, stop), dtype)
-        index = (slice(None),) * dim + (slice(start, stop),)
-        return self._cast(self._handle(name).get_slice(name)[index], dtype)
+        index, stored = (slice(None),) * dim + (slice(start, stop),), self._stored[name]
+        return self._cast(self._handle(stored).get_slice(stored)[index], dtype)
 
     def load_flat_range(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor (a ZeRO-3 partition), reading only covering rows."""
@@ -228,17 +301,18 @@ class WeightIndex:
             return self.load(name, dtype).reshape(1)[start:stop]
         row = numel // shape[0] if shape[0] else 1
         first, last = start // row, -(-stop // row)  # rows that cover the range
-        if name in self._scales:
+        if self.is_quantized(name):
             rows = self._dequantized(name, 0, first, last).reshape(-1)
         else:
-            rows = self._handle(name).get_slice(name)[first:last].reshape(-1)
+            stored = self._stored[name]
+            rows = self._handle(stored).get_slice(stored)[first:last].reshape(-1)
         return self._cast(rows[start - first * row : stop - first * row], dtype)
 
     def load_flat_range_of(self, names: list[str], start: int, stop: int,
                            dtype: torch.dtype | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of the concatenation of the flattened tensors ``names`` (a fused tensor
         stored in pieces, see ``expert_parts``); only the pieces the range overlaps are read, each through
-        ``load_flat_range`` (so only their covering rows, dequantised if FP8)."""
+        ``load_flat_range`` (so only their covering rows, dequantised if quantised)."""
         if not names:
             raise ValueError("load_flat_range_of needs at least one tensor name")
         total = sum(self.numel(n) for n in names)
@@ -256,9 +330,9 @@ class WeightIndex:
         return torch.cat(pieces)
 
     def file_of(self, name: str) -> str:
-        """The shard file (relative to ``model_dir``) holding ``name`` (its FP8 values, for a quantised tensor)."""
-        self._entry(name)
-        return self._file[name]
+        """The shard file (relative to ``model_dir``) holding ``name`` (its quantised values, for a quantised
+        tensor)."""
+        return self._file[self.stored_name(name)]
 
     def close(self, file: str | None = None) -> None:
         """Drop the open handle of ``file`` (default: all). Reads go through memory maps whose touched pages
@@ -277,15 +351,23 @@ class WeightIndex:
         return self._logical[name]
 
     def _dequantized(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """fp32 values of quantised ``name`` narrowed to ``[start, stop)`` along ``dim``: reads only those FP8
-        rows/columns and the scale rows/columns of the blocks they touch."""
-        ndim, scale_name, lead = len(self.shape(name)), self._scales[name], (slice(None),) * dim
-        scale_start, scale_stop = self.quantization.scale_range(dim, ndim, start, stop)
-        weight = self._handle(name).get_slice(name)[lead + (slice(start, stop),)]
-        scale = self._handle(scale_name).get_slice(scale_name)[lead + (slice(scale_start, scale_stop),)]
+        """fp32 values of quantised ``name`` narrowed to ``[start, stop)`` along ``dim``: reads only those
+        rows/columns (for MXFP4 columns, the bytes holding them) and the scale rows/columns of the blocks they
+        touch."""
+        stored, ndim, lead = self._stored[name], len(self.shape(name)), (slice(None),) * dim
+        quant = self._quant[stored]
+        unpack_cols = quant.packed and dim == ndim - 1
+        # Packed columns: bytes [start // 2, ceil(stop / 2)) hold the values; unpacked, drop a leading odd one.
+        lo, hi = (start // 2, -(-stop // 2)) if unpack_cols else (start, stop)
+        raw = self._handle(stored).get_slice(stored)[lead + (slice(lo, hi),)]
+        values = fp8.unpack_fp4(raw) if quant.packed else raw
+        if unpack_cols:
+            values = values.narrow(-1, start - 2 * lo, stop - start)
+        scale_start, scale_stop = fp8.scale_range(quant.block, dim, ndim, start, stop)
+        scale = self._handle(quant.scale).get_slice(quant.scale)[lead + (slice(scale_start, scale_stop),)]
         first_row = start if dim == ndim - 2 else 0
         first_col = start if dim == ndim - 1 else 0
-        return fp8.dequantize(weight, scale, self.quantization.block, first_row, first_col)
+        return fp8.dequantize(values, scale, quant.block, first_row, first_col)
 
     def _handle(self, name: str):
         from safetensors import safe_open
@@ -323,6 +405,31 @@ def expert_parts(index: WeightIndex, name: str, shape: tuple[int, ...]) -> dict[
     num_experts, rows, cols = shape
     piece = (rows // len(projs), cols)
     return {f"{prefix}.{e}.{proj}.weight": piece for e in range(num_experts) for proj in projs}
+
+
+_EXPERT_PIECE = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def fuse_expert_pieces(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with per-expert pieces (``experts.{e}.gate_proj.weight`` ...) stacked into transformers' fused
+    ``experts.gate_up_proj`` / ``experts.down_proj``: the inverse of ``expert_parts``, for loaders that hand a whole
+    state dict to transformers (its own fusing only knows each model's checkpoint names, not these)."""
+    pieces: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for name, tensor in state.items():
+        if (m := _EXPERT_PIECE.fullmatch(name)) is None:
+            out[name] = tensor
+            continue
+        leaf = "down_proj" if m.group(3) == "down_proj" else "gate_up_proj"
+        pieces.setdefault((m.group(1), leaf), {}).setdefault(int(m.group(2)), {})[m.group(3)] = tensor
+    for (prefix, leaf), experts in pieces.items():
+        projs = _FUSED_EXPERTS[leaf]
+        complete = sorted(experts) == list(range(len(experts))) and all(set(p) == set(projs) for p in experts.values())
+        if not complete:
+            raise ValueError(f"{prefix}: per-expert tensors do not cover experts 0..{len(experts) - 1} with "
+                             f"{', '.join(projs)} each (found experts {sorted(experts)[:8]})")
+        out[f"{prefix}.{leaf}"] = torch.stack([torch.cat([experts[e][p] for p in projs]) for e in sorted(experts)])
+    return out
 
 
 def checkpoint_layout(expected: dict[str, tuple[int, ...]], index: WeightIndex) -> dict[str, tuple[int, ...]]:

@@ -6,7 +6,8 @@ built with a fixed seed, so two calls give the same weights. Without a ``tokeniz
 directory (the ``tokenizer_dir`` fixture) to get a directory that ``load_target`` accepts.
 
 ``split_experts`` / ``fuse_experts`` / ``add_mtp_layers`` / ``write_checkpoint`` turn such a model into DeepSeek's
-hub layout (one tensor per routed expert, multi-token-prediction layers) and back.
+hub layout (one tensor per routed expert, multi-token-prediction layers) and back; ``deepseek_v4_hub_name`` gives a
+DeepSeek-V4 tensor's name in DeepSeek's own checkpoints.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def save_tiny(family: str, out_dir: str | Path, max_shard_bytes: int, *, tokeniz
               vocab_size: int | None = None, num_layers: int | None = None, seed: int = 0,
               dtype: torch.dtype = torch.float32) -> Path:
     """Write a tiny random ``family`` model as multi-shard safetensors; returns ``out_dir``."""
+    return save_tiny_with(family, out_dir, max_shard_bytes, tokenizer_dir=tokenizer_dir, vocab_size=vocab_size,
+                          num_layers=num_layers, seed=seed, dtype=dtype)
+
+
+def save_tiny_with(family: str, out_dir: str | Path, max_shard_bytes: int, *, tokenizer_dir: str | Path | None = None,
+                   vocab_size: int | None = None, num_layers: int | None = None, seed: int = 0,
+                   dtype: torch.dtype = torch.float32, **config_updates) -> Path:
+    """``save_tiny`` with ``config_updates`` set on the tiny config before the model is built (e.g. DeepSeek-V4's
+    ``mlp_layer_types``, to put a hash-routed layer on a later pipeline stage)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_dir)
@@ -72,6 +82,10 @@ def save_tiny(family: str, out_dir: str | Path, max_shard_bytes: int, *, tokeniz
                    "pad_token_id": tok.pad_token_id}
         vocab_size = vocab_size or len(tok)
     cfg = tiny_config(family, vocab_size or 256, num_layers, **special)
+    for key, value in config_updates.items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"config_updates: {family} config has no field {key!r}")
+        setattr(cfg, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     if family == "deepseek_v4":
@@ -162,4 +176,40 @@ def write_checkpoint(state: dict[str, torch.Tensor], like_dir: str | Path, out_d
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, **config_updates}, indent=2))
     save_sharded(state, out, max_shard_bytes)
+    return out
+
+
+# transformers' DeepseekV4ForCausalLM names -> DeepSeek's own (its inference code's module names), applied in order
+# to a name without the ``model.`` prefix. Written from DeepSeek-V4's checkpoints, not derived from transformers'
+# conversion mapping, so that reading them back through that mapping is a real check.
+_V4_HUB_RENAMES = [
+    (r"^embed_tokens\.weight$", "embed.weight"), (r"^lm_head\.weight$", "head.weight"),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"), (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"\.input_layernorm\.", ".attn_norm."), (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.self_attn\.sinks$", ".attn.attn_sink"),
+    (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+    (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+    (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.compressor\.kv_norm\.", ".compressor.norm."), (r"\.compressor\.position_bias$", ".compressor.ape"),
+    (r"\.q_a_proj\.", ".wq_a."), (r"\.q_b_proj\.", ".wq_b."), (r"\.o_a_proj\.", ".wo_a."),
+    (r"\.o_b_proj\.", ".wo_b."), (r"\.q_a_norm\.", ".q_norm."),
+    (r"\.(attn|compressor)\.kv_proj\.", r".\1.wkv."), (r"\.compressor\.gate_proj\.", ".compressor.wgate."),
+    (r"\.mlp\.gate\.e_score_correction_bias$", ".ffn.gate.bias"), (r"\.mlp\.", ".ffn."),
+    (r"\.(shared_experts|experts\.\d+)\.gate_proj\.", r".\1.w1."),
+    (r"\.(shared_experts|experts\.\d+)\.down_proj\.", r".\1.w2."),
+    (r"\.(shared_experts|experts\.\d+)\.up_proj\.", r".\1.w3."),
+]
+
+
+def deepseek_v4_hub_name(name: str) -> str:
+    """A ``DeepseekV4ForCausalLM`` tensor name (experts per expert, as ``split_experts`` gives them) as DeepSeek's
+    own V4 checkpoints spell it: ``model.layers.0.self_attn.q_a_proj.weight`` -> ``layers.0.attn.wq_a.weight``,
+    ``...mlp.experts.3.gate_proj.weight`` -> ``...ffn.experts.3.w1.weight``."""
+    import re
+
+    out = name.removeprefix("model.")
+    for pattern, replacement in _V4_HUB_RENAMES:
+        out = re.sub(pattern, replacement, out)
     return out
