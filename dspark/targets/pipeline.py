@@ -1,6 +1,7 @@
 """The ``pipeline`` backend: the target's decoder layers partitioned over pipeline stages.
 
-Legend: B batch, T tokens, L feature layers, H hidden size, P pipeline stages.
+Legend: B batch, T tokens, L feature layers, H hidden size, P pipeline stages, C mHC streams (DeepSeek-V4's
+``hc_mult``), X one token's state between layers: ``[H]``, or ``[C, H]`` for V4 (``token_shape``).
 
 Partition and build. DeepSpeed's ``PipelineModule`` owns the layout: one ``LayerSpec`` for the embedding, one per
 decoder layer, one for the final norm, partitioned with ``partition_method="type:TargetDecoderLayer"`` so the
@@ -25,6 +26,14 @@ Memory. Stage 0 holds the embedding and its share of decoder layers, the last st
 norm; the LM head is not part of the pipeline (features stop at the final norm). ``embed_weight`` and
 ``lm_head_weight`` (needed on every training rank by the drafter) are read from the checkpoint on first use by
 ranks that do not hold them; the last stage reads the LM head on its first decoding step.
+
+DeepSeek-V4. Its decoder layers carry ``hc_mult`` residual streams: stage 0 expands the embedding into them, the
+stages pass ``[B, T, C, H]`` on, feature layers are ``[B, T, L, C, H]`` (as the hf and zero3 backends give them,
+layer -1 being the expanded embedding), and the last stage collapses the streams (``hc_head``) before the final
+norm. Every V4 layer needs the token ids (hash-routed MoE layers look their experts up by id), the "main" and
+"compress" rotary tables and the sliding-window mask: every stage has the ids (broadcast in ``features``, passed
+along with the hidden state in ``generate``) and computes the rest locally. The compressors inside each layer hold
+their own rotary tables (non-persistent buffers, not in checkpoints): recomputed when the layer is loaded.
 
 Decoding (``decode_session``, ``generate``; in ``pipeline_decode``). Every member of one pipeline replica calls
 with the same ids / prompts and seeds, in lockstep (``decode_group`` = the replica). Each stage keeps a KV cache
@@ -58,7 +67,12 @@ LAYER_CLASSES = {
               "Qwen3RMSNorm"),
     "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3DecoderLayer",
                     "DeepseekV3RotaryEmbedding", "DeepseekV3RMSNorm"),
+    "deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4DecoderLayer",
+                    "DeepseekV4RotaryEmbedding", "DeepseekV4RMSNorm"),
 }
+# Families whose residual stream is several mHC streams: model_type -> class of the head that collapses them.
+STREAM_HEADS = {"deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4HyperHead")}
+V4_ROPE_TYPES = ("main", "compress")  # V4's rotary tables: sliding layers use "main", compressed ones "compress"
 _TAG_HIDDEN, _TAG_FEATURES, _TAG_FINAL = 1, 2, 3  # p2p message kinds (tags keep them apart on one rank pair)
 
 
@@ -114,11 +128,28 @@ def _checkpoint_shape(weights, name: str) -> tuple[int, ...] | None:
     return None
 
 
-def _load_module(module: nn.Module, prefix: str, weights, where: str) -> nn.Module:
-    """Materialise a module built on the meta device with the tensors ``prefix + name`` from ``weights``."""
+def _recompute_rotary(module: nn.Module, config) -> set[str]:
+    """Refill the rotary tables of the family's rotary modules inside ``module`` (after ``to_empty``); returns the
+    names of the buffers refilled. They are non-persistent (computed from the config, absent from checkpoints):
+    DeepSeek-V4's compressors and indexers each own one."""
+    _, rotary_cls, _ = _family_classes(config)
+    refilled = set()
+    for owner, sub in module.named_modules():
+        if isinstance(sub, rotary_cls):
+            fresh = rotary_cls(config=config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(sub, name, buf)
+                refilled.add(f"{owner}.{name}" if owner else name)
+    return refilled
+
+
+def _load_module(module: nn.Module, prefix: str, weights, where: str, config=None) -> nn.Module:
+    """Materialise a module built on the meta device with the tensors ``prefix + name`` from ``weights``
+    (and, given the ``config``, its inner rotary tables recomputed)."""
     module.to_empty(device="cpu")
     state = module.state_dict(keep_vars=True)
-    transient = {n for n, _ in module.named_buffers()} - set(state)
+    refilled = _recompute_rotary(module, config) if config is not None else set()
+    transient = {n for n, _ in module.named_buffers()} - set(state) - refilled
     if transient:  # would stay uninitialised: none of the supported layers has any
         raise ValueError(f"{type(module).__name__} has non-persistent buffers {sorted(transient)}; cannot load")
     for name, tensor in state.items():
@@ -136,16 +167,20 @@ def _load_module(module: nn.Module, prefix: str, weights, where: str) -> nn.Modu
 
 
 class TargetEmbedding(nn.Module):
-    """Stage 0: token embedding."""
+    """Stage 0: token embedding (copied into the ``hc_mult`` streams of an mHC family, as its model forward does)."""
 
     def __init__(self, config, weights, dtype: torch.dtype):
         super().__init__()
+        self.num_streams = config.hc_mult if config.model_type in STREAM_HEADS else 0
         with _default_dtype(dtype), torch.device("meta"):
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         _load_module(self.embed_tokens, "model.embed_tokens.", weights, str(weights.model_dir))
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids_BT)
+        embed_BTH = self.embed_tokens(input_ids_BT)
+        if not self.num_streams:
+            return embed_BTH
+        return embed_BTH.unsqueeze(2).expand(-1, -1, self.num_streams, -1).contiguous()  # [B, T, C, H]
 
 
 class TargetDecoderLayer(nn.Module):
@@ -157,27 +192,39 @@ class TargetDecoderLayer(nn.Module):
         self.layer_id = layer_id
         with _default_dtype(dtype), torch.device("meta"):
             self.layer = decoder_cls(config, layer_id)
-        _load_module(self.layer, f"model.layers.{layer_id}.", weights, str(weights.model_dir))
+        with _default_dtype(dtype):  # inner rotary tables built as the model's own would be
+            _load_module(self.layer, f"model.layers.{layer_id}.", weights, str(weights.model_dir), config)
 
-    def forward(self, hidden_BTH, causal_mask, position_embeddings, position_ids, cache=None) -> torch.Tensor:
-        # ``cache``: a transformers Cache indexed by global layer id (the layer's own ``layer_idx``)
-        out = self.layer(hidden_BTH, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                         position_ids=position_ids, cache=cache, use_cache=cache is not None)
+    def forward(self, hidden_BTX: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
+        # ``layer_inputs``: what the family's model forward passes every layer (``PipelineTarget._layer_inputs``);
+        # its ``cache`` is a transformers Cache indexed by global layer id (the layer's own ``layer_idx``).
+        out = self.layer(hidden_BTX, **layer_inputs)
         return out[0] if isinstance(out, tuple) else out
 
 
 class TargetFinalNorm(nn.Module):
-    """Last stage: the final RMSNorm (its output is the final hidden state, pre-LM-head)."""
+    """Last stage: the final RMSNorm (its output is the final hidden state, pre-LM-head), after the head that
+    collapses the streams of an mHC family (``[B, T, C, H] -> [B, T, H]``)."""
 
     def __init__(self, config, weights, dtype: torch.dtype):
+        import importlib
+
         super().__init__()
         _, _, norm_cls = _family_classes(config)
+        self.hc_head = None
+        if config.model_type in STREAM_HEADS:  # V4's model keeps its final norm and stream head in fp32
+            dtype = torch.float32
         with _default_dtype(dtype), torch.device("meta"):
             self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+            if config.model_type in STREAM_HEADS:
+                module_name, class_name = STREAM_HEADS[config.model_type]
+                self.hc_head = getattr(importlib.import_module(module_name), class_name)(config)
         _load_module(self.norm, "model.norm.", weights, str(weights.model_dir))
+        if self.hc_head is not None:
+            _load_module(self.hc_head, "model.hc_head.", weights, str(weights.model_dir))
 
-    def forward(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden_BTH)
+    def forward(self, hidden_BTX: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden_BTX if self.hc_head is None else self.hc_head(hidden_BTX))
 
 
 def check_checkpoint(config, weights) -> None:
@@ -224,10 +271,16 @@ class PipelineTarget(TargetBackend):
         self.tokenizer = tokenizer
         self.dtype = dtype
         config = AutoConfig.from_pretrained(self.model_dir)
-        if config._attn_implementation is None:  # what HF's from_pretrained picks: the hf backend's numerics
-            config._attn_implementation = "sdpa"
-        self._config = config
         require_family(config.model_type, "pipeline", str(self.model_dir))  # before anything is loaded
+        if config._attn_implementation is None:  # what HF's from_pretrained picks: the hf backend's numerics
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            sdpa = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa  # V4 is eager-only (attention sinks)
+            config._attn_implementation = "sdpa" if sdpa else "eager"
+        self._config = config
+        self.streams = config.model_type in STREAM_HEADS
+        # Per-token state passed between stages and returned as a feature layer: [H], or [C, H] with mHC streams.
+        self.token_shape = (config.hc_mult, config.hidden_size) if self.streams else (config.hidden_size,)
         num_layers = config.num_hidden_layers
         bad = [i for i in self.layer_ids if i < -1 or i >= num_layers - 1]
         if bad:
@@ -377,64 +430,77 @@ class PipelineTarget(TargetBackend):
             batches.append((buf[0], buf[1] if has_mask else None))
         return batches
 
-    def _run_stage(self, ids_BT, mask_BT, hidden_BTH, position_ids_BT=None, cache=None):
-        """This stage's layers on one micro-batch: (output hidden, requested features [B,T,L_s,H] or None).
+    def _layer_inputs(self, ids_BT, mask_BT, hidden_BTX, position_ids_BT, cache, first_layer: int) -> dict:
+        """What the family's model forward passes each decoder layer besides the hidden state: the same mask,
+        positions and rotary tables, computed on this stage (plus V4's token ids and its two rotary tables)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        position_ids = position_ids_BT
+        if position_ids is None:
+            position_ids = torch.arange(hidden_BTX.shape[1], device=self.device).unsqueeze(0)
+        # The mask and rotary read only batch, length, dtype and device of ``like_BTH`` (one stream under mHC).
+        like_BTH = hidden_BTX[:, :, 0] if self.streams else hidden_BTX
+        # The cache is sized from this stage's first layer: the earlier layers' entries are empty here.
+        make_mask = create_sliding_window_causal_mask if self.streams else create_causal_mask
+        causal = make_mask(config=self._config, inputs_embeds=like_BTH, attention_mask=mask_BT, cache=cache,
+                           position_ids=position_ids, layer_idx=first_layer if cache is not None else None)
+        if not self.streams:
+            return {"attention_mask": causal, "position_embeddings": self.rotary(like_BTH, position_ids=position_ids),
+                    "position_ids": position_ids, "cache": cache, "use_cache": cache is not None}
+        assert ids_BT is not None, "V4 layers route by token id: every stage needs the ids"
+        tables = {kind: self.rotary(like_BTH, position_ids=position_ids, layer_type=kind) for kind in V4_ROPE_TYPES}
+        return {"attention_mask": causal, "position_embeddings": tables, "position_ids": position_ids,
+                "input_ids": ids_BT, "cache": cache}
+
+    def _run_stage(self, ids_BT, mask_BT, hidden_BTX, position_ids_BT=None, cache=None):
+        """This stage's layers on one micro-batch: (output hidden, requested features [B,T,L_s,X] or None).
 
         Without ``cache``: a whole right-padded batch at positions 0..T-1 (``features``). With ``cache`` (decoding):
         new tokens at ``position_ids_BT`` after the cached prefix; ``mask_BT`` then covers prefix + new tokens
-        (None = no padding), as in HF's model forward.
+        (None = no padding), as in HF's model forward. ``ids_BT`` are read by stage 0, and by every V4 stage.
         """
-        from transformers.masking_utils import create_causal_mask
-
         wanted = set(self.stage_layer_ids[self.stage])
         found: dict[int, torch.Tensor] = {}
-        ctx = None
+        layer_inputs = None
         for fn in self.module.forward_funcs:
             if isinstance(fn, TargetEmbedding):
-                hidden_BTH = fn(ids_BT)
+                hidden_BTX = fn(ids_BT)
                 if -1 in wanted:
-                    found[-1] = hidden_BTH
+                    found[-1] = hidden_BTX
             elif isinstance(fn, TargetDecoderLayer):
-                if ctx is None:  # same mask and positions as HF's model forward
-                    position_ids = position_ids_BT
-                    if position_ids is None:
-                        position_ids = torch.arange(hidden_BTH.shape[1], device=self.device).unsqueeze(0)
-                    # The cache is sized from this stage's first layer: the earlier layers' entries are empty here.
-                    causal = create_causal_mask(config=self._config, inputs_embeds=hidden_BTH,
-                                                attention_mask=mask_BT, cache=cache, position_ids=position_ids,
-                                                layer_idx=fn.layer_id if cache is not None else None)
-                    ctx = (causal, self.rotary(hidden_BTH, position_ids=position_ids), position_ids)
-                hidden_BTH = fn(hidden_BTH, *ctx, cache=cache)
+                if layer_inputs is None:
+                    layer_inputs = self._layer_inputs(ids_BT, mask_BT, hidden_BTX, position_ids_BT, cache, fn.layer_id)
+                hidden_BTX = fn(hidden_BTX, layer_inputs)
                 if fn.layer_id in wanted:
-                    found[fn.layer_id] = hidden_BTH
+                    found[fn.layer_id] = hidden_BTX
             else:
-                hidden_BTH = fn(hidden_BTH)
+                hidden_BTX = fn(hidden_BTX)
         ids = self.stage_layer_ids[self.stage]
-        return hidden_BTH, (torch.stack([found[i] for i in ids], dim=2).contiguous() if ids else None)
+        return hidden_BTX, (torch.stack([found[i] for i in ids], dim=2).contiguous() if ids else None)
 
     @torch.no_grad()
     def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
         """Collective over this rank's pipeline; returns the features of this rank's own (right-padded) batch."""
         import torch.distributed as dist
 
-        me, ranks, H = dist.get_rank(), self.pipe_ranks, self._config.hidden_size
+        me, ranks, H, token = dist.get_rank(), self.pipe_ranks, self._config.hidden_size, self.token_shape
         last = self.num_stages - 1
         batches = self._exchange_batches(input_ids_BT, attention_mask_BT)
         pending = []  # (work, tensor): a non-blocking send and the tensor it must keep alive
         mine: dict[int, torch.Tensor] = {}  # tag -> what this rank computed for its own batch
         for owner, (ids_BT, mask_BT) in zip(ranks, batches):
             B, T = ids_BT.shape
-            hidden_BTH = None
+            hidden_BTX = None
             if self.stage > 0:
-                hidden_BTH = torch.empty(B, T, H, dtype=self.dtype, device=self.device)
-                dist.recv(hidden_BTH, src=ranks[self.stage - 1], tag=_TAG_HIDDEN)
-            hidden_BTH, feats_BTLH = self._run_stage(ids_BT, mask_BT, hidden_BTH)
-            hidden_BTH = hidden_BTH.contiguous()
-            outgoing = [(ranks[self.stage + 1], hidden_BTH, _TAG_HIDDEN)] if self.stage < last else []
+                hidden_BTX = torch.empty(B, T, *token, dtype=self.dtype, device=self.device)
+                dist.recv(hidden_BTX, src=ranks[self.stage - 1], tag=_TAG_HIDDEN)
+            hidden_BTX, feats_BTLH = self._run_stage(ids_BT, mask_BT, hidden_BTX)
+            hidden_BTX = hidden_BTX.contiguous()  # [B, T, X]; [B, T, H] after the last stage's final norm
+            outgoing = [(ranks[self.stage + 1], hidden_BTX, _TAG_HIDDEN)] if self.stage < last else []
             if feats_BTLH is not None:
                 outgoing.append((owner, feats_BTLH, _TAG_FEATURES))
             if self.stage == last:
-                outgoing.append((owner, hidden_BTH, _TAG_FINAL))
+                outgoing.append((owner, hidden_BTX, _TAG_FINAL))
             for dst, tensor, tag in outgoing:
                 if dst == me:
                     mine[tag] = tensor
@@ -450,7 +516,7 @@ class PipelineTarget(TargetBackend):
             if s == self.stage:
                 part_BTLH = mine[_TAG_FEATURES]
             else:
-                part_BTLH = torch.empty(B, T, len(ids), H, dtype=self.dtype, device=self.device)
+                part_BTLH = torch.empty(B, T, len(ids), *token, dtype=self.dtype, device=self.device)
                 dist.recv(part_BTLH, src=ranks[s], tag=_TAG_FEATURES)
             by_id.update(zip(ids, part_BTLH.unbind(2)))
         if self.stage == last:

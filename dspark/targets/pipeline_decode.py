@@ -1,7 +1,7 @@
 """Incremental decoding on the ``pipeline`` backend: a KV-cached decode session and batched generation.
 
 Legend: B batch, N new tokens in a step, S keys (cached prefix + new tokens), L feature layers, H hidden size,
-V vocab, X any leading dims.
+V vocab, X one token's state between stages (``target.token_shape``: ``[H]``, or ``[C, H]`` with mHC streams).
 
 Every member of one pipeline replica makes the same calls with the same ids, prompts and seeds, in lockstep. One
 step: stage 0 embeds the ids; each stage runs its own decoder layers against its own KV cache (a transformers
@@ -17,6 +17,11 @@ stages work at once (see ``_drive``): the last stage, the only one with logits, 
 generator and sends the tokens back to stage 0, which feeds them in; at the end stage 0 (the replica's first
 rank) broadcasts every batch's tokens, so the members cannot drift apart. Greedy results do not depend on which
 batches share the pipeline; a batch's samples depend only on its seed.
+
+DeepSeek-V4: every stage needs the token ids (hash-routed MoE), so ``generate`` passes each item's ids along with
+its hidden state. Its cache cannot be rolled back (the compressors' buffers and emitted entries, and the sliding
+window once full, only move forward): a session's ``truncate`` to fewer tokens is refused, as hf cannot do it
+either (it fails once the window is full, and before that drops keys but not the compressor state).
 """
 
 from __future__ import annotations
@@ -26,31 +31,36 @@ import torch
 from dspark.targets.base import DecodeSession
 from dspark.targets.pipeline import _TAG_HIDDEN, PipelineTarget
 
+# model_type -> why its decode cache cannot drop tokens (``truncate`` refuses to)
+NO_ROLLBACK = {"deepseek_v4": "its compressed-attention state (compressor buffers, emitted entries) and its "
+                              "sliding-window keys only move forward"}
+
 
 def _forward(target: PipelineTarget, cache, ids_BN: torch.Tensor,
              position_ids_BN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """New tokens (no padding) through the replica's stages one after the other, appending to each stage's cache.
 
-    Returns (final hidden ``[B, N, H]`` on the last stage, else None; this stage's features ``[B, N, L_s, H]`` or
-    None). Every member calls with the same ``ids_BN`` (only stage 0 reads them; the others need the shape).
+    Returns (final hidden ``[B, N, H]`` on the last stage, else None; this stage's features ``[B, N, L_s, *X]`` or
+    None). Every member calls with the same ``ids_BN`` (stage 0 and V4's stages read them; the others need the
+    shape).
     """
     import torch.distributed as dist
 
     ranks, stage, last = target.pipe_ranks, target.stage, target.num_stages - 1
-    hidden_BNH = None
+    hidden_BNX = None
     if stage > 0:
-        hidden_BNH = torch.empty(*ids_BN.shape, target.config.hidden_size, dtype=target.dtype, device=target.device)
-        dist.recv(hidden_BNH, src=ranks[stage - 1], tag=_TAG_HIDDEN)
-    hidden_BNH, feats_BNLH = target._run_stage(ids_BN, None, hidden_BNH, position_ids_BN, cache)
+        hidden_BNX = torch.empty(*ids_BN.shape, *target.token_shape, dtype=target.dtype, device=target.device)
+        dist.recv(hidden_BNX, src=ranks[stage - 1], tag=_TAG_HIDDEN)
+    hidden_BNX, feats_BNLX = target._run_stage(ids_BN, None, hidden_BNX, position_ids_BN, cache)
     if stage < last:
-        dist.send(hidden_BNH.contiguous(), dst=ranks[stage + 1], tag=_TAG_HIDDEN)
-        return None, feats_BNLH
-    return hidden_BNH, feats_BNLH
+        dist.send(hidden_BNX.contiguous(), dst=ranks[stage + 1], tag=_TAG_HIDDEN)
+        return None, feats_BNLX
+    return hidden_BNX, feats_BNLX
 
 
-def _logits(target: PipelineTarget, final_XH: torch.Tensor) -> torch.Tensor:
+def _logits(target: PipelineTarget, final_BH: torch.Tensor) -> torch.Tensor:
     """fp32 logits ``[..., V]`` of the LM head in the target's dtype (as the hf backend: linear, then float)."""
-    return torch.nn.functional.linear(final_XH, target.lm_head_weight).float()
+    return torch.nn.functional.linear(final_BH, target.lm_head_weight).float()
 
 
 def _share(target: PipelineTarget, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
@@ -84,24 +94,30 @@ class PipelineDecodeSession(DecodeSession):
         t = self.target
         if ids_N.dim() != 1 or ids_N.numel() == 0:
             raise ValueError(f"extend needs a non-empty 1-D tensor of token ids, got shape {tuple(ids_N.shape)}")
-        n, H = ids_N.numel(), t.config.hidden_size
+        n = ids_N.numel()
         ids_1N = ids_N.view(1, -1).to(device=t.device, dtype=torch.long)
         positions_1N = torch.arange(self.length, self.length + n, device=t.device).view(1, -1)
-        final_1NH, feats_1NLH = _forward(t, self.cache, ids_1N, positions_1N)
+        final_1NH, feats_1NLX = _forward(t, self.cache, ids_1N, positions_1N)
         last = t.num_stages - 1
         logits_NV = _logits(t, final_1NH[0]) if t.stage == last else None
         logits_NV = _share(t, logits_NV, (n, t.config.vocab_size), torch.float32, last)
         by_id: dict[int, torch.Tensor] = {}
         for s, ids in enumerate(t.stage_layer_ids):
             if ids:
-                part_NLH = _share(t, feats_1NLH[0] if s == t.stage else None, (n, len(ids), H), t.dtype, s)
-                by_id.update(zip(ids, part_NLH.unbind(1)))
+                part_NLX = _share(t, feats_1NLX[0] if s == t.stage else None, (n, len(ids), *t.token_shape),
+                                  t.dtype, s)
+                by_id.update(zip(ids, part_NLX.unbind(1)))
         self.length += n
         return logits_NV, torch.stack([by_id[i] for i in t.layer_ids], dim=1)
 
     def truncate(self, length: int) -> None:
         if length < 0:
             raise ValueError(f"truncate needs a length >= 0, got {length}")
+        why = NO_ROLLBACK.get(self.target.config.model_type)
+        if why is not None and length < self.length:
+            raise ValueError(f"truncate({length}) of a {self.length}-token decode session: target "
+                             f"{self.target.name} ({self.target.config.model_type}) cannot roll its cache back, "
+                             f"{why}; start a new session instead")
         if length < self.length:
             self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
             self.length = length
@@ -112,7 +128,7 @@ class PipelineDecodeSession(DecodeSession):
 # stage 0 runs its layers on a slot's next input and passes the item (a header, then the hidden state) on, the
 # last stage samples and sends the tokens back to stage 0, which meanwhile works on the other slots: P batches
 # keep the P stages busy. Every stage handles the items in the order stage 0 issued them.
-_TAG_ITEM, _TAG_TOKENS = 4, 5  # p2p message kinds beside pipeline's 1..3
+_TAG_ITEM, _TAG_TOKENS, _TAG_IDS = 4, 5, 6  # p2p message kinds beside pipeline's 1..3
 _PREFILL, _STEP, _END = 0, 1, 2  # item kinds: a new batch in a slot, one more token of a slot's batch, no more items
 
 
@@ -215,13 +231,16 @@ def _drive(target: PipelineTarget, batches: list[list[int]], new_slot, max_new_t
 
     def issue(k: int, kind: int) -> None:
         slot = slots[k]
-        hidden_BNH, _ = target._run_stage(slot.ids_BN, slot.mask_BS, None, slot.positions_BN, slot.cache)
+        hidden_BNX, _ = target._run_stage(slot.ids_BN, slot.mask_BS, None, slot.positions_BN, slot.cache)
         if last == 0:
-            local_tokens.append(_sample(target, slot, hidden_BNH, temperature, pad_id))
+            local_tokens.append(_sample(target, slot, hidden_BNX, temperature, pad_id))
         else:
             B, N = slot.ids_BN.shape
             header = torch.tensor([k, kind, slot.batch, B, N], dtype=torch.long, device=target.device)
-            for tensor, tag in ((header, _TAG_ITEM), (hidden_BNH.contiguous(), _TAG_HIDDEN)):
+            outgoing = [(header, _TAG_ITEM), (hidden_BNX.contiguous(), _TAG_HIDDEN)]
+            if target.streams:  # V4: every stage routes by token id
+                outgoing.append((slot.ids_BN.contiguous(), _TAG_IDS))
+            for tensor, tag in outgoing:
                 pending.append((dist.isend(tensor, dst=ranks[1], tag=tag), tensor))
         in_flight.append(k)
 
@@ -282,14 +301,20 @@ def _follow(target: PipelineTarget, new_slot, temperature: float, eos: int | Non
         else:
             slots[k].advance(None)
         slot = slots[k]
-        hidden_BNH = torch.empty(B, N, target.config.hidden_size, dtype=target.dtype, device=target.device)
-        dist.recv(hidden_BNH, src=ranks[stage - 1], tag=_TAG_HIDDEN)
-        hidden_BNH, _ = target._run_stage(None, slot.mask_BS, hidden_BNH, slot.positions_BN, slot.cache)
+        hidden_BNX = torch.empty(B, N, *target.token_shape, dtype=target.dtype, device=target.device)
+        dist.recv(hidden_BNX, src=ranks[stage - 1], tag=_TAG_HIDDEN)
+        ids_BN = None
+        if target.streams:
+            ids_BN = torch.empty(B, N, dtype=torch.long, device=target.device)
+            dist.recv(ids_BN, src=ranks[stage - 1], tag=_TAG_IDS)
+        hidden_BNX, _ = target._run_stage(ids_BN, slot.mask_BS, hidden_BNX, slot.positions_BN, slot.cache)
         if stage < last:
             outgoing = [(header.clone(), _TAG_ITEM, ranks[stage + 1]),
-                        (hidden_BNH.contiguous(), _TAG_HIDDEN, ranks[stage + 1])]
+                        (hidden_BNX.contiguous(), _TAG_HIDDEN, ranks[stage + 1])]
+            if ids_BN is not None:
+                outgoing.append((ids_BN, _TAG_IDS, ranks[stage + 1]))
         else:
-            next_B = _sample(target, slot, hidden_BNH, temperature, pad_id)
+            next_B = _sample(target, slot, hidden_BNX, temperature, pad_id)
             if eos is not None:  # rows done from the next step on sample pad, as on stage 0's side
                 slot.done_B |= next_B == eos
             outgoing = [(next_B, _TAG_TOKENS, ranks[0])]
