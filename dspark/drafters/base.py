@@ -20,6 +20,7 @@ import abc
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BATCH_KEYS = ("input_ids_BT", "loss_mask_BT", "features_BTLH", "final_BTH")
@@ -51,6 +52,21 @@ class Proposal:
     confidence_K: torch.Tensor | None = None  # fp32 [k] confidence head output, when present
 
 
+def sample_rows(logits_BV: torch.Tensor, temperature: float, generators: list[torch.Generator | None]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row for a batched proposal step: ``(tokens_B, probs_BV)``, probs = ``softmax(logits / T)`` in
+    fp32 (one-hot at the argmax for T = 0). Row b draws from ``generators[b]`` alone, exactly as a batch of one
+    would, so each row's random stream does not depend on the rows drafted beside it."""
+    if temperature == 0:
+        tokens_B = logits_BV.argmax(dim=-1)
+        return tokens_B, F.one_hot(tokens_B, logits_BV.shape[-1]).float()
+    probs_BV = (logits_BV.float() / temperature).softmax(dim=-1)
+    # torch.multinomial takes one generator per call: one call per row, each on its own generator.
+    tokens_B = torch.cat([torch.multinomial(probs_BV[b : b + 1], 1, generator=g).view(1)
+                          for b, g in enumerate(generators)])
+    return tokens_B, probs_BV
+
+
 class Drafter(nn.Module, abc.ABC):
     """Trainable drafter around the frozen target embedding and LM head."""
 
@@ -68,6 +84,26 @@ class Drafter(nn.Module, abc.ABC):
         ``context_TLH`` holds the target features of every position before the anchor (the anchor sits at
         position T). ``temperature`` 0 means greedy (probs one-hot at the argmax).
         """
+
+    def propose_batch(self, contexts: list[torch.Tensor], anchor_ids: list[int], *, temperature: float,
+                      generators: list[torch.Generator | None], context_ids: list[torch.Tensor] | None = None
+                      ) -> list[Proposal]:
+        """``propose`` for several rows at once (one ``Proposal`` per row, in order); the rows' contexts may
+        differ in length. Row b samples only from ``generators[b]``, in the order ``propose`` would, so a row's
+        proposal does not depend on the rows drafted with it. ``context_ids[b]`` (drafters with
+        ``needs_context_ids``) are the token ids of row b's context positions.
+
+        This default drafts one row at a time; drafters that can batch override it (and then implement ``propose``
+        as the batch of one).
+        """
+        if not len(contexts) == len(anchor_ids) == len(generators):
+            raise ValueError(f"propose_batch got {len(contexts)} contexts, {len(anchor_ids)} anchors and "
+                             f"{len(generators)} generators; expected one of each per row")
+        proposals = []
+        for b, (context_TLH, anchor_id, generator) in enumerate(zip(contexts, anchor_ids, generators)):
+            ids = {"context_ids_T": context_ids[b]} if context_ids is not None else {}
+            proposals.append(self.propose(context_TLH, anchor_id, temperature=temperature, generator=generator, **ids))
+        return proposals
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
         # The training engine calls the module; forward is the loss so DeepSpeed's hooks (ZeRO-3 gathering,

@@ -163,8 +163,9 @@ class _Decoder:
     alone, so the tokens do not depend on the batch size or on which rows share a step."""
 
     def __init__(self, target, drafter, *, max_new_tokens: int, temperature: float, stop_ids: Iterable[int],
-                 confidence_threshold: float, session):
+                 confidence_threshold: float, session, batch_proposals: bool = True):
         self.target, self.drafter, self.session = target, drafter, session
+        self.batch_proposals = batch_proposals
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.stops = set(stop_ids)
         self.confidence_threshold = confidence_threshold
@@ -188,7 +189,7 @@ class _Decoder:
             if admitted:
                 self.session.add_rows(len(admitted))
                 rows += admitted
-            outputs = self.session.extend([self._feed(row) for _, row in rows])
+            outputs = self.session.extend(self._feeds([row for _, row in rows]))
             for (_, row), (logits_NV, features_NLH) in zip(rows, outputs):
                 self._absorb(row, logits_NV, features_NLH)
             self.session.truncate([row.num_context for _, row in rows])
@@ -203,16 +204,36 @@ class _Decoder:
                 rows = [rows[i] for i in keep]
         return results  # type: ignore[return-value]
 
-    def _feed(self, row: _Row) -> torch.Tensor:
-        """The tokens row feeds this step: its prompt, or the anchor and the drafts of a new proposal."""
-        if row.result is None:
-            return torch.tensor(row.prompt, dtype=torch.long)
-        anchor = row.result.tokens[-1]
-        # A drafter that embeds context tokens (Eagle3) says so with ``needs_context_ids``.
-        ids = ({"context_ids_T": row.context_ids_T[: row.num_context]}
-               if getattr(self.drafter, "needs_context_ids", False) else {})
-        proposal = self.drafter.propose(row.context_TLH[: row.num_context], anchor, temperature=self.temperature,
-                                        generator=row.generator, **ids)
+    def _feeds(self, rows: list[_Row]) -> list[torch.Tensor]:
+        """The tokens every row feeds this step: its prompt, or the anchor and the drafts of a new proposal. The
+        rows past their prefill draft together, in one ``propose_batch`` call."""
+        drafting = [row for row in rows if row.result is not None]
+        if drafting:
+            contexts = [row.context_TLH[: row.num_context] for row in drafting]
+            anchors = [row.result.tokens[-1] for row in drafting]
+            generators = [row.generator for row in drafting]
+            # A drafter that embeds context tokens (Eagle3) says so with ``needs_context_ids``.
+            ids = ([row.context_ids_T[: row.num_context] for row in drafting]
+                   if getattr(self.drafter, "needs_context_ids", False) else None)
+            if self.batch_proposals and hasattr(self.drafter, "propose_batch"):
+                extra = {"context_ids": ids} if ids is not None else {}
+                proposals = self.drafter.propose_batch(contexts, anchors, temperature=self.temperature,
+                                                       generators=generators, **extra)
+            else:
+                proposals = [self.drafter.propose(contexts[b], anchors[b], temperature=self.temperature,
+                                                  generator=generators[b],
+                                                  **({"context_ids_T": ids[b]} if ids is not None else {}))
+                             for b in range(len(drafting))]
+            if len(proposals) != len(drafting):
+                raise ValueError(f"drafter {type(self.drafter).__name__} returned {len(proposals)} proposals for "
+                                 f"{len(drafting)} rows; expected one per row")
+            for row, proposal in zip(drafting, proposals):
+                self._take_proposal(row, proposal)
+        return [torch.tensor(row.prompt, dtype=torch.long) if row.result is None
+                else torch.cat([torch.tensor([row.result.tokens[-1]]), row.drafts_K.cpu()]) for row in rows]
+
+    def _take_proposal(self, row: _Row, proposal) -> None:
+        """Cut ``proposal`` to the row's budget (and the confidence threshold) and keep it for verification."""
         _check_proposal(proposal, self.vocab_size, self.temperature)
         row.budget = self.max_new_tokens - len(row.result.tokens)
         k = min(row.budget, proposal.tokens_K.shape[0])
@@ -221,12 +242,11 @@ class _Decoder:
             k = min(k, cut)
         elif self.confidence_threshold > 0 and not self.warned_no_confidence:
             warnings.warn(f"eval.confidence_threshold={self.confidence_threshold:g} is ignored: drafter "
-                          f"{type(self.drafter).__name__} reports no confidences", stacklevel=2)
+                          f"{type(self.drafter).__name__} reports no confidences", stacklevel=3)
             self.warned_no_confidence = True
         row.drafts_K = proposal.tokens_K[:k].long()
         row.draft_probs_KV = proposal.probs_KV[:k] if self.temperature > 0 else None
         row.confidence_K = proposal.confidence_K
-        return torch.cat([torch.tensor([anchor]), row.drafts_K.cpu()])
 
     def _absorb(self, row: _Row, logits_NV: torch.Tensor, features_NLH: torch.Tensor) -> None:
         """Take the target's output for row's feed: start the row after its prefill, else verify its drafts."""
@@ -288,21 +308,23 @@ def speculative_generate(target, drafter, prompt_ids: list[int], *, max_new_toke
 def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max_new_tokens: int,
                                temperature: float, generators: list[torch.Generator | None], batch_size: int,
                                stop_ids: Iterable[int] = (), confidence_threshold: float = 0.0,
-                               on_done=None) -> list[GenerationResult]:
+                               on_done=None, batch_proposals: bool = True) -> list[GenerationResult]:
     """``speculative_generate`` of every prompt (``generators[i]`` drives prompt i), ``batch_size`` at a time in
     one batched target forward per step (continuous batching: a finished prompt's slot goes to the next one).
 
     With ``batch_size`` > 1 uses ``target.batch_decode_session()`` when the backend has one, else (and for
     batch size 1) one decode session per prompt. The tokens of a prompt are those ``speculative_generate`` gives
     it with the same generator, whatever the batch size (up to float rounding of the batched forward, which can
-    flip a draw only on a near tie). ``on_done()`` is called as each prompt finishes.
+    flip a draw only on a near tie). ``on_done()`` is called as each prompt finishes. The rows in flight draft
+    together (``drafter.propose_batch``); ``batch_proposals=False`` calls ``drafter.propose`` row by row instead
+    (the same tokens; kept to measure what batching the drafter buys).
     """
     if len(generators) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
     make = getattr(target, "batch_decode_session", None)
     session = make() if make is not None and batch_size > 1 else _SequentialSessions(target)
     decoder = _Decoder(target, drafter, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
-                       confidence_threshold=confidence_threshold, session=session)
+                       confidence_threshold=confidence_threshold, session=session, batch_proposals=batch_proposals)
     return decoder.run(prompts, generators, batch_size, on_done=on_done)
 
 

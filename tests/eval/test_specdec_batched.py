@@ -4,6 +4,8 @@ prompts of different lengths finishing at different steps, plus the static confi
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from eval_drafters import (
@@ -143,3 +145,32 @@ def test_confidence_threshold_cuts_proposals_and_stays_lossless(target):
     for prompt, result in zip(PROMPTS, results):
         assert set(result.proposed) == {0}  # 0.5 < 0.6 already at slot 1: the target decodes alone
         assert result.tokens == target_generate(target, prompt, max_new_tokens=12, temperature=0.0)
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+def test_batched_proposals_decode_like_row_by_row_proposals(tiny_llama_dir, one_thread, algorithm):
+    # One ``propose_batch`` call per step for the rows in flight (different context lengths; 6 prompts at batch 4,
+    # so rows leave and join) against one ``propose`` call per row: the same tokens and rounds (Eagle3 with a
+    # pruned vocab).
+    from dspark.drafters import build_drafter
+
+    features_target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 2]))
+    dspark = algorithm == "dspark"
+    cfg = DrafterConfig(algorithm=algorithm, block_size=4, markov_rank=16 if dspark else 0,
+                        enable_confidence_head=dspark, draft_vocab_size=0 if dspark else 600)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="draft vocab") if not dspark else contextlib.nullcontext():
+        drafter = build_drafter(cfg, features_target.config, features_target.layer_ids,
+                                features_target.embed_weight, features_target.lm_head_weight).eval()
+    runs = []
+    for batch_proposals in (True, False):
+        generators = [torch.Generator().manual_seed(prompt_seed(5, i)) for i in range(len(PROMPTS))]
+        runs.append(speculative_generate_batch(features_target, drafter, PROMPTS, max_new_tokens=12,
+                                               temperature=1.0, generators=generators, batch_size=4,
+                                               batch_proposals=batch_proposals))
+    assert _records(runs[0]) == _records(runs[1])
+    assert all(len(r.accepted) >= 3 for r in runs[0])  # several rounds per row (6 prompts: rows joined mid-run)
+    for batched, row_by_row in zip(*runs):
+        assert len(batched.confidences) == len(row_by_row.confidences) == (len(batched.accepted) if dspark else 0)
+        for a, b in zip(batched.confidences, row_by_row.confidences):
+            assert a == pytest.approx(b, abs=1e-6)

@@ -2,7 +2,7 @@
 
 Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, A anchors (blocks) per sequence,
 K block size (predicted tokens per block), S block length (K, or K + 1 in the DFlash layout), R Markov rank,
-N supervised slots.
+N supervised slots (at decode time: the new context rows of all rows, packed).
 
 Block layouts (anchor at position p, both predict the K tokens at p+1..p+K):
 - DSpark (default): input ``[anchor, mask x (K-1)]`` at positions p..p+K-1; slot j predicts token p+j+1
@@ -27,7 +27,7 @@ from torch import nn
 
 from dspark.config import DrafterConfig
 from dspark.drafters.anchors import block_labels, position_weights, sample_anchors
-from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch
+from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch, sample_rows
 from dspark.drafters.common import DraftDecoderLayer, RMSNorm, RotaryEmbedding, config_get, rope_theta_from_config
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
@@ -253,59 +253,78 @@ class DSparkDrafter(Drafter):
 
     # -- decoding --------------------------------------------------------------------------------------------
 
-    def _fuse_context_incremental(self, context_TLH: torch.Tensor) -> torch.Tensor:
-        """``fuse_context`` for decoding, where each call's context extends the previous one by the tokens
-        accepted since: only rows past the longest unchanged prefix are fused (the ``fc`` matmul over the whole
-        context was ~55% of a proposal at SmolLM2 size). Keyed on the weights' versions so training in between
-        invalidates it."""
+    def _fuse_contexts_incremental(self, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``fuse_context`` of every row's context ``[T_b, L, H]`` -> ``[T_b, H]`` each, for decoding.
+
+        Each round a row's context extends its previous one by the tokens accepted since, so only rows past the
+        longest prefix it shares with a context fused by the previous call are fused (the ``fc`` matmul over the
+        whole context was ~55% of a proposal at SmolLM2 size), all rows' new parts in one matmul. The cache holds
+        the previous call's rows (one entry per row) and is keyed on the weights' versions so training in between
+        invalidates it; setting ``_context_cache = None`` empties it.
+        """
         version = (self.fc.weight._version, self.hidden_norm.weight._version, self.fc.weight.data_ptr())
         cached = getattr(self, "_context_cache", None)
-        reuse = 0
-        if cached is not None and cached[0] == version:
-            prev_TLH, prev_fused_TH = cached[1], cached[2]
-            n = min(prev_TLH.shape[0], context_TLH.shape[0])
-            if n and prev_TLH.dtype == context_TLH.dtype and torch.equal(prev_TLH[:n], context_TLH[:n]):
-                reuse = n
-        fused_TH = self.fuse_context(context_TLH[reuse:].unsqueeze(0))[0]
-        if reuse:
-            fused_TH = torch.cat([prev_fused_TH[:reuse], fused_TH])
-        self._context_cache = (version, context_TLH, fused_TH)
-        return fused_TH.unsqueeze(0)
+        entries = cached[1] if cached is not None and cached[0] == version else []
+        reused = [_longest_cached_prefix(context_TLH, entries) for context_TLH in contexts]
+        tails = [context_TLH[n:] for context_TLH, (n, _) in zip(contexts, reused)]
+        fused_NH = self.fuse_context(torch.cat(tails).unsqueeze(0))[0]  # every row's new part, packed
+        fused = []
+        for (n, prev_fused_TH), new_NH in zip(reused, fused_NH.split([len(t) for t in tails])):
+            fused.append(torch.cat([prev_fused_TH[:n], new_NH]) if n else new_NH)
+        self._context_cache = (version, list(zip(contexts, fused)))
+        return fused
 
     @torch.no_grad()
     def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
-                generator: torch.Generator | None = None) -> Proposal:
-        """Draft K tokens after ``anchor_id`` (at position T), sampling the sequential head left to right."""
+                generator: torch.Generator | None = None, context_ids_T: torch.Tensor | None = None) -> Proposal:
+        """Draft K tokens after ``anchor_id`` (at position T), sampling the sequential head left to right: the
+        batch of one of ``propose_batch`` (``context_ids_T`` is not needed and ignored)."""
+        return self.propose_batch([context_TLH], [anchor_id], temperature=temperature, generators=[generator])[0]
+
+    @torch.no_grad()
+    def propose_batch(self, contexts: list[torch.Tensor], anchor_ids: list[int], *, temperature: float,
+                      generators: list[torch.Generator | None], context_ids: list[torch.Tensor] | None = None
+                      ) -> list[Proposal]:
+        """Draft K tokens after each row's anchor in one backbone forward (see ``Drafter.propose_batch``).
+
+        Contexts of different lengths are right-padded to the longest: the block attention already hides context
+        positions at or after each row's anchor (``DraftAttention``), which covers the padding. The sequential
+        heads then run slot by slot over all rows, each row drawing from its own generator.
+        """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not len(contexts) == len(anchor_ids) == len(generators) or not contexts:
+            raise ValueError(f"propose_batch got {len(contexts)} contexts, {len(anchor_ids)} anchors and "
+                             f"{len(generators)} generators; expected one of each per row (at least one row)")
         device = self.fc.weight.device
-        T = context_TLH.shape[0]
-        ctx_1TH = self._fuse_context_incremental(context_TLH.to(device))
-        anchor_11 = torch.tensor([[int(anchor_id)]], device=device)
-        h_KH = self.block_hidden(ctx_1TH, anchor_11, torch.tensor([[T]], device=device))[0, 0]
-        base_KV = h_KH.float() @ self.lm_head.weight.float().T
-        prev = anchor_11[0]  # [1]
+        B = len(contexts)
+        fused = self._fuse_contexts_incremental([c.to(device) for c in contexts])
+        lengths = [f.shape[0] for f in fused]
+        ctx_BTH = fused[0].new_zeros((B, max(lengths), self.hidden_size))
+        for b, fused_TH in enumerate(fused):
+            ctx_BTH[b, : lengths[b]] = fused_TH
+        anchors_B = torch.tensor([int(a) for a in anchor_ids], device=device)
+        pos_B1 = torch.tensor(lengths, device=device).unsqueeze(1)
+        h_BKH = self.block_hidden(ctx_BTH, anchors_B.unsqueeze(1), pos_B1)[:, 0]
+        base_BKV = h_BKH.float() @ self.lm_head.weight.float().T
+        prev_B = anchors_B
         state = None
         tokens, probs, confs = [], [], []
         for k in range(self.block_size):
-            logits_1V = base_KV[k : k + 1]
-            e_1R = None
+            logits_BV = base_BKV[:, k]
+            e_BR = None
             if self.markov_head is not None:
-                u_1R, e_1R, state = self.markov_head.step(h_KH[k : k + 1], prev, state)
-                logits_1V = logits_1V + self.markov_head.markov_w2(u_1R).float()
+                u_BR, e_BR, state = self.markov_head.step(h_BKH[:, k], prev_B, state)
+                logits_BV = logits_BV + self.markov_head.markov_w2(u_BR).float()
             if self.confidence_head is not None:
-                confs.append(self.confidence_head.probability(self.confidence_head(h_KH[k : k + 1], e_1R), k))
-            if temperature == 0:
-                token = logits_1V.argmax(dim=-1)
-                p_1V = F.one_hot(token, self.vocab_size).float()
-            else:
-                p_1V = (logits_1V / temperature).softmax(dim=-1)
-                token = torch.multinomial(p_1V, 1, generator=generator).view(1)
-            tokens.append(token)
-            probs.append(p_1V)
-            prev = token
-        return Proposal(tokens_K=torch.cat(tokens), probs_KV=torch.cat(probs),
-                        confidence_K=torch.cat(confs) if confs else None)
+                confs.append(self.confidence_head.probability(self.confidence_head(h_BKH[:, k], e_BR), k))
+            prev_B, p_BV = sample_rows(logits_BV, temperature, generators)
+            tokens.append(prev_B)
+            probs.append(p_BV)
+        tokens_BK, probs_BKV = torch.stack(tokens, dim=1), torch.stack(probs, dim=1)
+        conf_BK = torch.stack(confs, dim=1) if confs else None
+        return [Proposal(tokens_K=tokens_BK[b], probs_KV=probs_BKV[b],
+                         confidence_K=conf_BK[b] if conf_BK is not None else None) for b in range(B)]
 
     def set_confidence_temperatures(self, temperatures: list[float]) -> None:
         """Per-slot STS temperatures for the confidence head (``calibration.json``; ones = uncalibrated)."""
@@ -371,3 +390,17 @@ class DSparkDrafter(Drafter):
         }
         return out
 
+
+
+def _longest_cached_prefix(context_TLH: torch.Tensor, entries: list[tuple[torch.Tensor, torch.Tensor]]
+                           ) -> tuple[int, torch.Tensor | None]:
+    """``(n, fused)``: the longest prefix of ``context_TLH`` that a cached context ``[T', L, H]`` shares (its fused
+    rows ``fused[:n]`` can be reused), compared exactly; ``(0, None)`` when none does."""
+    best, best_fused = 0, None
+    for prev_TLH, prev_fused_TH in entries:
+        n = min(prev_TLH.shape[0], context_TLH.shape[0])
+        # The last shared row depends on the whole prefix in a real context: a cheap filter before the full check.
+        if (n > best and prev_TLH.dtype == context_TLH.dtype and prev_TLH.device == context_TLH.device
+                and torch.equal(prev_TLH[n - 1], context_TLH[n - 1]) and torch.equal(prev_TLH[:n], context_TLH[:n])):
+            best, best_fused = n, prev_fused_TH
+    return best, best_fused

@@ -74,7 +74,8 @@ def ttt_attention(q_BGQTD: torch.Tensor, k0_BGSD: torch.Tensor, v0_BGSD: torch.T
                   diag: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Softmax attention of every query row over the allowed step-0 rows and its own diagonal keys.
 
-    ``mask_TS`` (bool) says which step-0 rows each query row sees; ``diag`` holds ``(k, v)`` ``[B, G, T, D]`` of
+    ``mask_TS`` (bool, broadcast against the scores ``[B, G, Q, T, S]``, e.g. ``[T, S]`` or per batch row
+    ``[B, 1, 1, T, S]``) says which step-0 rows each query row sees; ``diag`` holds ``(k, v)`` ``[B, G, T, D]`` of
     steps 1..s at the query's own row. Scores and softmax in fp32.
     """
     scale = 1.0 / math.sqrt(q_BGQTD.shape[-1])

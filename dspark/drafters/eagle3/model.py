@@ -1,7 +1,8 @@
 """The Eagle3 drafter: fused target features, one decoder layer, training-time test (TTT).
 
 Legend: B batch, T tokens, L feature layers, H hidden size, V target vocab, W draft vocab (V unless pruned),
-G key/value heads, D head dim, N supervised rows of one step, K proposed tokens.
+G key/value heads, D head dim, N supervised rows of one step (or packed new context rows at decode time),
+K proposed tokens, S context rows of the longest row drafted together.
 
 Inputs of draft row t at TTT step s = 0 .. ttt_length-1 (row t stands for the target prefix ``x_0 .. x_t``):
 - hidden: ``fc([H_l1(t); ...; H_lm(t)])`` at s = 0 (the target features at position t), else the row's own
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.config import DrafterConfig
-from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch
+from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch, sample_rows
 from dspark.drafters.common import (
     RMSNorm,
     RotaryEmbedding,
@@ -271,74 +272,113 @@ class Eagle3Drafter(Drafter):
     def _weights_version(self) -> tuple:
         return tuple((p._version, p.data_ptr()) for p in self.parameters())
 
-    def _context_kv(self, context_TLH: torch.Tensor, row_ids_T: torch.Tensor):
-        """Step-0 keys/values of every context row (``[1, G, T, D]``), the last row's query and fused hidden.
+    def _context_kv(self, context_TLH: torch.Tensor, row_ids_T: torch.Tensor) -> tuple:
+        """``_contexts_kv`` of one row: ``(k [1, G, T, D], v, last row's query [1, G, Q, 1, D], hidden [1, 1, H])``."""
+        return self._contexts_kv([context_TLH], [row_ids_T])[0]
 
-        Rows past the longest prefix unchanged since the previous call (same features, same token, same weights)
-        are the only ones projected: decoding extends the context by the accepted tokens each round.
+    def _contexts_kv(self, contexts: list[torch.Tensor], row_ids: list[torch.Tensor]) -> list[tuple]:
+        """Per row: step-0 keys/values of every context row (``[1, G, T_b, D]``), the last row's query and its fused
+        hidden (``row_ids[b]``: the token each context row of row b embeds).
+
+        Only context rows past the longest prefix a row shares with one of the previous call's rows (same features,
+        same tokens, same weights) are projected, all rows' new parts packed into one ``qkv`` call (the projections
+        are row-wise): decoding extends each context by the accepted tokens every round. ``_context_cache = None``
+        empties the cache.
         """
         version = self._weights_version()
         cached = getattr(self, "_context_cache", None)
-        reuse = 0
-        if cached is not None and cached[0] == version:
-            prev_TLH, prev_ids_T = cached[1], cached[2]
-            # The previous call's last row embedded its anchor; that row is redone unless it is still a prefix row.
-            n = min(prev_TLH.shape[0], context_TLH.shape[0] - 1)
-            if (n > 0 and prev_TLH.dtype == context_TLH.dtype and torch.equal(prev_TLH[:n], context_TLH[:n])
-                    and torch.equal(prev_ids_T[:n], row_ids_T[:n])):
-                reuse = n
-        T = context_TLH.shape[0]
-        hidden_1TH = self.fuse(context_TLH[reuse:].unsqueeze(0))
-        pos_1T = torch.arange(reuse, T, device=context_TLH.device).unsqueeze(0)
-        rope = self.rotary.cos_sin(pos_1T, hidden_1TH.dtype)
-        q, k, v = self.midlayer.qkv(self._embed(row_ids_T[reuse:].unsqueeze(0)), hidden_1TH, rope)
-        if reuse:
-            k = torch.cat([cached[3][:, :, :reuse], k], dim=2)
-            v = torch.cat([cached[4][:, :, :reuse], v], dim=2)
-        self._context_cache = (version, context_TLH, row_ids_T, k, v)
-        return k, v, q[:, :, :, -1:], hidden_1TH[:, -1:]
+        entries = cached[1] if cached is not None and cached[0] == version else []
+        reused = [_longest_cached_prefix(context_TLH, ids_T, entries) for context_TLH, ids_T in zip(contexts, row_ids)]
+        device = self.fc.weight.device
+        tails = [context_TLH[n:] for context_TLH, (n, _) in zip(contexts, reused)]
+        hidden_1NH = self.fuse(torch.cat(tails).unsqueeze(0))
+        pos_1N = torch.cat([torch.arange(n, c.shape[0], device=device) for c, (n, _) in zip(contexts, reused)])[None]
+        ids_1N = torch.cat([ids_T[n:] for ids_T, (n, _) in zip(row_ids, reused)])[None]
+        q_all, k_all, v_all = self.midlayer.qkv(self._embed(ids_1N), hidden_1NH,
+                                                self.rotary.cos_sin(pos_1N, hidden_1NH.dtype))
+        sizes = [len(t) for t in tails]
+        out, new_entries = [], []
+        for b, (n, prev) in enumerate(reused):
+            first, last = sum(sizes[:b]), sum(sizes[: b + 1])  # every row has >= 1 new context row (its anchor)
+            k, v = k_all[:, :, first:last], v_all[:, :, first:last]
+            if n:
+                k = torch.cat([prev[0][:, :, :n], k], dim=2)
+                v = torch.cat([prev[1][:, :, :n], v], dim=2)
+            out.append((k, v, q_all[:, :, :, last - 1 : last], hidden_1NH[:, last - 1 : last]))
+            new_entries.append((contexts[b], row_ids[b], k, v))
+        self._context_cache = (version, new_entries)
+        return out
 
     @torch.no_grad()
     def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
                 generator: torch.Generator | None = None, context_ids_T: torch.Tensor | None = None) -> Proposal:
-        """Chain-draft ``block_size`` tokens after ``anchor_id`` (at position T).
+        """Chain-draft ``block_size`` tokens after ``anchor_id`` (at position T): the batch of one of ``propose_batch``.
 
         ``context_ids_T`` are the token ids at positions 0..T-1 (row u of step 0 embeds token u+1, the anchor for
         the last row). Probabilities are returned over the TARGET vocab (0 outside a pruned draft vocab).
         """
+        return self.propose_batch([context_TLH], [anchor_id], temperature=temperature, generators=[generator],
+                                  context_ids=[context_ids_T])[0]
+
+    @torch.no_grad()
+    def propose_batch(self, contexts: list[torch.Tensor], anchor_ids: list[int], *, temperature: float,
+                      generators: list[torch.Generator | None], context_ids: list[torch.Tensor] | None = None
+                      ) -> list[Proposal]:
+        """Chain-draft ``block_size`` tokens after each row's anchor, all rows in one forward per step (see
+        ``Drafter.propose_batch``; ``context_ids`` is required).
+
+        The rows' step-0 keys/values are right-padded to the longest context and the padding masked out of the
+        attention; each row's drafted tokens sit at its own positions ``T_b - 1 + s``.
+        """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        T = context_TLH.shape[0]
-        if context_ids_T is None or context_ids_T.shape != (T,) or T < 1:
-            raise ValueError(f"Eagle3 propose needs context_ids_T with one token id per context row ({T}), got "
-                             f"{None if context_ids_T is None else tuple(context_ids_T.shape)}")
+        if not len(contexts) == len(anchor_ids) == len(generators) or not contexts:
+            raise ValueError(f"propose_batch got {len(contexts)} contexts, {len(anchor_ids)} anchors and "
+                             f"{len(generators)} generators; expected one of each per row (at least one row)")
+        if context_ids is None:
+            context_ids = [None] * len(contexts)
+        for context_TLH, ids_T in zip(contexts, context_ids):
+            T = context_TLH.shape[0]
+            if ids_T is None or ids_T.shape != (T,) or T < 1:
+                raise ValueError(f"Eagle3 propose needs context_ids_T with one token id per context row ({T}), got "
+                                 f"{None if ids_T is None else tuple(ids_T.shape)}")
         device = self.fc.weight.device
-        anchor_1 = torch.tensor([int(anchor_id)], device=device)
-        row_ids_T = torch.cat([context_ids_T.to(device, torch.long)[1:], anchor_1])
-        k0, v0, q, hidden_11H = self._context_kv(context_TLH.to(device), row_ids_T)
-        visible_1T = torch.ones(1, T, dtype=torch.bool, device=device)
+        B = len(contexts)
+        anchors_B = torch.tensor([int(a) for a in anchor_ids], device=device)
+        row_ids = [torch.cat([ids_T.to(device, torch.long)[1:], anchors_B[b : b + 1]])
+                   for b, ids_T in enumerate(context_ids)]
+        per_row = self._contexts_kv([c.to(device) for c in contexts], row_ids)
+        lengths_B = torch.tensor([c.shape[0] for c in contexts], device=device)
+        S = int(lengths_B.max())
+        _, G, _, D = per_row[0][0].shape
+        k0_BGSD = per_row[0][0].new_zeros((B, G, S, D))
+        v0_BGSD = torch.zeros_like(k0_BGSD)
+        for b, (k, v, _, _) in enumerate(per_row):
+            k0_BGSD[b, :, : k.shape[2]] = k[0]
+            v0_BGSD[b, :, : v.shape[2]] = v[0]
+        # Broadcast against the scores [B, G, Q, 1, S]: row b sees its own T_b context rows, not the padding.
+        visible = (torch.arange(S, device=device) < lengths_B[:, None]).view(B, 1, 1, 1, S)
+        q = torch.cat([r[2] for r in per_row])
+        hidden_B1H = torch.cat([r[3] for r in per_row])
         target_ids_W = self.draft_target_ids()
         diag: list[tuple[torch.Tensor, torch.Tensor]] = []
         tokens, probs = [], []
-        token = anchor_1
+        token_B = anchors_B
         for s in range(self.block_size):
             if s > 0:
-                rope = self.rotary.cos_sin(torch.full((1, 1), T - 1 + s, device=device), hidden_11H.dtype)
-                q, k, v = self.midlayer.qkv(self._embed(token.view(1, 1)), hidden_11H, rope)
+                rope = self.rotary.cos_sin((lengths_B - 1 + s)[:, None], hidden_B1H.dtype)
+                q, k, v = self.midlayer.qkv(self._embed(token_B[:, None]), hidden_B1H, rope)
                 diag.append((k, v))
-            hidden_11H = self.midlayer.finish(hidden_11H, ttt_attention(q, k0, v0, visible_1T, diag))
-            logits_W = (self.norm(hidden_11H)[0, 0].float() @ self.lm_head.weight.float().T)
-            if temperature == 0:
-                draft_id = logits_W.argmax().view(1)
-                p_W = F.one_hot(draft_id[0], self.draft_vocab_size).float()
-            else:
-                p_W = (logits_W / temperature).softmax(dim=-1)
-                draft_id = torch.multinomial(p_W, 1, generator=generator).view(1)
-            token = target_ids_W[draft_id] if target_ids_W is not None else draft_id
-            p_V = p_W if target_ids_W is None else p_W.new_zeros(self.vocab_size).index_copy_(0, target_ids_W, p_W)
-            tokens.append(token)
-            probs.append(p_V)
-        return Proposal(tokens_K=torch.cat(tokens), probs_KV=torch.stack(probs))
+            hidden_B1H = self.midlayer.finish(hidden_B1H, ttt_attention(q, k0_BGSD, v0_BGSD, visible, diag))
+            logits_BW = self.norm(hidden_B1H)[:, 0].float() @ self.lm_head.weight.float().T
+            draft_B, p_BW = sample_rows(logits_BW, temperature, generators)
+            token_B = target_ids_W[draft_B] if target_ids_W is not None else draft_B
+            p_BV = p_BW if target_ids_W is None else p_BW.new_zeros(B, self.vocab_size).index_copy_(1, target_ids_W,
+                                                                                                      p_BW)
+            tokens.append(token_B)
+            probs.append(p_BV)
+        tokens_BK, probs_BKV = torch.stack(tokens, dim=1), torch.stack(probs, dim=1)
+        return [Proposal(tokens_K=tokens_BK[b], probs_KV=probs_BKV[b]) for b in range(B)]
 
     # -- export ----------------------------------------------------------------------------------------------
 
@@ -361,3 +401,19 @@ class Eagle3Drafter(Drafter):
         state["embed_tokens.weight"] = self.embed_tokens.weight
         state["lm_head.weight"] = self.lm_head.weight
         return state
+
+
+def _longest_cached_prefix(context_TLH: torch.Tensor, row_ids_T: torch.Tensor, entries: list[tuple]
+                           ) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``(n, (k, v))``: the most leading context rows whose step-0 keys/values a cached row ``(context, ids, k, v)``
+    holds (same features and tokens, compared exactly); ``(0, None)`` when none does. The cached row's last row
+    embedded its anchor, so it is reused only while it is still a prefix row, and a row's own last row is always
+    redone (``n <= T - 1``)."""
+    best, best_kv = 0, None
+    for prev_TLH, prev_ids_T, k, v in entries:
+        n = min(prev_TLH.shape[0], context_TLH.shape[0] - 1)
+        if (n > best and prev_TLH.dtype == context_TLH.dtype and prev_TLH.device == context_TLH.device
+                and torch.equal(prev_TLH[n - 1], context_TLH[n - 1]) and torch.equal(prev_TLH[:n], context_TLH[:n])
+                and torch.equal(prev_ids_T[:n], row_ids_T[:n])):
+            best, best_kv = n, (k, v)
+    return best, best_kv

@@ -1,0 +1,116 @@
+"""Benchmark: speculative-decoding evaluation speed with batched drafter proposals against row-by-row proposals.
+
+For each target and drafter (untrained, built from the recipe) it decodes the same prompts at batch 1 and at
+``--batch``, once with one ``drafter.propose_batch`` call per step for all rows in flight ("after") and once with
+one ``drafter.propose`` call per row ("before", ``batch_proposals=False``), alternating the two ``--repeats``
+times and keeping each one's fastest run. It reports verification rounds/s and generated tokens/s, the
+after/before ratios measured in the same run, and whether both decoded the same tokens (they must).
+
+    nice -n 10 python benchmarks/eval_speed.py [--targets tiny,smollm2] [--prompts 4] [--tokens 16] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+# target name -> (builtin target, {drafter: recipe})
+TARGETS = {
+    "tiny": ("builtin:tiny-llama", {"dspark": "tiny_llama_dspark", "eagle3": "tiny_llama_eagle3"}),
+    "smollm2": ("builtin:smollm2", {"dspark": "smollm2_dspark", "eagle3": "smollm2_eagle3"}),
+}
+
+
+def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool, stop_ids) -> tuple[float, list]:
+    import torch
+
+    from dspark.eval.specdec import prompt_seed, speculative_generate_batch
+
+    generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(len(prompts))]
+    drafter._context_cache = None  # every run starts cold
+    start = time.perf_counter()
+    results = speculative_generate_batch(target, drafter, prompts, max_new_tokens=tokens, temperature=1.0,
+                                         generators=generators, batch_size=batch, stop_ids=stop_ids,
+                                         batch_proposals=batched)
+    return time.perf_counter() - start, results
+
+
+def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
+    best = {True: float("inf"), False: float("inf")}
+    records = {}
+    for _ in range(args.repeats):
+        for batched in (False, True):
+            wall_s, results = _decode(target, drafter, prompts, tokens=args.tokens, batch=batch, batched=batched,
+                                      stop_ids=stop_ids)
+            best[batched] = min(best[batched], wall_s)
+            records[batched] = [(r.tokens, r.accepted, r.proposed) for r in results]
+    rounds = sum(len(accepted) for _, accepted, _ in records[True])
+    generated = sum(len(tokens) for tokens, _, _ in records[True])
+    row = {"rounds": rounds, "generated_tokens": generated, "same_tokens": records[True] == records[False]}
+    for name, batched in (("before", False), ("after", True)):
+        row[f"{name}_wall_s"] = round(best[batched], 3)
+        row[f"{name}_rounds_per_s"] = round(rounds / best[batched], 2)
+        row[f"{name}_tokens_per_s"] = round(generated / best[batched], 2)
+    row["speedup_after_vs_before"] = round(best[False] / best[True], 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default="tiny,smollm2", help=f"comma-separated, of {', '.join(TARGETS)}")
+    parser.add_argument("--drafters", default="dspark,eagle3")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine two threads ran ~6x slower, not faster)")
+    parser.add_argument("--out", default="benchmarks/results/eval_speed.json")
+    args = parser.parse_args()
+    unknown = set(args.targets.split(",")) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets {sorted(unknown)}; expected some of {', '.join(TARGETS)}")
+
+    import torch
+
+    from dspark.config import load_config
+    from dspark.data.chat import prompt_ids
+    from dspark.data.prompts import load_prompts
+    from dspark.drafters import build_drafter
+    from dspark.targets import load_target
+
+    torch.set_num_threads(args.threads)
+    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "device": "cpu",
+               "prompts": args.prompts, "max_new_tokens": args.tokens, "temperature": 1.0, "repeats": args.repeats,
+               "note": "before = one drafter.propose per row in flight (batch_proposals=False), after = one "
+                       "propose_batch per step; same process, alternating runs, fastest of each kept",
+               "runs": {}}
+    for name in args.targets.split(","):
+        builtin, recipes = TARGETS[name]
+        target = None
+        for algorithm in args.drafters.split(","):
+            cfg = load_config(recipes[algorithm], [f"target.name_or_path={builtin}"])
+            if target is None:
+                start = time.perf_counter()
+                target = load_target(cfg.target)
+                results[f"{name}_load_s"] = round(time.perf_counter() - start, 1)
+            torch.manual_seed(0)
+            drafter = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
+                                    target.lm_head_weight).eval()
+            prompts = [prompt_ids(target.tokenizer, p) for p in load_prompts("builtin", args.prompts)]
+            stop_ids = [target.tokenizer.eos_token_id]
+            _decode(target, drafter, prompts[:1], tokens=4, batch=1, batched=True, stop_ids=stop_ids)  # warm-up
+            for batch in (1, args.batch):
+                row = _measure(target, drafter, prompts, args, batch, stop_ids)
+                row["prompt_lengths"] = [len(p) for p in prompts]
+                results["runs"][f"{name}/{algorithm}/batch{batch}"] = row
+                print(f"{name}/{algorithm}/batch{batch}", json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
