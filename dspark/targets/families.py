@@ -19,9 +19,11 @@ FAMILIES: dict[str, dict[str, str]] = {
                     "megatron": "MLA tensor parallel by heads, MoE experts split over the TP ranks; features; "
                                 "decoding in lockstep; generate"},
     "deepseek_v4": {"zero3": "features (hidden states carry the mHC streams: [B, T, L, hc, H]); decoding in "
-                    "lockstep (no cache rollback: sliding window); generate",
+                    "lockstep (rollback by snapshot and replay: the sliding-window and compressor caches cannot "
+                    "crop); generate",
                     "pipeline": "features ([B, T, L, hc, H], token ids and rotary tables on every stage); decoding "
-                                "in lockstep (truncate refused: compressor state cannot roll back); generate"},
+                                "in lockstep (rollback by snapshot and replay on every stage: the compressor state "
+                                "cannot crop); generate"},
 }
 
 

@@ -6,11 +6,13 @@ Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, N new token
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -248,9 +250,83 @@ class HFTarget(TargetBackend):
         return outputs
 
 
-class HFDecodeSession(DecodeSession):
+def cache_crops_exactly(cache) -> bool:
+    """Whether ``cache.crop`` drops the last tokens exactly, leaving the state of a cache fed only the others.
+
+    Only plain full-attention layers (``DynamicLayer``) qualify: they keep every position and nothing else. A
+    sliding-window layer has forgotten its oldest keys once full (its crop then fails), and DeepSeek-V4's
+    compressed-attention layers also carry compressor buffers and emitted entries that crop leaves as they were.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class _Snapshot(NamedTuple):
+    """The cache before the last extend (a deep copy), its length then, and the ids that extend fed."""
+
+    cache: object
+    length: int
+    ids_N: torch.Tensor
+
+
+class ReplayRollback:
+    """``truncate`` for decode sessions whose cache (``self.cache``, ``self.length`` tokens) may not crop exactly.
+
+    A cache that crops exactly (``cache_crops_exactly``) is cropped, with no other cost. Otherwise each
+    ``extend`` first calls ``_remember``, which keeps a deep copy of the cache and the ids fed; ``truncate(L)``
+    then puts that copy back and re-feeds the first ``L - snapshot length`` of those ids through ``_replay``
+    (outputs discarded), so the state is that of a session fed only the kept tokens. Only tokens of the last
+    extend can be dropped, once; speculative decoding never needs more. Subclasses set ``self._snapshot = None``
+    and ``self._replays = not cache_crops_exactly(self.cache)`` and define ``_replay(ids_N)``.
+    """
+
+    target: object  # the backend: its ``name`` and ``config.model_type`` go into errors
+    cache: object
+    length: int
+    _snapshot: _Snapshot | None
+    _replays: bool
+
+    def _replay(self, ids_N: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _remember(self, ids_N: torch.Tensor) -> None:
+        if self._replays:
+            self._snapshot = _Snapshot(copy.deepcopy(self.cache), self.length, ids_N.clone())
+
+    def truncate(self, length: int) -> None:
+        """Forget every position ``>= length`` (a no-op when ``length`` is not below the current length)."""
+        if length < 0:
+            raise ValueError(f"truncate needs a length >= 0, got {length}")
+        if length >= self.length:
+            return
+        if not self._replays:
+            self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
+            self.length = length
+            return
+        snapshot = self._snapshot
+        if snapshot is None or length < snapshot.length:
+            since = "none since the last rollback" if snapshot is None else f"it started at {snapshot.length}"
+            raise ValueError(f"truncate({length}) of a {self.length}-token decode session: target {self.target.name} "
+                             f"({self.target.config.model_type}) cannot crop its cache and rolls back by replaying "
+                             f"from a snapshot taken at the last extend, so only that extend's tokens can be dropped "
+                             f"({since}); start a new session to go further back")
+        self._snapshot = None  # the replay below moves the snapshot's cache forward
+        self.cache, self.length = snapshot.cache, snapshot.length
+        keep = length - snapshot.length
+        if keep:
+            self._replay(snapshot.ids_N[:keep])
+            self.length = length
+
+
+class HFDecodeSession(ReplayRollback, DecodeSession):
     """Incremental decoding with transformers' KV cache. Backends that wrap a transformers model (zero3) reuse it
-    and override ``_device`` and ``_forward_context`` (where the parameters must be gathered for a forward)."""
+    and override ``_device`` and ``_forward_context`` (where the parameters must be gathered for a forward).
+
+    ``truncate`` crops a full-attention cache; other caches (DeepSeek-V4's sliding-window and compressor layers)
+    roll back by snapshot and replay (see ``ReplayRollback``), the replay inside ``_forward_context`` like any
+    forward, so zero3's ranks gather parameters in lockstep as long as they truncate in lockstep.
+    """
 
     def __init__(self, target):
         from transformers import DynamicCache
@@ -258,6 +334,8 @@ class HFDecodeSession(DecodeSession):
         self.target = target
         self.cache = DynamicCache(config=target.model.config)
         self.length = 0
+        self._replays = not cache_crops_exactly(self.cache)
+        self._snapshot = None
 
     def _device(self) -> torch.device:
         return self.target.model.device
@@ -265,22 +343,31 @@ class HFDecodeSession(DecodeSession):
     def _forward_context(self):
         return contextlib.nullcontext()
 
+    def _positions(self, n: int) -> torch.Tensor:
+        return torch.arange(self.length, self.length + n, device=self._device()).view(1, -1)
+
     @torch.no_grad()
     def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model, device = self.target.model, self._device()
-        ids_1N = ids_N.view(1, -1).to(device)
-        positions = torch.arange(self.length, self.length + ids_1N.shape[1], device=device).view(1, -1)
+        model = self.target.model
+        self._remember(ids_N)
+        ids_1N = ids_N.view(1, -1).to(self._device())
         with self._forward_context():
-            out = model.base_model(input_ids=ids_1N, position_ids=positions, cache=self.cache, use_cache=True,
-                                   output_hidden_states=True)
+            out = model.base_model(input_ids=ids_1N, position_ids=self._positions(ids_1N.shape[1]), cache=self.cache,
+                                   use_cache=True, output_hidden_states=True)
             logits_NV = model.get_output_embeddings()(out.last_hidden_state[0]).float()
         self.length += ids_1N.shape[1]
         return logits_NV, self.target._select(out.hidden_states)[0]
 
-    def truncate(self, length: int) -> None:
-        if length < self.length:
-            self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
-            self.length = length
+    @torch.no_grad()
+    def _replay(self, ids_N: torch.Tensor) -> None:
+        ids_1N = ids_N.view(1, -1).to(self._device())
+        with self._forward_context():
+            self.target.model.base_model(input_ids=ids_1N, position_ids=self._positions(ids_1N.shape[1]),
+                                         cache=self.cache, use_cache=True)
+
+
+class BatchDecodeUnsupported(ValueError):
+    """The target's cache cannot be decoded batched (rows at their own lengths); one session per row still works."""
 
 
 class HFBatchDecodeSession:
@@ -302,8 +389,8 @@ class HFBatchDecodeSession:
         self.cache = DynamicCache(config=target.model.config)
         unsupported = sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) is not DynamicLayer})
         if unsupported:
-            raise ValueError(f"batched decoding of {target.name} needs plain full-attention cache layers, got "
-                             f"{', '.join(unsupported)} (use eval.batch_size=1)")
+            raise BatchDecodeUnsupported(f"batched decoding of {target.name} needs plain full-attention cache "
+                                         f"layers, got {', '.join(unsupported)}")
         self.lengths: list[int] = [0] * num_rows
 
     def _width(self) -> int:

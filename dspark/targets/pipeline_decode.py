@@ -19,9 +19,10 @@ rank) broadcasts every batch's tokens, so the members cannot drift apart. Greedy
 batches share the pipeline; a batch's samples depend only on its seed.
 
 DeepSeek-V4: every stage needs the token ids (hash-routed MoE), so ``generate`` passes each item's ids along with
-its hidden state. Its cache cannot be rolled back (the compressors' buffers and emitted entries, and the sliding
-window once full, only move forward): a session's ``truncate`` to fewer tokens is refused, as hf cannot do it
-either (it fails once the window is full, and before that drops keys but not the compressor state).
+its hidden state. Its cache cannot be cropped (the compressors' buffers and emitted entries, and the sliding window
+once full, only move forward), so a session rolls back by snapshot and replay as hf does (``ReplayRollback``):
+every stage keeps a copy of its own cache from before each extend, and ``truncate`` restores it on every stage and
+runs the kept tokens through the stages again, collectively, discarding the outputs.
 """
 
 from __future__ import annotations
@@ -29,11 +30,8 @@ from __future__ import annotations
 import torch
 
 from dspark.targets.base import DecodeSession
+from dspark.targets.hf import ReplayRollback, cache_crops_exactly
 from dspark.targets.pipeline import _TAG_HIDDEN, PipelineTarget
-
-# model_type -> why its decode cache cannot drop tokens (``truncate`` refuses to)
-NO_ROLLBACK = {"deepseek_v4": "its compressed-attention state (compressor buffers, emitted entries) and its "
-                              "sliding-window keys only move forward"}
 
 
 def _forward(target: PipelineTarget, cache, ids_BN: torch.Tensor,
@@ -78,9 +76,10 @@ def _share(target: PipelineTarget, tensor: torch.Tensor | None, shape: tuple[int
     return buf
 
 
-class PipelineDecodeSession(DecodeSession):
+class PipelineDecodeSession(ReplayRollback, DecodeSession):
     """One sequence; each stage caches the keys/values of its own layers. All members extend/truncate in lockstep
-    with the same ids, and every member gets the full logits and features."""
+    with the same ids, and every member gets the full logits and features. ``truncate`` crops a full-attention
+    cache; other caches (DeepSeek-V4) roll back by snapshot and replay through the stages (``ReplayRollback``)."""
 
     def __init__(self, target: PipelineTarget):
         from transformers import DynamicCache
@@ -88,16 +87,21 @@ class PipelineDecodeSession(DecodeSession):
         self.target = target
         self.cache = DynamicCache(config=target.config)
         self.length = 0
+        self._replays = not cache_crops_exactly(self.cache)
+        self._snapshot = None
+
+    def _positions(self, n: int) -> torch.Tensor:
+        return torch.arange(self.length, self.length + n, device=self.target.device).view(1, -1)
 
     @torch.no_grad()
     def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.target
         if ids_N.dim() != 1 or ids_N.numel() == 0:
             raise ValueError(f"extend needs a non-empty 1-D tensor of token ids, got shape {tuple(ids_N.shape)}")
+        self._remember(ids_N)  # this stage's cache only: each stage snapshots its own
         n = ids_N.numel()
         ids_1N = ids_N.view(1, -1).to(device=t.device, dtype=torch.long)
-        positions_1N = torch.arange(self.length, self.length + n, device=t.device).view(1, -1)
-        final_1NH, feats_1NLX = _forward(t, self.cache, ids_1N, positions_1N)
+        final_1NH, feats_1NLX = _forward(t, self.cache, ids_1N, self._positions(n))
         last = t.num_stages - 1
         logits_NV = _logits(t, final_1NH[0]) if t.stage == last else None
         logits_NV = _share(t, logits_NV, (n, t.config.vocab_size), torch.float32, last)
@@ -110,17 +114,12 @@ class PipelineDecodeSession(DecodeSession):
         self.length += n
         return logits_NV, torch.stack([by_id[i] for i in t.layer_ids], dim=1)
 
-    def truncate(self, length: int) -> None:
-        if length < 0:
-            raise ValueError(f"truncate needs a length >= 0, got {length}")
-        why = NO_ROLLBACK.get(self.target.config.model_type)
-        if why is not None and length < self.length:
-            raise ValueError(f"truncate({length}) of a {self.length}-token decode session: target "
-                             f"{self.target.name} ({self.target.config.model_type}) cannot roll its cache back, "
-                             f"{why}; start a new session instead")
-        if length < self.length:
-            self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
-            self.length = length
+    @torch.no_grad()
+    def _replay(self, ids_N: torch.Tensor) -> None:
+        # Every member replays the same ids (they truncate in lockstep): the stages pass the hidden state on as in
+        # extend, and nothing is shared since the outputs are discarded.
+        t = self.target
+        _forward(t, self.cache, ids_N.view(1, -1).to(device=t.device, dtype=torch.long), self._positions(ids_N.numel()))
 
 
 # -- generate ----------------------------------------------------------------------------------------------

@@ -352,7 +352,10 @@ class ZeRO3DecodeSession(HFDecodeSession):
     """Incremental decoding with transformers' KV cache over the layer-gathered model.
 
     Lockstep only: each ``extend`` is a collective forward, so every rank must call ``extend`` the same number
-    of times (a rank with nothing to decode can feed a dummy token into a session of its own).
+    of times (a rank with nothing to decode can feed a dummy token into a session of its own). A ``truncate`` that
+    rolls back by replay (DeepSeek-V4, see ``ReplayRollback``) runs the kept tokens through the model inside
+    ``_forward_context`` like ``extend``: also collective, so every rank truncates to the same length at the same
+    step (as speculative decoding does, every rank decoding the same prompts).
     """
 
     def _device(self) -> torch.device:

@@ -69,10 +69,11 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
     session = target.decode_session()
     session.extend(SEQ[:6])
     session.truncate(6)  # not dropping anything is fine
+    session.truncate(4)  # rolls back by snapshot and replay (tests/targets/test_v4_decode_rollback.py checks more)
+    out["after_truncate"] = session.extend(SEQ[4:7])[0]
     with pytest.raises(ValueError) as info:
-        session.truncate(4)
+        session.truncate(3)  # before the last extend
     out["truncate_error"] = str(info.value)
-    out["after_refusal"] = session.extend(SEQ[6:7])[0]  # the refused truncate left the session usable
     bf16 = load_target(TargetConfig(backend="pipeline", name_or_path=model_dir, pipeline_stages=2,
                                     dtype="bfloat16", layer_ids=LAYER_IDS))
     feats = bf16.features(*_batch(rank))
@@ -125,10 +126,10 @@ def test_v4_features_and_decoding_match_hf_on_two_stages(v4_dir, tmp_path, one_t
         assert got["greedy"] == want["greedy"] and all(len(g) >= 1 for g in got["greedy"])
         assert torch.equal(got["embed"], ref.embed_weight) and torch.equal(got["lm_head"], ref.lm_head_weight)
         assert got["stage"] == rank and got["stage_layer_ids"] == [[-1, 0], [2]]
-        assert "truncate(4) of a 6-token decode session" in got["truncate_error"]
-        assert "deepseek_v4" in got["truncate_error"] and "cannot roll its cache back" in got["truncate_error"]
-    # After the refused truncate the session went on from 6 tokens: its logits are hf's 7th position's.
-    torch.testing.assert_close(results[0]["after_refusal"][0], wants[0]["logits"][6], atol=1e-5, rtol=1e-5)
+        assert "truncate(3) of a 7-token decode session" in got["truncate_error"]
+        assert "deepseek_v4" in got["truncate_error"] and "only that extend's tokens" in got["truncate_error"]
+        # Rolled back to 4 tokens, the session goes on as hf's did from there.
+        torch.testing.assert_close(got["after_truncate"], wants[0]["logits"][4:7], atol=1e-5, rtol=1e-5)
     assert results[0]["sampled"] == results[1]["sampled"]  # the members of the replica agree
 
     # bf16: V4 keeps its mHC mixers, norms and stream head in fp32 (as transformers loads it); the same ops, so
