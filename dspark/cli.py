@@ -50,8 +50,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # Third-party chatter only: dspark's own warnings (a skipped setting, a fallback) must reach the user.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(?!dspark)")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!dspark)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

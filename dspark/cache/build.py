@@ -17,6 +17,7 @@ import torch
 
 from dspark.cache.reader import inspect_cache
 from dspark.cache.writer import CacheWriter, finalize_cache
+from dspark.targets.base import collapse_streams
 
 __all__ = ["build_cache", "capture_batch", "check_conversations", "inspect_cache"]
 
@@ -66,13 +67,14 @@ def capture_batch(target, batch: list[Item], pad_id: int) -> list[dict]:
         attention_BT[row, : len(ids)] = 1
     device = target.embed_weight.device
     feats = target.features(ids_BT.to(device), attention_BT.to(device))
+    layers_BTLH = collapse_streams(feats.layers_BTLH, 4)  # DeepSeek-V4: the mean of its mHC streams
     samples = []
     for row, ((sample_id, ids, mask), T) in enumerate(zip(batch, lengths)):
         samples.append({
             "id": sample_id,
             "input_ids": ids_BT[row, :T],
             "loss_mask": torch.tensor(mask, dtype=torch.bool),
-            "features_TLH": feats.layers_BTLH[row, :T].cpu(),
+            "features_TLH": layers_BTLH[row, :T].cpu(),
             "final_TH": feats.final_BTH[row, :T].cpu(),
         })
     return samples

@@ -30,8 +30,11 @@ def config_get(config, key: str, default=None):
 
 
 def rope_theta_from_config(config) -> float:
-    """RoPE base from ``config.rope_parameters["rope_theta"]`` (transformers 5), else ``config.rope_theta``."""
+    """RoPE base from ``config.rope_parameters["rope_theta"]`` (transformers 5; DeepSeek-V4 nests its main
+    attention's under ``"main"``), else ``config.rope_theta``."""
     params = config_get(config, "rope_parameters") or {}
+    if isinstance(params, dict) and isinstance(params.get("main"), dict):  # DeepSeek-V4: {"main": ..., "compress": ...}
+        params = params["main"]
     if isinstance(params, dict) and "rope_theta" in params:
         rope_type = params.get("rope_type", "default")
         if rope_type != "default":

@@ -321,8 +321,18 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
     """
     if len(generators) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
+    from dspark.targets.hf import BatchDecodeUnsupported
+
     make = getattr(target, "batch_decode_session", None)
-    session = make() if make is not None and batch_size > 1 else _SequentialSessions(target)
+    session = None
+    if make is not None and batch_size > 1:
+        try:
+            session = make()
+        except BatchDecodeUnsupported as exc:  # e.g. DeepSeek-V4's sliding-window and compressor caches
+            warnings.warn(f"{exc}; decoding with one session per prompt instead (the same tokens, one target "
+                          f"forward per row)", stacklevel=1)  # callers sit behind torch.no_grad wrappers
+    if session is None:
+        session = _SequentialSessions(target)
     decoder = _Decoder(target, drafter, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
                        confidence_threshold=confidence_threshold, session=session, batch_proposals=batch_proposals)
     return decoder.run(prompts, generators, batch_size, on_done=on_done)

@@ -47,6 +47,18 @@ class TargetIdentity:
         return out
 
 
+def collapse_streams(features: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Target features as a drafter and the cache take them: ``[..., L, H]`` with ``ndim`` dims.
+
+    Targets with several residual streams per token (DeepSeek-V4's mHC) give ``[..., L, hc, H]``; their mean over
+    the ``hc`` streams stands for the layer, so drafter widths, exported layouts and cache sizes are those of any
+    target of that hidden size and do not grow with ``hc``. Backends keep returning every stream.
+    """
+    if features.dim() == ndim + 1:
+        return features.mean(dim=-2)
+    return features
+
+
 def config_hash(config_dict: dict) -> str:
     """Hash of the architecture-defining fields of an HF config (names and paths excluded)."""
     skip = {"_name_or_path", "_model_name_or_path", "transformers_version", "quantization_config", "dtype",

@@ -27,10 +27,17 @@ from torch import nn
 
 from dspark.config import DrafterConfig
 from dspark.drafters.anchors import block_labels, position_weights, sample_anchors
-from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch, sample_rows
+from dspark.drafters.base import (
+    Drafter,
+    LossOutput,
+    Proposal,
+    check_training_batch,
+    sample_rows,
+)
 from dspark.drafters.common import DraftDecoderLayer, RMSNorm, RotaryEmbedding, config_get, rope_theta_from_config
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
+from dspark.targets.base import collapse_streams
 
 ALGORITHMS = ("dspark", "dflash")
 # Version of the "dspark" section of the exported config.json; readers refuse newer versions.
@@ -152,12 +159,14 @@ class DSparkDrafter(Drafter):
         return self.block_size + int(self.dflash_layout)
 
     def fuse_context(self, features_BTLH: torch.Tensor) -> torch.Tensor:
-        """``hidden_norm(fc([H(l1); ...; H(lm)]))`` -> ``[B, T, H]``."""
+        """``hidden_norm(fc([H(l1); ...; H(lm)]))`` -> ``[B, T, H]`` (several streams per layer: their mean, see
+        ``collapse_streams``)."""
+        features_BTLH = collapse_streams(features_BTLH.to(self.fc.weight.dtype), 4)
         B, T, L, H = features_BTLH.shape
         if (L, H) != (len(self.layer_ids), self.hidden_size):
             raise ValueError(f"features have {L} layers x hidden {H}; the drafter expects "
                              f"{len(self.layer_ids)} layers (ids {self.layer_ids}) x hidden {self.hidden_size}")
-        return self.hidden_norm(self.fc(features_BTLH.to(self.fc.weight.dtype).reshape(B, T, L * H)))
+        return self.hidden_norm(self.fc(features_BTLH.reshape(B, T, L * H)))
 
     def block_hidden(self, ctx_BTH: torch.Tensor, anchor_ids_BA: torch.Tensor, anchor_pos_BA: torch.Tensor
                      ) -> torch.Tensor:

@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.config import DrafterConfig
-from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch, sample_rows
+from dspark.drafters.base import (
+    Drafter,
+    LossOutput,
+    Proposal,
+    check_training_batch,
+    sample_rows,
+)
 from dspark.drafters.common import (
     RMSNorm,
     RotaryEmbedding,
@@ -46,6 +52,7 @@ from dspark.drafters.eagle3.vocab import (
     count_supervised_tokens,
     draft_to_target_ids,
 )
+from dspark.targets.base import collapse_streams
 
 # Version of the "dspark" section of the exported config.json; readers refuse newer versions.
 EAGLE3_SECTION_VERSION = 1
@@ -195,12 +202,15 @@ class Eagle3Drafter(Drafter):
     # -- backbone --------------------------------------------------------------------------------------------
 
     def fuse(self, features_XLH: torch.Tensor) -> torch.Tensor:
-        """``fc([H(l1); ...; H(lm)])`` -> ``[..., H]`` (Eagle3 norms it inside the layer, with ``hidden_norm``)."""
+        """``fc([H(l1); ...; H(lm)])`` -> ``[..., H]`` (Eagle3 norms it inside the layer, with ``hidden_norm``).
+        ``features_XLH`` is ``[B, T, L, H]``; several streams per layer (``[B, T, L, hc, H]``) are averaged
+        (``collapse_streams``)."""
+        features_XLH = collapse_streams(features_XLH.to(self.fc.weight.dtype), 4)
         *lead, L, H = features_XLH.shape
         if (L, H) != (len(self.layer_ids), self.hidden_size):
             raise ValueError(f"features have {L} layers x hidden {H}; the drafter expects "
                              f"{len(self.layer_ids)} layers (ids {self.layer_ids}) x hidden {self.hidden_size}")
-        return self.fc(features_XLH.to(self.fc.weight.dtype).reshape(*lead, L * H))
+        return self.fc(features_XLH.reshape(*lead, L * H))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_tokens.weight).to(self.fc.weight.dtype)
