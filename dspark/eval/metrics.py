@@ -55,6 +55,16 @@ def prefix_survival(accepted: list[int], proposed: list[int], num_positions: int
     return out
 
 
+def json_safe(value):
+    """``value`` (nested dicts and lists) with every NaN, i.e. "no data", as None: strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
 @dataclass(kw_only=True)
 class EvalReport:
     """Speculative decoding summary of one drafter over a prompt set at one temperature."""
@@ -97,17 +107,7 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (NaN, i.e. 'no data', becomes None)."""
-
-        def clean(value):
-            if isinstance(value, float) and math.isnan(value):
-                return None
-            if isinstance(value, list):
-                return [clean(v) for v in value]
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            return value
-
-        return {key: clean(value) for key, value in asdict(self).items()}
+        return json_safe(asdict(self))
 
 
 def _fmt(value: float, width: int, digits: int) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dspark.eval.calibration import NUM_BINS
+from dspark.eval.metrics import json_safe
 
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_VERSION = 1
@@ -144,17 +145,7 @@ def write_calibration(drafter_dir: str | Path, temperatures: list[float], **stat
     path = Path(drafter_dir) / CALIBRATION_FILE
     payload = {"version": CALIBRATION_VERSION, "method": "sts", "temperatures": [float(t) for t in temperatures]}
     payload.update(stats)
-
-    def clean(value):  # NaN ("no data") becomes null: strict JSON
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return value
-
-    path.write_text(json.dumps(clean(payload), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
     return path
 
 
