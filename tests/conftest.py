@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(fn: Callable, args: tuple, nprocs: int, *, timeout: float, what: str,
+                results: Path | None = None) -> list | None:
+    """Run ``fn(rank, *args)`` on ``nprocs`` spawned processes and wait at most ``timeout`` seconds.
+
+    A failure on one rank leaves the others stuck in a collective, so every wait has a deadline: past it every
+    process is killed and the test fails naming ``what``. A rank that raises (or dies) fails the test with its
+    traceback; torch stops the other ranks. The children start without this process's distributed variables
+    (``DIST_ENV``): each worker sets its own, and an inherited MASTER_PORT would send it to a finished world.
+    With ``results``, returns ``torch.load(results / f"rank{r}.pt")`` for every rank.
+    """
+    import torch.multiprocessing as mp
+
+    saved = {key: os.environ.pop(key) for key in DIST_ENV if key in os.environ}
+    try:  # a spawned child copies the environment when it starts: only the start needs it cleared
+        ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    finally:
+        os.environ.update(saved)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not finish within {timeout} s (a hung rank)", pytrace=False)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:  # the former holds the rank's traceback
+        pytest.fail(f"{what}: rank {exc.error_index} failed:\n{exc}", pytrace=False)
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    return [torch.load(results / f"rank{r}.pt") for r in range(nprocs)] if results is not None else None
 
 
 def run_cli(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:

@@ -13,12 +13,10 @@ import contextlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_fp8_checkpoints import UNQUANTISED, _spy_reads, quantize_block_fp8, reference_dequantize
 from tiny_families import add_mtp_layers, fuse_experts, save_tiny, split_experts, write_checkpoint
 
@@ -124,22 +122,11 @@ def _worker(rank: int, port: int, dirs: dict[str, str], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def parallel_results(checkpoints, tmp_path_factory) -> list[dict]:
     """Every run of ``RUNS`` on 2 processes; a failed or hung rank fails the test instead of hanging it."""
-    from conftest import DIST_ENV, free_port
+    from conftest import free_port, spawn_ranks
 
     out = tmp_path_factory.mktemp("hub_out")
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    try:
-        ctx = mp.spawn(_worker, args=(free_port(), {k: str(v) for k, v in checkpoints.items()}, str(out)),
-                       nprocs=WORLD, join=False)
-        deadline = time.monotonic() + 240
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                pytest.fail("hub-layout workers did not finish within 240 s")
-    finally:
-        os.environ.update(saved)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, (free_port(), {k: str(v) for k, v in checkpoints.items()}, str(out)), WORLD,
+                       timeout=240, what="hub-layout workers", results=out)
 
 
 def test_parallel_backends_on_hub_layout_equal_hf_on_fused(checkpoints, parallel_results, one_thread):

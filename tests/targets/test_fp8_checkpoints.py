@@ -12,13 +12,11 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, spawn_ranks
 from tiny_families import save_tiny
 
 from dspark.config import TargetConfig
@@ -212,15 +210,9 @@ def _worker(rank: int, world: int, port: int, dirs: dict[str, str], out_dir: str
 
 
 def _spawn(dirs: dict[str, str], out_dir: Path, world: int = 2, timeout: float = 420) -> list[dict]:
-    """``mp.spawn`` with a deadline: a failed or hung rank fails the test instead of hanging it."""
-    ctx = mp.spawn(_worker, args=(world, free_port(), dirs, str(out_dir)), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"FP8 workers did not finish within {timeout} s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    """Run ``_worker`` on ``world`` processes and load what each rank saved."""
+    return spawn_ranks(_worker, (world, free_port(), dirs, str(out_dir)), world, timeout=timeout,
+                       what="FP8 workers", results=out_dir)
 
 
 def test_every_backend_on_fp8_equals_hf_on_the_dequantised_twin(checkpoints, tmp_path, one_thread):

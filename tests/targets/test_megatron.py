@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, spawn_ranks
 from tiny_families import save_tiny
 
 from dspark.config import TargetConfig
@@ -59,17 +57,6 @@ def _worker(rank: int, world: int, port: int, model_dirs: dict[str, str], out_di
                     "identity": target.identity().to_dict()},
                    Path(out_dir) / f"{family}-rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def spawn(world: int, *args, timeout: float = 300.0) -> None:
-    """``mp.spawn`` with a deadline; raises (after killing the workers) if one fails or they hang."""
-    ctx = mp.spawn(_worker, args=(world, free_port(), *args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"megatron workers did not finish within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +104,7 @@ def tp_results(sharded_dirs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("megatron-out")
     dirs = {f: str(d) for f, d in sharded_dirs.items()}
     dirs["deepseek_v3_per_expert"] = str(split_experts(sharded_dirs["deepseek_v3"], out / "per_expert"))
-    spawn(2, dirs, str(out), 2)
+    spawn_ranks(_worker, (2, free_port(), dirs, str(out), 2), 2, timeout=300.0, what="megatron workers")
     return out
 
 

@@ -7,18 +7,16 @@ backend and compares. Every spawn has a deadline: a failure on one rank would ot
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from tiny_families import save_tiny
 
 from dspark.config import TargetConfig
 from dspark.targets import load_target
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_ranks
 
 FAMILIES = ("llama", "qwen3", "deepseek_v3")
 LAYER_IDS = [-1, 0, 2]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 on stage 1
@@ -104,15 +102,9 @@ def _worker(rank: int, world: int, port: int, jobs: dict[str, dict], out_dir: st
 
 
 def _spawn(jobs: dict, out_dir: Path, world: int = 2, timeout: float = 240) -> list[dict]:
-    """Run ``_worker`` on ``world`` processes; a hung or failed rank fails the test instead of hanging it."""
-    ctx = mp.spawn(_worker, args=(world, free_port(), jobs, str(out_dir)), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"pipeline workers did not finish within {timeout} s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    """Run ``_worker`` on ``world`` processes and load what each rank saved."""
+    return spawn_ranks(_worker, (world, free_port(), jobs, str(out_dir)), world, timeout=timeout,
+                       what="pipeline workers", results=out_dir)
 
 
 @pytest.fixture(scope="module")

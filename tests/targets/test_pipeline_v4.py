@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from tiny_families import save_tiny_with
 
 from dspark.config import TargetConfig
 from dspark.targets import load_target
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_ranks
 
 LAYER_IDS = [-1, 0, 2]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 on stage 1
 MLP_LAYER_TYPES = ["hash_moe", "moe", "hash_moe", "moe"]  # hash routing on both stages
@@ -82,15 +80,9 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
 
 
 def _spawn(model_dir: Path, out_dir: Path, world: int = 2, timeout: float = 180) -> list[dict]:
-    """Run ``_worker`` on ``world`` processes; a hung or failed rank fails the test instead of hanging it."""
-    ctx = mp.spawn(_worker, args=(world, free_port(), str(model_dir), str(out_dir)), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"pipeline workers did not finish within {timeout} s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    """Run ``_worker`` on ``world`` processes and load what each rank saved."""
+    return spawn_ranks(_worker, (world, free_port(), str(model_dir), str(out_dir)), world, timeout=timeout,
+                       what="pipeline workers", results=out_dir)
 
 
 @pytest.fixture(scope="module")

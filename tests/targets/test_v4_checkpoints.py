@@ -15,13 +15,11 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import DIST_ENV, free_port
+from conftest import free_port, spawn_ranks
 from tiny_families import deepseek_v4_hub_name, fuse_experts, save_tiny, split_experts
 
 from dspark.config import TargetConfig
@@ -287,26 +285,15 @@ def _batch(rank: int) -> torch.Tensor:
 
 
 def test_hf_and_zero3_on_v4_layout_equal_hf_on_the_twin(checkpoints, tmp_path, one_thread):
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    try:
-        ctx = mp.spawn(_worker, args=(free_port(), str(checkpoints["native"]), str(tmp_path)), nprocs=WORLD,
-                       join=False)
-        reference = load_target(TargetConfig(name_or_path=str(checkpoints["twin"]), layer_ids=LAYER_IDS))
-        hf_native = load_target(TargetConfig(name_or_path=str(checkpoints["native"]), layer_ids=LAYER_IDS))
-        deadline = time.monotonic() + 240
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                pytest.fail("zero3 workers did not finish within 240 s")
-    finally:
-        os.environ.update(saved)
+    results = spawn_ranks(_worker, (free_port(), str(checkpoints["native"]), str(tmp_path)), WORLD, timeout=240,
+                          what="zero3 workers", results=tmp_path)
+    reference = load_target(TargetConfig(name_or_path=str(checkpoints["twin"]), layer_ids=LAYER_IDS))
+    hf_native = load_target(TargetConfig(name_or_path=str(checkpoints["native"]), layer_ids=LAYER_IDS))
     twin_state, native_state = reference.model.state_dict(), hf_native.model.state_dict()
     assert twin_state.keys() == native_state.keys()
     assert all(torch.equal(native_state[k], v) for k, v in twin_state.items())
-    for rank in range(WORLD):
+    for rank, zero3 in enumerate(results):
         want = reference.features(_batch(rank))
-        zero3 = torch.load(tmp_path / f"rank{rank}.pt")
         hf = hf_native.features(_batch(rank))
         got = {"hf": (hf.layers_BTLH, hf.final_BTH), "zero3": (zero3["layers"], zero3["final"])}
         for backend, (layers, final) in got.items():

@@ -12,18 +12,16 @@ Legend: N new tokens, L feature layers, C mHC streams, H hidden size, V vocab.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from tiny_families import save_tiny_with, tiny_config
 
 from dspark.config import TargetConfig
 from dspark.targets import load_target
 from dspark.targets.hf import HFTarget, cache_crops_exactly
-from tests.conftest import DIST_ENV, free_port
+from tests.conftest import free_port, spawn_ranks
 
 LAYER_IDS = [-1, 0, 2]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 on stage 1
 MLP_LAYER_TYPES = ["hash_moe", "moe", "hash_moe", "moe"]  # hash routing on both stages: ids reach stage 1
@@ -203,20 +201,9 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 
 
 def test_zero3_and_pipeline_roll_back_like_a_fresh_session(v4_dir, references, tmp_path):
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    try:
-        ctx = mp.start_processes(_worker, args=(free_port(), str(v4_dir), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + 150
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                pytest.fail("2-process zero3/pipeline rollback run did not finish within 150 s")
-    finally:
-        os.environ.update(saved)
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    results = spawn_ranks(_worker, (free_port(), str(v4_dir), str(tmp_path)), WORLD, timeout=150,
+                          what="2-process zero3/pipeline rollback run", results=tmp_path)
+    for rank, got in enumerate(results):
         for backend in ("zero3", "pipeline"):
             assert_matches(got[backend], references, f"{backend} rank {rank}")
             assert "truncate(4) of a 9-token decode session" in got[f"{backend} error"]

@@ -2,11 +2,9 @@
 
 import json
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from tiny_families import save_tiny
 
 from dspark.config import TargetConfig
@@ -60,17 +58,6 @@ def _worker(rank: int, port: int, jobs: dict, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def spawn(fn, args: tuple, timeout: float) -> None:
-    """``mp.spawn`` with a deadline: a failure on one rank would otherwise hang the other forever."""
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-process zero3 run did not finish within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer_dir) -> dict:
     root = tmp_path_factory.mktemp("sharded")
@@ -80,16 +67,12 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def zero3_results(checkpoints, tmp_path_factory) -> list[dict]:
-    from conftest import DIST_ENV, free_port
+    from conftest import free_port, spawn_ranks
 
     out = tmp_path_factory.mktemp("zero3_out")
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    try:
-        jobs = {(family, dtype): checkpoints[family] for family, dtype in CASES}
-        spawn(_worker, (free_port(), jobs, str(out)), timeout=300)
-    finally:
-        os.environ.update(saved)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    jobs = {(family, dtype): checkpoints[family] for family, dtype in CASES}
+    return spawn_ranks(_worker, (free_port(), jobs, str(out)), WORLD, timeout=300, what="2-process zero3 run",
+                       results=out)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -117,22 +116,12 @@ def _two_rank_worker(rank: int, port: int, root: str, target_dir: str, cache_dir
 def test_two_rank_zero3_eval_decodes_on_rank_0_only(tmp_path, tiny_llama_dir, prepared):
     """Rank 0 decodes with the gathered drafter while rank 1 waits: a forward through ZeRO-3's hooks on one rank
     alone would hang in their all-gathers. Training stays identical."""
-    from conftest import free_port
+    from conftest import free_port, spawn_ranks
 
     (tmp_path / "evaluated" / "data").mkdir(parents=True)
     shutil.copy(prepared / "data" / "eval_prompts.jsonl", tmp_path / "evaluated" / "data")
-    ctx = torch.multiprocessing.start_processes(
-        _two_rank_worker, args=(free_port(), str(tmp_path), str(tiny_llama_dir), str(prepared / "cache")), nprocs=2,
-        join=False, start_method="spawn")
-    deadline = time.monotonic() + 240  # a hang on one rank must fail the test, not stall the suite
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                raise TimeoutError("2-rank ZeRO-3 runs with periodic eval did not finish within 240 s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
+    spawn_ranks(_two_rank_worker, (free_port(), str(tmp_path), str(tiny_llama_dir), str(prepared / "cache")), 2,
+                timeout=240, what="2-rank ZeRO-3 runs with periodic eval")
     records = _records(tmp_path / "evaluated")
     assert [r["step"] for r in records if "eval/tau_T1" in r] == [2, 4]
     assert all(r["eval/tau_T1"] >= 1.0 for r in records if "eval/tau_T1" in r)

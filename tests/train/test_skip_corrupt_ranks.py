@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +86,7 @@ def _corrupt_rank1_samples(cache_dir: Path, seed: int, shuffle_buffer: int, per_
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_llama_dir):
-    from conftest import free_port
+    from conftest import free_port, spawn_ranks
     from test_zero_parity import build_tiny_cache
 
     from dspark.config import load_config
@@ -101,18 +100,8 @@ def runs(tmp_path_factory, tiny_llama_dir):
     victims, streams = _corrupt_rank1_samples(cache_dir, cfg.train.seed, cfg.cache.shuffle_buffer, per_rank)
     assert not set(victims) & set(streams[0][0])  # epoch 0: only rank 1 holds corrupt samples
 
-    ctx = torch.multiprocessing.start_processes(
-        _worker, args=(free_port(), str(cache_dir), str(root), str(tiny_llama_dir)), nprocs=WORLD, join=False,
-        start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=2):  # raises (and kills the other rank) as soon as one rank fails
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"2-process runs with a corrupt cache did not finish within {TIMEOUT_S} s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_ranks(_worker, (free_port(), str(cache_dir), str(root), str(tiny_llama_dir)), WORLD, timeout=TIMEOUT_S,
+                what="2-process runs with a corrupt cache")
     results = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return root, results, victims, streams, per_rank
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -58,25 +57,15 @@ def build_tiny_cache(run_dir: Path, target_dir: Path) -> Path:
 
 def zero_runs_dir(tmp_path_factory, target_dir: Path) -> Path:
     """``<basetemp>/zero_runs/<name>`` for every name in ``RUNS``: the 2-process runs, made once per session."""
-    from conftest import free_port
+    from conftest import free_port, spawn_ranks
 
     root = tmp_path_factory.getbasetemp() / "zero_runs"
     done = root / "done.json"
     if done.is_file():
         return root
     cache_dir = build_tiny_cache(root / "prep", target_dir)
-    ctx = torch.multiprocessing.start_processes(
-        _worker, args=(free_port(), str(cache_dir), str(root), str(target_dir)), nprocs=WORLD, join=False,
-        start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):  # raises (and kills the other rank) as soon as one rank fails
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"2-process ZeRO runs did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_ranks(_worker, (free_port(), str(cache_dir), str(root), str(target_dir)), WORLD, timeout=TIMEOUT_S,
+                what="2-process ZeRO runs")
     done.write_text(json.dumps({"runs": list(RUNS), "steps": STEPS}))
     return root
 
