@@ -107,9 +107,6 @@ def tiny_demo_run(tmp_path_factory, tiny_llama_dir) -> tuple[Path, str]:
     return run_dir, proc.stdout
 
 
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 @pytest.fixture(scope="module")
 def single_process_world():
     """For modules that call ``train()`` in this process: it sets up a one-process world through the environment.
@@ -117,7 +114,7 @@ def single_process_world():
     inherit RANK/MASTER_PORT and a later in-process run finds a stale group."""
     from dspark.distributed import shutdown
 
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
     yield
     shutdown()
     for key, value in saved.items():
