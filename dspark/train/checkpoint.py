@@ -136,11 +136,13 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
 
 
 def load(engine, ckpt_dir: Path, generator: torch.Generator, *, rank: int, world: int,
-         run_info: dict) -> Position | None:
+         run_info: dict, run_defaults: dict | None = None) -> Position | None:
     """Restore the newest complete checkpoint into ``engine`` and ``generator``; None when there is none.
 
     Refuses (ValueError) a checkpoint saved with another world size (the data slices and per-rank RNG would
-    not line up) or for another run (``run_info`` differs, e.g. another drafter config).
+    not line up) or for another run (``run_info`` differs, e.g. another drafter config). A config field the
+    checkpoint lacks (written by an older dspark) matches when this run leaves it at its default
+    (``run_defaults``, shaped like ``run_info``).
     """
     found = latest_complete(Path(ckpt_dir))
     if found is None:
@@ -152,7 +154,10 @@ def load(engine, ckpt_dir: Path, generator: torch.Generator, *, rank: int, world
             f"{world}: exact resume needs the same world size (or move {Path(ckpt_dir)} away to start afresh)"
         )
     for key, value in run_info.items():
-        if record.get(key) != value:
+        saved, defaults = record.get(key), (run_defaults or {}).get(key)
+        if isinstance(saved, dict) and isinstance(value, dict) and isinstance(defaults, dict):
+            saved = {**{k: defaults[k] for k in value.keys() - saved.keys() if k in defaults}, **saved}
+        if saved != value:
             raise ValueError(
                 f"checkpoint {tag_dir} was saved with {key}={record.get(key)} but this run has {key}={value}: "
                 f"set train.resume=false or move {Path(ckpt_dir)} away to start afresh"

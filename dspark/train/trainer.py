@@ -119,7 +119,9 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
     run_info = {"drafter": json.loads(json.dumps(asdict(cfg.drafter)))}
     position = None
     if cfg.train.resume:
-        position = checkpoint.load(engine, ckpt_dir, generator, rank=rank, world=world, run_info=run_info)
+        defaults = {"drafter": json.loads(json.dumps(asdict(type(cfg.drafter)())))}
+        position = checkpoint.load(engine, ckpt_dir, generator, rank=rank, world=world, run_info=run_info,
+                                   run_defaults=defaults)
     position = position or checkpoint.Position(step=0, epoch=0, micro_in_epoch=0)
     saved_step = position.step if position.step else None
     stop_at = min(total_steps, stop_after_steps) if stop_after_steps is not None else total_steps

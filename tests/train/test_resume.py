@@ -98,6 +98,20 @@ def test_checkpoint_from_another_world_size_is_refused(straight_run, tmp_path, t
         train(_cfg(tmp_path, tiny_llama_dir), cache_dir=cache_dir, progress=False)
 
 
+def test_checkpoint_from_an_older_dspark_resumes_when_new_fields_are_at_their_defaults(
+        straight_run, tmp_path, tiny_llama_dir, cache_dir):
+    # An older dspark wrote no ttt_length (an Eagle3 field added since): this run leaves it at its default.
+    shutil.copytree(straight_run / "checkpoints", tmp_path / "checkpoints")
+    marker = tmp_path / "checkpoints" / "step6" / checkpoint.MARKER
+    record = json.loads(marker.read_text())
+    del record["drafter"]["ttt_length"]
+    marker.write_text(json.dumps(record))
+    assert train(_cfg(tmp_path, tiny_llama_dir), cache_dir=cache_dir, progress=False).steps == STEPS
+    # ... but not when this run sets the missing field to something else.
+    with pytest.raises(ValueError, match=r"was saved with drafter=.* but this run has drafter="):
+        train(_cfg(tmp_path, tiny_llama_dir, "drafter.ttt_length=3"), cache_dir=cache_dir, progress=False)
+
+
 def test_nan_loss_stops_without_saving(tmp_path, tiny_llama_dir, cache_dir, monkeypatch):
     from dspark.drafters.dspark.model import DSparkDrafter
 
