@@ -33,6 +33,9 @@ def main() -> None:
     from dspark.train.metrics import peak_rss_gb
 
     cfg = load_config(args.config, args.overrides)
+    if Path(cfg.run_dir).exists() and any(Path(cfg.run_dir).iterdir()):
+        # A leftover run would be resumed, not measured.
+        raise SystemExit(f"{cfg.run_dir} is not empty: move it away or pass --set run_dir=NEW_DIR")
     start = time.perf_counter()
     summary = run_demo(cfg)
     total = time.perf_counter() - start
