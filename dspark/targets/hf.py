@@ -62,6 +62,17 @@ def resolve_target_source(name_or_path: str) -> tuple[str, str | None, str]:
     return name_or_path, None, name_or_path  # a hub id
 
 
+
+def local_checkpoint_dir(name_or_path: str, backend: str) -> tuple[Path, str]:
+    """(directory, display name) of a target the sharded backends read: only a local directory of safetensors
+    shards will do, since each rank reads its own slices from the index."""
+    source, gguf_file, display = resolve_target_source(name_or_path)
+    if gguf_file or not Path(source).is_dir():
+        what = "a GGUF file" if gguf_file else "not a local directory"
+        raise ValueError(f"target.backend={backend} reads a local directory of safetensors shards; {name_or_path!r} "
+                         f"is {what} (load it with target.backend=hf, or save_pretrained it to a directory first)")
+    return Path(source), display
+
 def _declares_fp8(source: str) -> bool:
     """Whether local ``source`` declares FP8 quantisation in its config.json."""
     config_path = Path(source) / "config.json"

@@ -304,12 +304,9 @@ class PipelineTarget(TargetBackend):
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> PipelineTarget:
         """``device`` is not used: DeepSpeed's accelerator places each stage (``cuda:LOCAL_RANK`` or cpu)."""
-        from dspark.targets.hf import resolve_target_source
+        from dspark.targets.hf import local_checkpoint_dir
 
-        source, gguf_file, display = resolve_target_source(cfg.name_or_path)
-        if gguf_file or not Path(source).is_dir():
-            raise ValueError(f"target.backend=pipeline needs a local safetensors checkpoint directory, "
-                             f"got {cfg.name_or_path!r} (GGUF files and hub ids load with target.backend=hf)")
+        source, display = local_checkpoint_dir(cfg.name_or_path, "pipeline")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
         tokenizer = None
         if (Path(source) / "tokenizer_config.json").is_file():

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import gc
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -211,14 +210,9 @@ class ZeRO3Target(TargetBackend):
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from dspark.targets.hf import resolve_target_source
+        from dspark.targets.hf import local_checkpoint_dir
 
-        source, gguf_file, display = resolve_target_source(cfg.name_or_path)
-        if gguf_file or not Path(source).is_dir():
-            raise ValueError(
-                f"target.backend=zero3 needs a local directory of safetensors shards, got {cfg.name_or_path!r} "
-                "(convert a .gguf or hub model with save_pretrained first)"
-            )
+        source, display = local_checkpoint_dir(cfg.name_or_path, "zero3")
         dtype = DTYPES[cfg.dtype]
         hf_config = AutoConfig.from_pretrained(source)
         require_family(hf_config.model_type, "zero3", source)

@@ -132,3 +132,16 @@ def test_save_tiny_round_trips_through_transformers(tmp_path, family):
     index = WeightIndex(out)
     for name, tensor in unique_state_dict(loaded).items():
         assert torch.equal(tensor, index.load(name)), name
+
+
+@pytest.mark.parametrize("backend", ["zero3", "pipeline", "megatron"])
+def test_sharded_backends_refuse_what_is_not_a_local_checkpoint_directory(tmp_path, backend):
+    from dspark.config import TargetConfig
+    from dspark.targets import load_target
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    for name, what in ((str(gguf), "a GGUF file"), ("someorg/some-model", "not a local directory")):
+        with pytest.raises(ValueError, match=rf"target.backend={backend} reads a local directory of safetensors "
+                                             rf"shards; .* is {what}"):
+            load_target(TargetConfig(name_or_path=name, backend=backend, layer_ids=[0]))

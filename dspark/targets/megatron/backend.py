@@ -62,12 +62,9 @@ class MegatronTarget(TargetBackend):
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> MegatronTarget:
-        from dspark.targets.hf import resolve_target_source
+        from dspark.targets.hf import local_checkpoint_dir
 
-        source, gguf_file, display = resolve_target_source(cfg.name_or_path)
-        if gguf_file or not Path(source).is_dir():
-            raise ValueError(f"target.backend=megatron reads a local safetensors directory; {cfg.name_or_path!r} "
-                             f"is {'a GGUF file' if gguf_file else 'not a local directory'}")
+        source, display = local_checkpoint_dir(cfg.name_or_path, "megatron")
         if cfg.dtype not in _DTYPES:
             raise ValueError(f"target.dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
         return cls.from_dir(source, layer_ids=cfg.layer_ids, tp_size=cfg.tensor_parallel,
