@@ -163,8 +163,8 @@ def test_eval_reports_what_specdec_measures_and_restores_the_drafter(tmp_path, t
     from dspark.data.prompts import load_prompts
     from dspark.drafters import build_drafter
     from dspark.eval import specdec
+    from dspark.eval.periodic import PeriodicEval
     from dspark.targets import load_target
-    from dspark.train.trainer import PeriodicEval
 
     (tmp_path / "data").mkdir()
     shutil.copy(prepared / "data" / "eval_prompts.jsonl", tmp_path / "data")
