@@ -181,7 +181,7 @@ def _build_engine(cfg: RunConfig, frozen, conversations_path: Path, total_steps:
 class RunBatches:
     """This rank's micro batches from ``position`` on, across epochs: one ``EpochBatches`` an epoch, on the
     device and in the training precision. It keeps ``position``'s epoch and micro batch count current and, at each
-    epoch's end, reports the corrupt samples skipped (``_report_epoch_data``). Collective, like ``EpochBatches``.
+    epoch's end, reports the corrupt samples skipped (``end_epoch``). Collective, like ``EpochBatches``.
 
     ``train.max_steps`` runs epochs until the step budget is spent; otherwise ``train.num_epochs`` of them.
     """
