@@ -130,22 +130,24 @@ def test_run_killed_inside_a_save_resumes_from_the_previous_checkpoint(straight_
 
     from conftest import DIST_ENV
 
-    run_dir, signal_file = tmp_path / "run", tmp_path / "saving"
+    run_dir, signal_file, log = tmp_path / "run", tmp_path / "saving", tmp_path / "child.log"
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(run_dir), str(tiny_llama_dir), str(cache_dir),
-                             str(signal_file)], env={**env, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the child before the save
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(run_dir), str(tiny_llama_dir),
+                                 str(cache_dir), str(signal_file)], env={**env, "OMP_NUM_THREADS": "1"},
+                                stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not signal_file.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert signal_file.exists(), f"the child never reached the step-4 save: {proc.poll()} {proc.stdout.read()}"
+        reached = signal_file.exists()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+    assert reached, f"the child never reached the step-4 save (exit {proc.returncode}): {log.read_text()[-3000:]}"
     assert proc.returncode == -signal.SIGKILL
     torn = run_dir / "checkpoints" / "step4"
     assert torn.is_dir() and not (torn / checkpoint.MARKER).exists()  # killed half way through the step-4 save
