@@ -141,7 +141,7 @@ def test_run_killed_inside_a_save_resumes_from_the_previous_checkpoint(straight_
         while not signal_file.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         reached = signal_file.exists()
-        os.kill(proc.pid, signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # a no-op if the child already ended
         proc.wait(30)
     finally:
         if proc.poll() is None:
