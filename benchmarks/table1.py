@@ -3,8 +3,8 @@
 DSpark, DFlash and Eagle3 are trained on the same regenerated data (one shared hidden-state cache) with the same
 optimizer-step budget, then evaluated with real speculative decoding on capped gsm8k, humaneval and mt-bench
 prompts at T=1 and T=0. An untrained DSpark drafter (the same initialisation) is the baseline measured in the
-same run. Writes JSON (default benchmarks/results/table1.json) and one acceptance-by-position PNG per
-(dataset, temperature) with a line per drafter.
+same run. Writes JSON (default benchmarks/results/table1.json) and beside it one acceptance-by-position PNG per
+(dataset, temperature) with a line per drafter (``<json stem>_acceptance_<dataset>_T<t>.png``).
 
     python benchmarks/table1.py --data-dir ../shared/eval_datasets [--steps 200] [--prompts 8] [--tokens 48]
 
@@ -108,7 +108,7 @@ def main() -> None:
 
     stop_ids = [i for i in [target.tokenizer.eos_token_id] if i is not None]
     results: dict[str, dict] = {}
-    plots_dir = root / "plots"
+    out_path = Path(args.out)
     for dataset, prompts in prompt_sets.items():
         token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
         for temperature in temperatures:
@@ -122,7 +122,7 @@ def main() -> None:
                 print(f"{dataset:<10} T={temperature:g} {name:<20} tau {reports[name].tau:.3f}", flush=True)
             key = f"{dataset}/T{temperature:g}"
             results[key] = {name: r.to_dict() for name, r in reports.items()}
-            plot_acceptance(reports, plots_dir / f"acceptance_{dataset}_T{temperature:g}.png")
+            plot_acceptance(reports, out_path.with_name(f"{out_path.stem}_acceptance_{dataset}_T{temperature:g}.png"))
 
     table = {key: {name: round(r["tau"], 3) for name, r in reps.items()} for key, reps in results.items()}
     mean_tau = {name: round(sum(t[name] for t in table.values()) / len(table), 3) for name in drafters}

@@ -16,38 +16,7 @@ from pathlib import Path
 
 from dspark import distributed as dist_utils
 from dspark.config import RunConfig
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def train_data(self) -> Path:
-        return self.root / "data" / "train.jsonl"
-
-    @property
-    def eval_prompts(self) -> Path:
-        return self.root / "data" / "eval_prompts.jsonl"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def drafter(self) -> Path:
-        return self.root / "drafter"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    def export(self, fmt: str) -> Path:
-        return self.root / "export" / fmt
+from dspark.paths import RunPaths
 
 
 @dataclass
@@ -92,7 +61,7 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True) -> dict[str, Pat
     if dist_utils.rank() == 0:
         write_jsonl(paths.train_data, conversations)
         write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])
-        cfg.save(paths.root / "config.json")
+        cfg.save(paths.config)
     dist_utils.barrier()
     return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
 
@@ -141,8 +110,7 @@ def train(cfg: RunConfig, progress: bool = True):
     (``train.online``); this process only, use launcher/train.py for many."""
     from dspark.train.trainer import train as _train
 
-    paths = RunPaths(Path(cfg.run_dir))
-    return _train(cfg, cache_dir=paths.cache, conversations_path=paths.train_data, progress=progress)
+    return _train(cfg, progress=progress)
 
 
 def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progress: bool = True,

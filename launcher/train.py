@@ -7,9 +7,9 @@ import sys
 
 
 def _train(cfg, rank: int, world: int, args) -> None:
-    from dspark.train.trainer import train
+    from dspark import pipeline
 
-    result = train(cfg, progress=True)
+    result = pipeline.train(cfg, progress=True)  # the `dspark train` stage, on every rank
     if rank == 0:
         print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}; drafter: {result.drafter_dir}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -122,3 +123,52 @@ def single_process_world():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def decoded_report(target, drafter, prompts: list[str], *, temperature: float, max_new_tokens: int, batch_size: int,
+                   seed: int = 0, confidence_threshold: float = 0.0, num_threads: int = 2) -> dict:
+    """What ``dspark eval`` reports for ``drafter`` on ``prompts``, decoded here (timings left out, as in
+    ``timeless``). ``num_threads``: the CLI children's OMP_NUM_THREADS (``run_cli``), so that reductions split
+    the same way and the numbers agree bit for bit."""
+    from dspark.data.chat import prompt_ids
+    from dspark.eval.specdec import evaluate
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        ids = [prompt_ids(target.tokenizer, p) for p in prompts]
+        stop_ids = [i for i in [target.tokenizer.eos_token_id] if i is not None]
+        report = evaluate(target, drafter, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                          stop_ids=stop_ids, batch_size=batch_size, confidence_threshold=confidence_threshold)
+    finally:
+        torch.set_num_threads(before)
+    return timeless(json.loads(json.dumps(report.to_dict())))
+
+
+def timeless(report: dict) -> dict:
+    """A report dict without its wall-clock fields."""
+    return {k: v for k, v in report.items() if k not in ("wall_s", "tokens_per_s")}
+
+
+def expected_demo_eval(run_dir: Path, target_dir: Path, *overrides: str) -> dict:
+    """The eval report that a `dspark demo -c tiny_llama_dspark` run's drafter and the untrained one (the seed's
+    initialisation) give when decoded here on the run's held-out prompts: ``{"T<t>": {name: report}}``, timings
+    left out. ``overrides``: the run's ``--set`` options besides run_dir and the target."""
+    import torch
+
+    from dspark.config import load_config
+    from dspark.data.prompts import load_prompts
+    from dspark.drafters import build_drafter, load_drafter
+    from dspark.targets import load_target
+
+    cfg = load_config("tiny_llama_dspark", [f"target.name_or_path={target_dir}", *overrides])
+    target = load_target(cfg.target)
+    drafters = {"trained": load_drafter(run_dir / "drafter").eval()}
+    torch.manual_seed(cfg.train.seed)  # after loading: building a module draws from the global RNG
+    drafters["untrained"] = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
+                                          target.lm_head_weight).eval()
+    prompts = load_prompts(str(run_dir / "data" / "eval_prompts.jsonl"), cfg.eval.num_prompts)
+    return {f"T{t:g}": {name: decoded_report(target, drafter, prompts, temperature=t,
+                                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                        for name, drafter in drafters.items()}
+            for t in cfg.eval.temperatures}

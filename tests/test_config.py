@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dspark.config import ConfigError, RunConfig, config_from_dict, list_recipes, load_config
+from dspark.config import RANGES, ConfigError, RunConfig, config_from_dict, list_recipes, load_config
 
 
 def test_shipped_recipes_load_and_resolve():
@@ -34,7 +34,7 @@ def test_overrides_are_typed():
         ("train.precision=fp8", "train.precision must be fp32, bf16 or fp16"),
         ("train.offload_optimizer=true", "offload_optimizer needs train.zero_stage 1, 2 or 3"),
         ("train.lr", "not of the form key.path=value"),
-        ("train.keep_last=0", "train.keep_last >= 1"),
+        ("train.keep_last=0", r"train.keep_last must be >= 1, got 0"),
         ("train.lr.x=1", "is not a section"),
     ],
 )
@@ -61,3 +61,63 @@ def test_resolved_config_round_trips(tmp_path):
     cfg.save(tmp_path / "config.json")
     again = config_from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert again == cfg
+
+
+def _numeric_fields() -> list[str]:
+    """``section.field`` of every int / float field, and of every list of them, in the schema."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, tp in typing.get_type_hints(cls).items():
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+            if item in (int, float):
+                keys.append(f"{section.name}.{name}")
+    return keys
+
+
+def test_every_numeric_field_has_a_range():
+    # layer_ids: checked as a whole (increasing, >= -1) by validate.
+    assert sorted(set(_numeric_fields()) - {"target.layer_ids"}) == sorted(RANGES), \
+        "a numeric config field needs its range in dspark.config.RANGES"
+
+
+def _outside(key: str) -> list:
+    """One value just outside ``key``'s range on each bounded side."""
+    r = RANGES[key]
+    values = [r.lo if r.lo_open else r.lo - 1]
+    if r.hi is not None:
+        values.append(r.hi if r.hi_open else r.hi + 1)
+    return values
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_a_number_out_of_range_is_one_line_naming_field_and_range(key):
+    is_list = key == "eval.temperatures"
+    for bad in _outside(key):
+        with pytest.raises(ConfigError) as err:
+            load_config("tiny_llama_dspark", [f"{key}=[{bad}]" if is_list else f"{key}={bad}"])
+        name = f"{key}[0]" if is_list else key
+        assert str(err.value) == f"{name} must be {RANGES[key]}, got {err.value.args[0].rsplit('got ', 1)[1]}"
+        assert err.value.args[0].rsplit("got ", 1)[1] in (repr(bad), repr(float(bad)))  # the value given
+
+
+def test_nan_is_out_of_every_range():
+    with pytest.raises(ConfigError, match=r"^train.lr must be > 0, got nan$"):
+        load_config("tiny_llama_dspark", ["train.lr=.nan"])
+
+
+def test_cli_zero_micro_batch_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    result = CliRunner().invoke(main, ["train", "-c", "tiny_llama_dspark", "--set", f"run_dir={tmp_path}",
+                                       "--set", "train.micro_batch_size=0"])
+    assert result.exit_code == 1 and result.exception is not None
+    assert result.output.strip() == "Error: train.micro_batch_size must be >= 1, got 0"
+    assert not (tmp_path / "config.json").exists()

@@ -167,8 +167,3 @@ class CacheStream(torch.utils.data.IterableDataset):
         if not 0 <= position <= total:
             raise ValueError(f"cache stream state position {position} is outside this rank's 0..{total} samples")
         self.epoch, self.position = state["epoch"], position
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning."""
-        epoch_order([], self.seed, epoch, self.shuffle_buffer)
-        self.epoch, self.position = epoch, 0

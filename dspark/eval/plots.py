@@ -7,17 +7,34 @@ from pathlib import Path
 from dspark.eval.metrics import EvalReport
 
 
+def _png_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"plot path must end in .png, got {str(path)!r}")
+    return path
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def plot_acceptance(reports: dict[str, EvalReport], path: str | Path) -> Path:
     """Conditional acceptance by draft position, one line per drafter (tau in the legend); returns the path."""
+    if not reports:
+        raise ValueError("plot_acceptance needs at least one report")
+    path = _png_path(path)
+    return _save(acceptance_figure(reports), path)
+
+
+def acceptance_figure(reports: dict[str, EvalReport]):
+    """The matplotlib ``Figure`` that ``plot_acceptance`` writes: one line per drafter, in ``reports`` order."""
     # Imported here: matplotlib costs ~0.5 s and only plotting needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if not reports:
-        raise ValueError("plot_acceptance needs at least one report")
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"plot path must end in .png, got {str(path)!r}")
     fig = Figure(figsize=(8.0, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -35,24 +52,25 @@ def plot_acceptance(reports: dict[str, EvalReport], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     # Outside the axes: lines of good drafters sit at the top, where a legend inside would hide them.
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return fig
 
 
 def plot_reliability(reports: dict[str, EvalReport], path: str | Path) -> Path:
     """Reliability diagram of the confidence head (slot confidence c_k against acceptance of slot k, pooled over
     positions, equal-width bins), one line per drafter that reports confidences (ECE in the legend)."""
+    if not any(r.calibration is not None for r in reports.values()):
+        raise ValueError("plot_reliability needs a report with calibration (a drafter with confidences)")
+    path = _png_path(path)
+    return _save(reliability_figure(reports), path)
+
+
+def reliability_figure(reports: dict[str, EvalReport]):
+    """The matplotlib ``Figure`` that ``plot_reliability`` writes: the diagonal, then one line per calibrated
+    drafter (its non-empty bins), in ``reports`` order."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     calibrated = {name: r for name, r in reports.items() if r.calibration is not None}
-    if not calibrated:
-        raise ValueError("plot_reliability needs a report with calibration (a drafter with confidences)")
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"plot path must end in .png, got {str(path)!r}")
     fig = Figure(figsize=(8.0, 5.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -70,7 +88,4 @@ def plot_reliability(reports: dict[str, EvalReport], path: str | Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: points reach every corner
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return fig

@@ -215,7 +215,7 @@ class _Decoder:
             # A drafter that embeds context tokens (Eagle3) says so with ``needs_context_ids``.
             ids = ([row.context_ids_T[: row.num_context] for row in drafting]
                    if getattr(self.drafter, "needs_context_ids", False) else None)
-            if self.batch_proposals and hasattr(self.drafter, "propose_batch"):
+            if self.batch_proposals:
                 extra = {"context_ids": ids} if ids is not None else {}
                 proposals = self.drafter.propose_batch(contexts, anchors, temperature=self.temperature,
                                                        generators=generators, **extra)

@@ -168,3 +168,50 @@ def load(engine, ckpt_dir: Path, generator: torch.Generator, *, rank: int, world
     restore_rng_state(torch.load(_rank_file(tag_dir, rank), weights_only=True), generator)
     return Position(step=record["step"], epoch=record["epoch"], micro_in_epoch=record["micro_in_epoch"],
                     stream_positions=record.get("stream_positions"))
+
+
+class Checkpointer:
+    """Decides when a training run saves, and resumes it: every ``train.save_every`` steps before the stop step,
+    and once at the end unless that step is already saved. Collective, like ``save``.
+
+    The commit record carries the drafter config, so a resume into a run with another drafter is refused.
+    """
+
+    def __init__(self, engine, ckpt_dir: Path, generator: torch.Generator, train_cfg, drafter_cfg, *, rank: int,
+                 world: int):
+        self.engine, self.ckpt_dir, self.generator = engine, Path(ckpt_dir), generator
+        self.save_every, self.keep_last, self.resume_on = train_cfg.save_every, train_cfg.keep_last, train_cfg.resume
+        self.rank, self.world = rank, world
+        # What a checkpoint must match to be resumed into this run (JSON round trip: the record is JSON).
+        self.run_info = {"drafter": json.loads(json.dumps(asdict(drafter_cfg)))}
+        self.run_defaults = {"drafter": json.loads(json.dumps(asdict(type(drafter_cfg)())))}
+        self.saved_step: int | None = None
+
+    def resume(self) -> Position:
+        """The position to start from: the newest complete checkpoint's (``train.resume``), else step 0."""
+        position = None
+        if self.resume_on:
+            position = load(self.engine, self.ckpt_dir, self.generator, rank=self.rank, world=self.world,
+                            run_info=self.run_info, run_defaults=self.run_defaults)
+        position = position or Position(step=0, epoch=0, micro_in_epoch=0)
+        self.saved_step = position.step if position.step else None
+        return position
+
+    def after_step(self, position: Position, stream_position: int | None, stop_at: int) -> None:
+        """Save at every ``save_every``-th step, except the stop step (``finish`` saves that one)."""
+        if self.save_every and position.step % self.save_every == 0 and position.step < stop_at:
+            self.save(position, stream_position)
+
+    def finish(self, position: Position, stream_position: int | None) -> None:
+        """Save the step the run ends at, unless it already is."""
+        if self.saved_step != position.step:
+            self.save(position, stream_position)
+
+    def save(self, position: Position, stream_position: int | None) -> None:
+        """``stream_position``: samples of this rank's stream consumed in the epoch; skipped samples move ranks'
+        streams differently, so every rank's is kept. None before any batch was read."""
+        if stream_position is not None:
+            position.stream_positions = dist_utils.all_gather_ints(stream_position)
+        save(self.engine, self.ckpt_dir, position, self.generator, rank=self.rank, world=self.world,
+             keep_last=self.keep_last, run_info=self.run_info)
+        self.saved_step = position.step

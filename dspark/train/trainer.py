@@ -8,18 +8,19 @@ With ``train.eval_every`` it also measures the drafter being trained by real spe
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dspark import distributed as dist_utils
 from dspark.config import RunConfig
+from dspark.paths import RunPaths
 from dspark.train import checkpoint
-from dspark.train.metrics import MetricsLogger, peak_rss_gb, tau_estimate
+from dspark.train.checkpoint import Checkpointer
+from dspark.train.metrics import MetricsLogger, MetricsWindow
 from dspark.train.sources import EpochBatches, open_source
 
 log = logging.getLogger(__name__)
@@ -74,265 +75,184 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
     With ``cache.skip_corrupt`` the ranks that skip corrupt samples have fewer batches; every epoch still ends on
     all ranks at the same micro batch (``EpochBatches``), so such a run takes fewer steps than planned. Rank 0 logs
     each epoch's skipped count of all ranks (``data/skipped_corrupt``), also returned as ``TrainResult.num_skipped``.
+
+    The resolved config is written to ``<run_dir>/config.json`` only once the target, the data and any checkpoint
+    to resume were accepted: a refused run leaves the previous run's record as it was.
     """
-    import deepspeed
     from tqdm import tqdm
 
-    from dspark.drafters import build_drafter
-    from dspark.export.deepspec import export_deepspec
+    from dspark.eval.periodic import PeriodicEval
 
     rank, world = dist_utils.init_distributed()
-    run_dir = Path(cfg.run_dir)
+    paths = RunPaths.of(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    if rank == 0:
-        cfg.save(run_dir / "config.json")
-
-    cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache"
-    conversations_path = Path(conversations_path) if conversations_path else run_dir / "data" / "train.jsonl"
     # Checked before anything loads, so a misconfigured eval fails at once rather than after eval_every steps.
     periodic_eval = PeriodicEval(cfg, rank=rank) if cfg.train.eval_every else None
-    source, frozen = open_source(cfg, cache_dir=cache_dir, conversations_path=conversations_path,
+    conversations_path = Path(conversations_path or paths.train_data)
+    source, frozen = open_source(cfg, cache_dir=Path(cache_dir or paths.cache), conversations_path=conversations_path,
                                  device=dist_utils.local_device())
     if periodic_eval is not None and cfg.train.online:
         periodic_eval.target = source.target  # online: the target this job already hosts
-    hf_config = frozen.hf_config
     per_rank, _, total_steps = _plan_steps(len(source), cfg, world)
-
-    torch.manual_seed(cfg.train.seed)
-    drafter = build_drafter(cfg.drafter, hf_config, cfg.target.layer_ids, frozen.embed_VH, frozen.lm_head_VH)
-    if getattr(drafter, "needs_token_counts", False):  # a pruned draft vocab (Eagle3): the most frequent tokens
-        from dspark.data.regenerate import read_conversations
-
-        drafter.fit_draft_vocab(read_conversations(conversations_path))
-    from dspark.train.ds_config import make_ds_config
-
-    ds_config = make_ds_config(cfg.train, world_size=world, total_steps=total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=drafter, model_parameters=drafter.trainable_parameters(),
-                                           config=ds_config)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    # Anchor sampling differs per rank (different data) but is reproducible for a given (seed, rank).
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-
-    ckpt_dir = run_dir / "checkpoints"
-    # What a checkpoint must match to be resumed into this run (JSON round trip: the record is JSON).
-    run_info = {"drafter": json.loads(json.dumps(asdict(cfg.drafter)))}
-    position = None
-    if cfg.train.resume:
-        defaults = {"drafter": json.loads(json.dumps(asdict(type(cfg.drafter)())))}
-        position = checkpoint.load(engine, ckpt_dir, generator, rank=rank, world=world, run_info=run_info,
-                                   run_defaults=defaults)
-    position = position or checkpoint.Position(step=0, epoch=0, micro_in_epoch=0)
-    saved_step = position.step if position.step else None
+    engine, generator = _build_engine(cfg, frozen, conversations_path, total_steps, rank=rank, world=world)
+    checkpointer = Checkpointer(engine, paths.checkpoints, generator, cfg.train, cfg.drafter, rank=rank, world=world)
+    position = checkpointer.resume()
+    if rank == 0:
+        cfg.save(paths.config)
     stop_at = min(total_steps, stop_after_steps) if stop_after_steps is not None else total_steps
 
-    def save_now() -> None:
-        nonlocal saved_step
-        if feed is not None:  # skipped samples move ranks' streams differently: keep each one's place
-            position.stream_positions = dist_utils.all_gather_ints(feed.position)
-        checkpoint.save(engine, ckpt_dir, position, generator, rank=rank, world=world,
-                        keep_last=cfg.train.keep_last, run_info=run_info)
-        saved_step = position.step
-
-    logger = MetricsLogger(run_dir / "tensorboard", enabled=rank == 0)
+    logger = MetricsLogger(paths.tensorboard, enabled=rank == 0)
+    window = MetricsWindow(world)
+    feed = RunBatches(source, cfg, position, rank=rank, world=world, per_rank=per_rank, device=engine.device,
+                      logger=logger)
     bar = tqdm(total=total_steps, initial=position.step, desc="train", unit="step",
                disable=not (progress and rank == 0))
-    grad_accum = cfg.train.grad_accum_steps
-    # At a checkpoint the accumulation is complete, so the micro-batch count is step x accumulation.
-    micro, last_loss = position.step * grad_accum, float("nan")
-    tokens_seen, num_skipped, wall_start = 0, 0, time.perf_counter()
-    window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
-    feed: EpochBatches | None = None
-    finished = False  # every epoch done (fewer steps than planned when samples were skipped)
+    last_loss, wall_start = float("nan"), time.perf_counter()
     try:
-        num_epochs = cfg.train.num_epochs if not cfg.train.max_steps else 10**9
-        for epoch in range(position.epoch, num_epochs):
-            if epoch != position.epoch:
-                position.epoch, position.micro_in_epoch, position.stream_positions = epoch, 0, None
-            mbs = cfg.train.micro_batch_size
-            start = position.stream_positions[rank] if position.stream_positions else position.micro_in_epoch * mbs
-            feed = EpochBatches(source, seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world,
-                                per_rank=per_rank, micro_batch_size=mbs, max_seq_len=cfg.data.max_seq_len, start=start)
-            while position.step < stop_at:
-                read_before = feed.read_s
-                batch = feed.next_batch()
-                window["wait"] += feed.read_s - read_before  # not the wait for other ranks to agree
-                if batch is None:
-                    break
-                batch = {k: v.to(engine.device, dtype if v.is_floating_point() else v.dtype)
-                         for k, v in batch.items()}
-                loss, stats = _train_micro_step(engine, batch, generator, world, position.step)
-                micro += 1
-                position.micro_in_epoch += 1
-                tokens_seen += stats["tokens"]
-                window["tokens"] += stats["tokens"]
-                if micro % grad_accum:
-                    continue  # mid accumulation: DeepSpeed stepped no optimizer yet
-                position.step += 1
-                step = position.step
-                last_loss = loss
-                bar.update(1)
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window["start"]
-                    scalars = {
-                        "loss/total": loss, **{f"loss/{k}": v for k, v in stats["terms"].items()},
-                        **{f"accept_rate@{k + 1}": a for k, a in enumerate(stats["accept_K"])},
-                        "tau_estimate": tau_estimate(torch.tensor(stats["accept_K"])),
-                        "lr": engine.get_lr()[0],
-                        "grad_norm": stats["grad_norm"] if stats["grad_norm"] is not None else float("nan"),
-                        "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
-                        "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
-                        "memory/peak_rss_gb": peak_rss_gb(),
-                    }
-                    logger.log(step, scalars)
-                    bar.set_postfix(loss=f"{loss:.3f}", tau=f"{scalars['tau_estimate']:.2f}")
-                    window = {"wait": 0.0, "start": time.perf_counter(), "tokens": 0}
-                if periodic_eval is not None and step % cfg.train.eval_every == 0:
-                    t_eval = time.perf_counter()
-                    eval_scalars = periodic_eval.run(engine)
-                    if eval_scalars is not None:
-                        logger.log(step, eval_scalars)
-                        tqdm.write(f"eval @ step {step}: {PeriodicEval.summary(eval_scalars)} "
-                                   f"({time.perf_counter() - t_eval:.1f} s)")
-                    # Decoding time is not training time: keep it out of tokens/s and the data-wait fraction.
-                    window["start"] += time.perf_counter() - t_eval
-                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < stop_at:
-                    save_now()
-            num_skipped += _report_epoch_data(feed, logger, position, per_rank // mbs, rank)
-            if feed.ended and position.micro_in_epoch == 0:  # else max_steps would loop over empty epochs forever
-                raise ValueError(f"epoch {epoch} gave no micro batch of {mbs} samples on some rank: of its "
-                                 f"{per_rank} samples too many were skipped as corrupt (cache.skip_corrupt); "
-                                 f"check the cache with `dspark cache verify`")
-            if position.step >= stop_at:
-                break
-        else:
-            finished = True
+        while position.step < stop_at:
+            done = train_step(engine, feed, generator, window, cfg.train.grad_accum_steps, position.step)
+            if done is None:
+                break  # every epoch is done (fewer steps than planned when samples were skipped)
+            last_loss, stats = done
+            position.step += 1
+            bar.update(1)
+            if position.step % cfg.train.log_every == 0 or position.step == total_steps:
+                scalars = window.close(last_loss, stats, engine.get_lr()[0])
+                logger.log(position.step, scalars)
+                bar.set_postfix(loss=f"{last_loss:.3f}", tau=f"{scalars['tau_estimate']:.2f}")
+            if periodic_eval is not None:
+                window.exclude(periodic_eval.after_step(position.step, engine, logger))
+            checkpointer.after_step(position, feed.stream_position, stop_at)
+        feed.end_epoch()
     finally:
         # Also on a non-finite loss: flush the logs, but save nothing.
         bar.close()
         logger.close()
     wall = time.perf_counter() - wall_start
 
-    if saved_step != position.step:
-        save_now()
-    drafter_dir = run_dir / "drafter"
-    if finished or position.step >= total_steps:
+    checkpointer.finish(position, feed.stream_position)
+    if feed.exhausted or position.step >= total_steps:
         # A drafter the deepspec layout cannot hold names its own exporter (Eagle3: the eagle3 layout).
-        _save_final_drafter(engine, hf_config, drafter_dir, rank, getattr(drafter, "export_native", export_deepspec))
+        _save_final_drafter(engine, frozen.hf_config, paths.drafter, rank)
     dist_utils.barrier()
     return TrainResult(steps=position.step, final_loss=last_loss,
-                       tokens_per_s=tokens_seen * world / max(wall, 1e-9), wall_s=wall, drafter_dir=drafter_dir,
-                       checkpoint_dir=ckpt_dir, tensorboard_dir=run_dir / "tensorboard", num_skipped=num_skipped)
+                       tokens_per_s=window.total_tokens * world / max(wall, 1e-9), wall_s=wall,
+                       drafter_dir=paths.drafter, checkpoint_dir=paths.checkpoints, tensorboard_dir=paths.tensorboard,
+                       num_skipped=feed.num_skipped)
 
 
-def _report_epoch_data(feed: EpochBatches, logger: MetricsLogger, position: checkpoint.Position,
-                       planned_micro: int, rank: int) -> int:
-    """Log (rank 0, once for all ranks) the corrupt samples skipped in this epoch and what the early end of the
-    epoch left unused; returns the skipped count of all ranks. Collective: every rank calls it at the same point."""
-    skipped, unused = feed.totals()
-    if skipped and rank == 0:
-        ended = (f"the epoch ended for every rank after {position.micro_in_epoch} of {planned_micro} micro batches, "
-                 f"{unused} samples unused" if feed.ended else "the run stopped before the epoch's end")
-        log.warning("epoch %d: %d corrupt cache samples skipped on all ranks together (cache.skip_corrupt); %s",
-                    position.epoch, skipped, ended)
-        logger.log(position.step, {"data/skipped_corrupt": skipped, "data/unused_samples": unused})
-    return skipped
+def train_step(engine, feed: RunBatches, generator: torch.Generator, window: MetricsWindow, grad_accum: int,
+               step: int) -> tuple[float, dict] | None:
+    """One optimizer step: forward and backward over one accumulation group of ``grad_accum`` micro batches (it may
+    cross an epoch boundary), DeepSpeed stepping the optimizer at the last one. Returns the global loss and the
+    statistics of that last micro batch, or None when the data ran out first (the partial group is dropped)."""
+    for _ in range(grad_accum):
+        read_before = feed.read_s
+        batch = feed.next_batch()
+        if batch is None:
+            return None
+        loss, stats = _train_micro_step(engine, batch, generator, feed.world, step)
+        window.add(stats["tokens"], feed.read_s - read_before)
+    return loss, stats
 
 
-class PeriodicEval:
-    """Speculative decoding of the drafter being trained on ``eval.num_prompts`` held-out prompts, at each of
-    ``eval.temperatures`` (``dspark.eval.specdec.evaluate``): the true tau next to the analytic estimate.
+def _build_engine(cfg: RunConfig, frozen, conversations_path: Path, total_steps: int, *, rank: int,
+                  world: int) -> tuple[object, torch.Generator]:
+    """The drafter (seeded by ``train.seed``) inside a DeepSpeed engine, and this rank's anchor-sampling generator."""
+    import deepspeed
 
-    Which ranks decode: only rank 0, against the online target or one it loads on first use (``target.backend``
-    hf: a target one process can host); every rank in lockstep where the online target is collective (zero3,
-    megatron: each decoding forward needs all ranks), with the same prompts, seeds and weights. Training is left
-    exactly as it was: the torch RNG is forked around it (the anchor generator is never touched), the drafter is
-    restored to train mode, and the decoding cache it keeps is dropped.
+    from dspark.drafters import build_drafter
+    from dspark.train.ds_config import make_ds_config
+
+    torch.manual_seed(cfg.train.seed)
+    drafter = build_drafter(cfg.drafter, frozen.hf_config, cfg.target.layer_ids, frozen.embed_VH, frozen.lm_head_VH)
+    if getattr(drafter, "needs_token_counts", False):  # a pruned draft vocab (Eagle3): the most frequent tokens
+        from dspark.data.regenerate import read_conversations
+
+        drafter.fit_draft_vocab(read_conversations(conversations_path))
+    ds_config = make_ds_config(cfg.train, world_size=world, total_steps=total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=drafter, model_parameters=drafter.trainable_parameters(),
+                                           config=ds_config)
+    # Anchor sampling differs per rank (different data) but is reproducible for a given (seed, rank).
+    return engine, torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+
+
+class RunBatches:
+    """This rank's micro batches from ``position`` on, across epochs: one ``EpochBatches`` an epoch, on the
+    device and in the training precision. It keeps ``position``'s epoch and micro batch count current and, at each
+    epoch's end, reports the corrupt samples skipped (``end_epoch``). Collective, like ``EpochBatches``.
+
+    ``train.max_steps`` runs epochs until the step budget is spent; otherwise ``train.num_epochs`` of them.
     """
 
-    def __init__(self, cfg: RunConfig, *, rank: int):
-        from dspark.data.prompts import load_prompts
+    def __init__(self, source, cfg: RunConfig, position: checkpoint.Position, *, rank: int, world: int,
+                 per_rank: int, device, logger: MetricsLogger):
+        self.source, self.cfg, self.position, self.device, self.logger = source, cfg, position, device, logger
+        self.rank, self.world, self.per_rank = rank, world, per_rank
+        self.num_epochs = cfg.train.num_epochs if not cfg.train.max_steps else 10**9
+        self.mbs = cfg.train.micro_batch_size
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+        self.epoch: EpochBatches | None = None
+        self.reported = False  # the current epoch's data was reported (it ended, or the run stopped in it)
+        self.exhausted = False  # every epoch done
+        self.num_skipped = 0  # corrupt samples skipped on all ranks, over this run's epochs
+        self.read_s = 0.0  # seconds spent reading and collating (not waiting for the other ranks)
 
-        self.cfg, self.rank, self.target = cfg, rank, None
-        every, backend = cfg.train.eval_every, cfg.target.backend
-        if backend == "pipeline" or (backend != "hf" and not cfg.train.online):
-            raise ValueError(f"train.eval_every={every} decodes with the target, which target.backend={backend!r} "
-                             f"cannot do here: it needs target.backend=hf (rank 0 hosts the whole target), or "
-                             f"train.online=true with a backend that decodes (hf, zero3, megatron); or set "
-                             f"train.eval_every=0")
-        path = Path(cfg.run_dir) / "data" / "eval_prompts.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"train.eval_every={every} needs the held-out prompts at {path}, which is "
-                                    f"missing: run `dspark prepare` with this config first, or set train.eval_every=0")
-        self.prompts = load_prompts(str(path), cfg.eval.num_prompts)
-        self.prompt_ids: list[list[int]] | None = None  # tokenised with the target's tokenizer once it is there
+    @property
+    def stream_position(self) -> int | None:
+        """Samples of this rank's stream consumed in the current epoch; None before the first batch was asked for."""
+        return self.epoch.position if self.epoch is not None else None
 
-    def _decodes_here(self) -> bool:
-        return self.rank == 0 or (self.target is not None and self.target.collective)
+    def next_batch(self) -> dict | None:
+        """The next micro batch, or None (on every rank at once) when the last epoch is over."""
+        while not self.exhausted:
+            if self.epoch is None:
+                self._open_epoch()
+            read_before = self.epoch.read_s
+            batch = self.epoch.next_batch()
+            self.read_s += self.epoch.read_s - read_before
+            if batch is not None:
+                self.position.micro_in_epoch += 1
+                return {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                        for k, v in batch.items()}
+            self.end_epoch()
+            if self.position.epoch + 1 >= self.num_epochs:
+                self.exhausted = True
+            else:
+                self.position.epoch, self.position.micro_in_epoch, self.position.stream_positions = \
+                    self.position.epoch + 1, 0, None
+                self.epoch = None
+        return None
 
-    def run(self, engine) -> dict[str, float] | None:
-        """Evaluate ``engine.module`` now; every rank calls this at the same step. The scalars on rank 0, else None."""
-        from contextlib import nullcontext
+    def _open_epoch(self) -> None:
+        position = self.position
+        start = (position.stream_positions[self.rank] if position.stream_positions
+                 else position.micro_in_epoch * self.mbs)
+        self.epoch = EpochBatches(self.source, seed=self.cfg.train.seed, epoch=position.epoch, rank=self.rank,
+                                  world_size=self.world, per_rank=self.per_rank, micro_batch_size=self.mbs,
+                                  max_seq_len=self.cfg.data.max_seq_len, start=start)
+        self.reported = False
 
-        module = engine.module
-        device = torch.device(engine.device)
-        scalars = None
-        gather = nullcontext()
-        if engine.zero_optimization_stage() == 3:
-            from deepspeed.runtime.zero import unwrap_model_for_generation
-
-            # Every rank enters (GatheredParameters is a collective), even those that do not decode. It also lifts
-            # ZeRO-3's per-module hooks until it exits: with them, a forward on rank 0 alone would fetch (all-gather)
-            # and release partitions and hang waiting for the other ranks.
-            gather = unwrap_model_for_generation(engine)
-        rng_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), gather:
-            if self._decodes_here():
-                was_training = module.training
-                module.eval()
-                try:
-                    scalars = self._decode(module)
-                finally:
-                    module.train(was_training)
-                    # Decoding caches the fused context keyed on the weights' storage; ZeRO-3 gathers may reuse
-                    # that storage for other weights, and it holds memory: drop it.
-                    module.__dict__.pop("_context_cache", None)
-        dist_utils.barrier()
-        return scalars if self.rank == 0 else None
-
-    def _decode(self, drafter) -> dict[str, float]:
-        import math
-
-        from dspark.data.chat import prompt_ids
-        from dspark.eval.specdec import evaluate
-        from dspark.targets import load_target
-
-        if self.target is None:  # lazily, inside the caller's forked RNG: loading may draw random numbers
-            self.target = load_target(self.cfg.target, device=dist_utils.local_device())
-        tokenizer = self.target.tokenizer
-        if self.prompt_ids is None:
-            self.prompt_ids = [prompt_ids(tokenizer, p) for p in self.prompts]
-        ev = self.cfg.eval
-        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        scalars: dict[str, float] = {}
-        for temperature in ev.temperatures:
-            report = evaluate(self.target, drafter, self.prompt_ids, max_new_tokens=ev.max_new_tokens,
-                              temperature=temperature, seed=ev.seed, stop_ids=stop_ids, batch_size=ev.batch_size,
-                              group=(0, 1))  # this rank alone decodes every prompt
-            tag = f"T{temperature:g}"
-            scalars[f"eval/tau_{tag}"] = report.tau
-            scalars[f"eval/mean_proposal_len_{tag}"] = report.mean_proposal_len
-            for k, acc in enumerate(report.acceptance_K, start=1):
-                if not math.isnan(acc):  # a position no round reached
-                    scalars[f"eval/acceptance@{k}_{tag}"] = acc
-        return scalars
-
-    @staticmethod
-    def summary(scalars: dict[str, float]) -> str:
-        """One console line: tau and mean proposal length per temperature."""
-        tags = [name.removeprefix("eval/tau_") for name in scalars if name.startswith("eval/tau_")]
-        return ", ".join(f"{tag} tau {scalars[f'eval/tau_{tag}']:.3f} (proposal len "
-                         f"{scalars[f'eval/mean_proposal_len_{tag}']:.2f})" for tag in tags)
+    def end_epoch(self) -> None:
+        """Log (rank 0, once for all ranks) the corrupt samples skipped in the current epoch and what its early end
+        left unused; refuse an epoch that gave no batch. Collective: every rank calls it at the same point."""
+        if self.epoch is None or self.reported:
+            return
+        self.reported = True
+        skipped, unused = self.epoch.totals()
+        self.num_skipped += skipped
+        if skipped and self.rank == 0:
+            ended = (f"the epoch ended for every rank after {self.position.micro_in_epoch} of "
+                     f"{self.per_rank // self.mbs} micro batches, {unused} samples unused" if self.epoch.ended
+                     else "the run stopped before the epoch's end")
+            log.warning("epoch %d: %d corrupt cache samples skipped on all ranks together (cache.skip_corrupt); %s",
+                        self.position.epoch, skipped, ended)
+            self.logger.log(self.position.step, {"data/skipped_corrupt": skipped, "data/unused_samples": unused})
+        if self.epoch.ended and self.position.micro_in_epoch == 0:  # else max_steps would loop over empty epochs
+            raise ValueError(f"epoch {self.position.epoch} gave no micro batch of {self.mbs} samples on some rank: of "
+                             f"its {self.per_rank} samples too many were skipped as corrupt (cache.skip_corrupt); "
+                             f"check the cache with `dspark cache verify`")
 
 
 def _train_micro_step(engine, batch, generator, world: int, step: int) -> tuple[float, dict]:
@@ -378,12 +298,16 @@ def _param_grad_norm(engine) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
-def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int, export_fn) -> None:
-    """Write the trained drafter in the deepspec layout (gathering ZeRO-3 partitions first). A calibration.json
-    left from calibrating earlier weights no longer fits these and is removed (`dspark calibrate` again)."""
+def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int) -> None:
+    """Write the trained drafter in the deepspec layout, or the drafter's own (``export_native``: Eagle3's layout,
+    which deepspec cannot hold), gathering ZeRO-3 partitions first. A calibration.json left from calibrating
+    earlier weights no longer fits these and is removed (`dspark calibrate` again)."""
     import deepspeed
 
     from dspark.eval.sts import CALIBRATION_FILE
+    from dspark.export.deepspec import export_deepspec
+
+    export_fn = getattr(engine.module, "export_native", export_deepspec)
 
     params = list(engine.module.parameters())
     zero3 = engine.zero_optimization_stage() == 3
@@ -394,9 +318,3 @@ def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int, export_fn) 
                 log.warning("removing %s: it calibrated the drafter this run replaces", stale)
                 stale.unlink()
             export_fn(engine.module, hf_config, out_dir)
-
-
-def steps_for(num_samples: int, cfg: RunConfig, world: int) -> int:
-    """Optimizer steps a run of ``cfg`` takes on ``num_samples`` cached samples."""
-    return _plan_steps(num_samples, cfg, world)[2]
-

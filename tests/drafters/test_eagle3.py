@@ -217,7 +217,7 @@ def test_draft_vocab_maps_draft_ids_to_target_ids():
     # Greedy: the proposal is the argmax of the draft head, mapped through d2t.
     first = d.propose(ctx, 4, temperature=0.0, context_ids_T=torch.arange(9)).tokens_K[0]
     d._context_cache = None
-    k0, v0, q, h = d._context_kv(ctx, torch.cat([torch.arange(1, 9), torch.tensor([4])]))
+    ((k0, v0, q, h),) = d._contexts_kv([ctx], [torch.cat([torch.arange(1, 9), torch.tensor([4])])])
     h1 = d.midlayer.finish(h, ttt_attention(q, k0, v0, torch.ones(1, 9, dtype=torch.bool), []))
     assert int(first) == int(ids[(d.norm(h1)[0, 0] @ d.lm_head.weight.T).argmax()])
 

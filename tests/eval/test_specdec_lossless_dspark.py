@@ -11,7 +11,7 @@ import torch
 from test_specdec_lossless import _chi2_pvalue
 
 from dspark.config import DrafterConfig
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import Drafter, Proposal
 from dspark.eval.specdec import prompt_seed, speculative_generate_batch, target_generate
 from dspark.targets.hf import HFTarget
 
@@ -70,12 +70,17 @@ def _pvalue(samples: list[tuple[int, ...]], exact_VVV: torch.Tensor) -> float:
     return _chi2_pvalue(statistic, len(observed) - 1)
 
 
-class Misreporting(torch.nn.Module):
+class Misreporting(Drafter):
     """The same drafter claiming its draws came from a flatter distribution: wrong acceptance ratios."""
+
+    algorithm = "misreporting"
 
     def __init__(self, drafter):
         super().__init__()
         self.drafter = drafter
+
+    def forward_loss(self, batch, generator=None):
+        raise NotImplementedError("test double: decoding only")
 
     def propose(self, context_TLH, anchor_id, *, temperature, generator=None) -> Proposal:
         p = self.drafter.propose(context_TLH, anchor_id, temperature=temperature, generator=generator)

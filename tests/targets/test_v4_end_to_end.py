@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from conftest import expected_demo_eval, run_cli, timeless
 from tiny_families import save_tiny
 
 
@@ -23,6 +23,10 @@ def test_demo_runs_end_to_end_on_deepseek_v4(tmp_path, tokenizer_dir):
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     for tag in ("T1", "T0"):
         for name in ("trained", "untrained"):
-            assert report[tag][name]["num_rounds"] > 0 and report[tag][name]["tau"] >= 1.0
+            assert report[tag][name]["num_rounds"] > 0
+    # What the demo measured is the decoding of its drafters here, through V4's rollback (one session a prompt).
+    expected = expected_demo_eval(run_dir, target_dir, "target.layer_ids=[0,1,2]", "data.max_prompts=10",
+                              "eval.batch_size=2")
+    assert {tag: {name: timeless(r) for name, r in rows.items()} for tag, rows in report.items()} == expected
     assert "one session per prompt instead" in proc.stdout + proc.stderr
     assert (run_dir / "export" / "deepspec" / "model.safetensors").is_file()

@@ -55,6 +55,39 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "drafter" / "model.safetensors")
 
 
+def _checkpointed_drafter(run_dir: Path, tag: str, cfg, target):
+    """The drafter as the checkpoint ``tag`` holds it (ZeRO-3: gathered from the partitions)."""
+    from dspark.drafters import build_drafter
+
+    drafter = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
+                            target.lm_head_weight)
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.train.zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    trainable = {name for name, p in drafter.named_parameters() if p.requires_grad}
+    assert trainable <= set(state)
+    drafter.load_state_dict({k: v for k, v in state.items() if k in trainable}, strict=False)
+    return drafter.eval()
+
+
+def _expected_eval(run_dir: Path, cfg, drafter, target) -> dict[str, float]:
+    """``eval/tau_T<t>`` of ``drafter`` decoding the run's held-out prompts as ``PeriodicEval`` does."""
+    from dspark.data.chat import prompt_ids
+    from dspark.data.prompts import load_prompts
+    from dspark.eval.specdec import evaluate
+
+    prompts = [prompt_ids(target.tokenizer, p)
+               for p in load_prompts(str(run_dir / "data" / "eval_prompts.jsonl"), cfg.eval.num_prompts)]
+    return {f"eval/tau_T{t:g}": evaluate(target, drafter, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                                         temperature=t, seed=cfg.eval.seed, stop_ids=[target.tokenizer.eos_token_id],
+                                         batch_size=cfg.eval.batch_size).tau
+            for t in cfg.eval.temperatures}
+
+
 @pytest.mark.parametrize("zero_stage", [0, 3])  # ZeRO-3: the drafter's partitions are gathered for decoding
 def test_eval_is_logged_and_leaves_training_unchanged(tmp_path, tiny_llama_dir, prepared, capsys, zero_stage):
     plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
@@ -62,7 +95,8 @@ def test_eval_is_logged_and_leaves_training_unchanged(tmp_path, tiny_llama_dir, 
     train(_cfg(plain, tiny_llama_dir, stage), cache_dir=prepared / "cache", progress=False)
     (evaluated / "data").mkdir(parents=True)
     shutil.copy(prepared / "data" / "eval_prompts.jsonl", evaluated / "data")
-    cfg = _cfg(evaluated, tiny_llama_dir, stage, "train.eval_every=2")
+    # A checkpoint every 2 steps keeps the weights each eval saw (checkpoints change no training step).
+    cfg = _cfg(evaluated, tiny_llama_dir, stage, "train.eval_every=2", "train.save_every=2", "train.keep_last=5")
     # Paused after step 3 and resumed: step 3 follows the eval at step 2 in the same process, step 5 follows
     # the eval at step 4 after a resume.
     assert train(cfg, cache_dir=prepared / "cache", progress=False, stop_after_steps=3).steps == 3
@@ -70,12 +104,18 @@ def test_eval_is_logged_and_leaves_training_unchanged(tmp_path, tiny_llama_dir, 
 
     evals = {r["step"]: r for r in _records(evaluated) if any(k.startswith("eval/") for k in r)}
     assert sorted(evals) == [2, 4]
-    for record in evals.values():
+    from dspark.targets import load_target
+
+    target = load_target(cfg.target)
+    for step, record in evals.items():
+        # The tau logged at a step is what speculative decoding measures for the weights of that step.
+        expected = _expected_eval(evaluated, cfg, _checkpointed_drafter(evaluated, f"step{step}", cfg, target), target)
+        assert {k: record[k] for k in expected} == expected
         for tag in ("T1", "T0"):  # eval.temperatures defaults to [1.0, 0.0]
-            assert record[f"eval/tau_{tag}"] >= 1.0
             assert 0.0 < record[f"eval/mean_proposal_len_{tag}"] <= cfg.drafter.block_size
             assert 0.0 <= record[f"eval/acceptance@1_{tag}"] <= 1.0
         assert not any(k.startswith("loss/") for k in record)  # its own record, at the training step
+    assert evals[2] != evals[4]  # trained in between: other weights, other numbers
     # No eval at step 0 nor at the last step (5 is not a multiple of 2), and a console line per eval.
     out = capsys.readouterr().out
     assert out.count("eval @ step ") == 2 and "eval @ step 4: T1 tau " in out
@@ -99,7 +139,13 @@ def test_online_eval_reuses_the_hosted_target(tmp_path, tiny_llama_dir, prepared
     train(cfg, progress=False)
     assert len(loads) == 1  # the training source's target, decoded against too
     evals = [r for r in _records(tmp_path) if "eval/tau_T1" in r]
-    assert [r["step"] for r in evals] == [2] and evals[0]["eval/tau_T1"] >= 1.0
+    assert [r["step"] for r in evals] == [2]
+    # Step 2 is the last: the exported drafter holds the weights the eval decoded with.
+    from dspark.drafters import load_drafter
+
+    target = load_target(cfg.target)
+    assert _expected_eval(tmp_path, cfg, load_drafter(tmp_path / "drafter").eval(), target) == \
+        {"eval/tau_T1": evals[0]["eval/tau_T1"]}
 
 
 def _two_rank_worker(rank: int, port: int, root: str, target_dir: str, cache_dir: str) -> None:
@@ -124,7 +170,16 @@ def test_two_rank_zero3_eval_decodes_on_rank_0_only(tmp_path, tiny_llama_dir, pr
                 timeout=240, what="2-rank ZeRO-3 runs with periodic eval")
     records = _records(tmp_path / "evaluated")
     assert [r["step"] for r in records if "eval/tau_T1" in r] == [2, 4]
-    assert all(r["eval/tau_T1"] >= 1.0 for r in records if "eval/tau_T1" in r)
+    # Rank 0 decoded with the gathered weights: at the last step, those of the exported drafter.
+    from dspark.drafters import load_drafter
+    from dspark.targets import load_target
+
+    cfg = _cfg(tmp_path / "evaluated", tiny_llama_dir)
+    last = next(r for r in records if r["step"] == 4 and "eval/tau_T1" in r)
+    target = load_target(cfg.target)
+    expected = _expected_eval(tmp_path / "evaluated", cfg, load_drafter(tmp_path / "evaluated" / "drafter").eval(),
+                              target)
+    assert {k: last[k] for k in expected} == expected
     assert _losses(tmp_path / "evaluated") == _losses(tmp_path / "plain")
     assert sorted(_losses(tmp_path / "plain")) == [1, 2, 3, 4]
 
@@ -163,8 +218,8 @@ def test_eval_reports_what_specdec_measures_and_restores_the_drafter(tmp_path, t
     from dspark.data.prompts import load_prompts
     from dspark.drafters import build_drafter
     from dspark.eval import specdec
+    from dspark.eval.periodic import PeriodicEval
     from dspark.targets import load_target
-    from dspark.train.trainer import PeriodicEval
 
     (tmp_path / "data").mkdir()
     shutil.copy(prepared / "data" / "eval_prompts.jsonl", tmp_path / "data")

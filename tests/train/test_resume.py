@@ -72,11 +72,6 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path, tiny_llama_dir,
     paused = train(cfg, cache_dir=cache_dir, progress=False, stop_after_steps=3)
     assert paused.steps == 3 and not (tmp_path / "drafter").exists()
     assert _tags(tmp_path) == ["step2", "step3"]
-    # A save killed half way: DeepSpeed's files (and its `latest`) but no commit record. Resume must skip it.
-    shutil.copytree(tmp_path / "checkpoints" / "step3", tmp_path / "checkpoints" / "step5")
-    (tmp_path / "checkpoints" / "step5" / checkpoint.MARKER).unlink()
-    (tmp_path / "checkpoints" / "latest").write_text("step5")
-    assert checkpoint.latest_complete(tmp_path / "checkpoints")[0].name == "step3"
 
     resumed = train(cfg, cache_dir=cache_dir, progress=False)
     assert resumed.steps == STEPS
@@ -86,8 +81,86 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path, tiny_llama_dir,
     ref, out = _weights(straight_run), _weights(tmp_path)
     assert ref.keys() == out.keys()
     assert all(torch.equal(ref[k], out[k]) for k in ref)
-    # The interrupted step5 save is older than the newest complete checkpoint: pruned with the rest.
     assert _tags(tmp_path) == ["step4", "step6"]
+
+
+# Run in a child process: train with a checkpoint every 2 steps, and when the step-4 save has written its first
+# file from inside DeepSpeed's engine.save_checkpoint, say so and wait to be killed.
+_KILLED_SAVE = """
+import sys, time
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from dspark.config import load_config
+from dspark.train.trainer import train
+
+run_dir, target_dir, cache_dir, signal_file = sys.argv[1:5]
+engine_save = DeepSpeedEngine.save_checkpoint
+
+def save_checkpoint(self, save_dir, tag=None, **kwargs):
+    if tag == "step4":
+        torch_save = torch.save
+
+        def save_then_hang(obj, f, *args, **kw):
+            torch_save(obj, f, *args, **kw)
+            open(signal_file, "w").write(str(f))
+            time.sleep(600)
+
+        torch.save = save_then_hang
+    return engine_save(self, save_dir, tag=tag, **kwargs)
+
+DeepSpeedEngine.save_checkpoint = save_checkpoint
+cfg = load_config("tiny_llama_dspark", [f"run_dir={run_dir}", f"target.name_or_path={target_dir}",
+                                        "train.max_steps=%d", "train.num_threads=1", "train.save_every=2",
+                                        "train.keep_last=2"])
+train(cfg, cache_dir=cache_dir, progress=False)
+""" % STEPS
+
+
+def test_run_killed_inside_a_save_resumes_from_the_previous_checkpoint(straight_run, tmp_path, tiny_llama_dir,
+                                                                        cache_dir):
+    """A real kill (SIGKILL) while ``engine.save_checkpoint`` writes step 4: the step-2 checkpoint is the newest
+    complete one, the resumed run retrains steps 3-6 exactly as an uninterrupted run did, and the torn step-4
+    directory is replaced. A commit record written before the engine's files would make the torn save look
+    complete, and its resume fail."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import DIST_ENV
+
+    run_dir, signal_file, log = tmp_path / "run", tmp_path / "saving", tmp_path / "child.log"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the child before the save
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(run_dir), str(tiny_llama_dir),
+                                 str(cache_dir), str(signal_file)], env={**env, "OMP_NUM_THREADS": "1"},
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not signal_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reached = signal_file.exists()
+        proc.send_signal(signal.SIGKILL)  # a no-op if the child already ended
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert reached, f"the child never reached the step-4 save (exit {proc.returncode}): {log.read_text()[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    torn = run_dir / "checkpoints" / "step4"
+    assert torn.is_dir() and not (torn / checkpoint.MARKER).exists()  # killed half way through the step-4 save
+    assert checkpoint.latest_complete(run_dir / "checkpoints")[0].name == "step2"
+
+    cfg = _cfg(run_dir, tiny_llama_dir, "train.save_every=2", "train.keep_last=2")
+    assert train(cfg, cache_dir=cache_dir, progress=False).steps == STEPS
+    expected, got = _losses(straight_run), _losses(run_dir)  # the last record of each step: the resumed run's
+    assert [got[s] for s in range(3, STEPS + 1)] == [expected[s] for s in range(3, STEPS + 1)]
+    ref, out = _weights(straight_run), _weights(run_dir)
+    assert ref.keys() == out.keys() and all(torch.equal(ref[k], out[k]) for k in ref)
+    assert _tags(run_dir) == ["step4", "step6"]
+    assert (torn / checkpoint.MARKER).is_file()
 
 
 def test_checkpoint_from_another_world_size_is_refused(straight_run, tmp_path, tiny_llama_dir, cache_dir):
@@ -107,9 +180,22 @@ def test_checkpoint_from_an_older_dspark_resumes_when_new_fields_are_at_their_de
     del record["drafter"]["ttt_length"]
     marker.write_text(json.dumps(record))
     assert train(_cfg(tmp_path, tiny_llama_dir), cache_dir=cache_dir, progress=False).steps == STEPS
-    # ... but not when this run sets the missing field to something else.
+    # ... but not when this run sets the missing field to something else; the refused run's config is not
+    # written over the run's own.
     with pytest.raises(ValueError, match=r"was saved with drafter=.* but this run has drafter="):
         train(_cfg(tmp_path, tiny_llama_dir, "drafter.ttt_length=3"), cache_dir=cache_dir, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["drafter"]["ttt_length"] == 7
+
+
+def test_a_refused_run_leaves_the_run_config(tmp_path, tiny_llama_dir, tiny_qwen3_dir, cache_dir):
+    """``<run>/config.json`` names the run's verifier (``dspark export`` reads it): a train refused because the
+    cache was built for another target must not replace it."""
+    cfg = _cfg(tmp_path, tiny_llama_dir)
+    cfg.save(tmp_path / "config.json")  # as `dspark prepare` left it
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"was built for a different target"):
+        train(_cfg(tmp_path, tiny_qwen3_dir), cache_dir=cache_dir, progress=False)
+    assert (tmp_path / "config.json").read_text() == before
 
 
 def test_nan_loss_stops_without_saving(tmp_path, tiny_llama_dir, cache_dir, monkeypatch):

@@ -282,13 +282,10 @@ class Eagle3Drafter(Drafter):
     def _weights_version(self) -> tuple:
         return tuple((p._version, p.data_ptr()) for p in self.parameters())
 
-    def _context_kv(self, context_TLH: torch.Tensor, row_ids_T: torch.Tensor) -> tuple:
-        """``_contexts_kv`` of one row: ``(k [1, G, T, D], v, last row's query [1, G, Q, 1, D], hidden [1, 1, H])``."""
-        return self._contexts_kv([context_TLH], [row_ids_T])[0]
-
     def _contexts_kv(self, contexts: list[torch.Tensor], row_ids: list[torch.Tensor]) -> list[tuple]:
-        """Per row: step-0 keys/values of every context row (``[1, G, T_b, D]``), the last row's query and its fused
-        hidden (``row_ids[b]``: the token each context row of row b embeds).
+        """Per row: step-0 keys/values of every context row (``k [1, G, T_b, D]``, ``v``), the last row's query
+        (``[1, G, Q, 1, D]``) and its fused hidden (``[1, 1, H]``); ``row_ids[b]``: the token each context row of row b
+        embeds.
 
         Only context rows past the longest prefix a row shares with one of the previous call's rows (same features,
         same tokens, same weights) are projected, all rows' new parts packed into one ``qkv`` call (the projections
