@@ -135,6 +135,16 @@ class EvalConfig:
     # > 0: drafting stops at the first slot whose cumulative confidence product falls below this; the report
     # then shows each confident drafter with and without the cut. 0 = off.
     confidence_threshold: float = 0.0
+    # How many drafts the target verifies per row each round: full (all), threshold (cut at
+    # eval.confidence_threshold), scheduler (the DSpark paper's Algorithm 1 over the rows in flight, with the
+    # device's SPS table) or scheduler_async (its capacity from two steps earlier, no early stop).
+    verify_policy: str = "full"
+    # SPS table (tools/profile_sps.py) of the scheduler policies; empty = <run_dir>/sps/<device>.json.
+    sps_table: str = ""
+    # Policies `dspark eval` also times at each of sweep_batch_sizes (requests in flight), with a throughput plot
+    # (eval/policies.json, eval/throughput_*.png); empty = off. Runs the first drafter only.
+    policy_sweep: list[str] = field(default_factory=list)
+    sweep_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
     # `dspark calibrate`: sampling temperature of the rounds Sequential Temperature Scaling is fitted on (the head
     # is calibrated for serving at this temperature), and the grid of confidence temperatures it searches per
     # slot: min, min + step, ..., <= max (dspark.eval.sts).

@@ -124,7 +124,9 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
     evaluate on instead of the held-out prompts, each capped at ``eval.num_prompts``; their report keys are
     ``"<dataset>/T<temp>"`` (a prompt file's dataset is its file stem) rather than ``"T<temp>"``. With
     ``eval.confidence_threshold`` > 0 every drafter that reports confidences is also run with that cut, as
-    ``"<name>@c<threshold>"``.
+    ``"<name>@c<threshold>"``. ``eval.verify_policy`` chooses how many drafts the target verifies per round
+    (``dspark.eval.scheduler``); with ``eval.policy_sweep`` the first drafter is also timed under those policies at
+    each of ``eval.sweep_batch_sizes`` (``dspark.eval.policies``): ``eval/policies.json`` and a throughput plot.
     """
     import torch
 
@@ -141,6 +143,7 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
         raise ValueError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
     if not 0.0 <= ev.confidence_threshold < 1.0:
         raise ValueError(f"eval.confidence_threshold must be in [0, 1) (0 = off), got {ev.confidence_threshold}")
+    _check_verify_policies(ev)
     paths = RunPaths(Path(cfg.run_dir))
     if drafter_dirs is None:
         drafter_dirs = {"trained": Path(drafter_dir) if drafter_dir else paths.drafter}
@@ -174,12 +177,14 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
         drafters["untrained"] = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
                                               target.lm_head_weight).to(device).eval()
     stop_ids = sorted({i for i in [target.tokenizer.eos_token_id] if i is not None})
+    sps = _scheduler_sps(cfg, device, max(d.block_size for d in drafters.values()))
 
     # In a process group every rank runs the same loop (decoding is split by target.decode_group() inside
     # run_eval and gathered back, so every rank holds every report); rank 0 alone prints and writes.
     writer = dist_utils.rank() == 0
     progress = progress and writer
     results: dict[str, dict] = {}
+    sweeps: dict[str, dict] = {}
     if writer:
         paths.eval_dir.mkdir(parents=True, exist_ok=True)
         logger = MetricsLogger(paths.tensorboard)
@@ -190,20 +195,75 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
             for name, drafter in drafters.items():
                 kwargs = {"max_new_tokens": ev.max_new_tokens, "temperature": temperature, "seed": ev.seed,
                           "stop_ids": stop_ids, "progress": progress, "batch_size": ev.batch_size}
-                reports[name] = run_eval(target, drafter, prompt_token_ids, **kwargs)
-                if ev.confidence_threshold > 0 and reports[name].calibration is not None:
+                threshold = ev.confidence_threshold if ev.verify_policy == "threshold" else 0.0
+                reports[name] = run_eval(target, drafter, prompt_token_ids, verify_policy=ev.verify_policy, sps=sps,
+                                         confidence_threshold=threshold, **kwargs)
+                if ev.confidence_threshold > 0 and reports[name].calibration is not None and not threshold:
                     reports[f"{name}@c{ev.confidence_threshold:g}"] = run_eval(
                         target, drafter, prompt_token_ids, confidence_threshold=ev.confidence_threshold, **kwargs)
             tag = f"T{temperature:g}"
             key, file_tag = (f"{dataset}/{tag}", f"{dataset}_{tag}") if dataset else (tag, tag)
             results[key] = {name: r.to_dict() for name, r in reports.items()}
+            for name in reports:
+                results[key][name]["verify_policy"] = "threshold" if "@c" in name else ev.verify_policy
             if writer:
                 _write_eval_reports(reports, logger, paths.eval_dir, len(prompts), dataset, temperature, file_tag)
+            if ev.policy_sweep:
+                name = next(iter(drafters))
+                sweeps[key] = _policy_sweep(cfg, target, name, drafters[name], prompt_token_ids, temperature, sps,
+                                            stop_ids, progress, paths.eval_dir / f"throughput_{file_tag}.png", writer)
     if writer:
         logger.close()
         (paths.eval_dir / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+        if sweeps:
+            (paths.eval_dir / "policies.json").write_text(json.dumps(sweeps, indent=2) + "\n")
     dist_utils.barrier()
     return results
+
+
+def _check_verify_policies(ev) -> None:
+    from dspark.eval.scheduler import VERIFY_POLICIES
+
+    for key, policy in [("verify_policy", ev.verify_policy)] + [("policy_sweep", p) for p in ev.policy_sweep]:
+        if policy not in VERIFY_POLICIES:
+            raise ValueError(f"eval.{key}: {policy!r} is not one of {', '.join(VERIFY_POLICIES)}")
+        if policy == "threshold" and ev.confidence_threshold <= 0:
+            raise ValueError(f"eval.{key}=threshold needs eval.confidence_threshold > 0, got {ev.confidence_threshold}")
+    if ev.policy_sweep and (not ev.sweep_batch_sizes or any(b < 1 for b in ev.sweep_batch_sizes)):
+        raise ValueError(f"eval.sweep_batch_sizes must be positive integers, got {ev.sweep_batch_sizes}")
+
+
+def _scheduler_sps(cfg: RunConfig, device, gamma: int):
+    """This device's SPS table when a scheduler policy will run (``dspark.eval.policies.load_device_sps``), sized
+    for the largest batch of requests x (gamma + 1) tokens; None otherwise."""
+    from dspark.eval.policies import load_device_sps
+
+    ev = cfg.eval
+    policies = [ev.verify_policy] + list(ev.policy_sweep)
+    if not any(p.startswith("scheduler") for p in policies):
+        return None
+    rows = max([ev.batch_size] + (list(ev.sweep_batch_sizes) if ev.policy_sweep else []))
+    return load_device_sps(ev.sps_table, cfg.run_dir, device, max_tokens=rows * (gamma + 1))
+
+
+def _policy_sweep(cfg: RunConfig, target, name: str, drafter, prompts: list, temperature: float, sps, stop_ids,
+                  progress: bool, plot_path: Path, writer: bool) -> dict:
+    """Time ``drafter`` under ``eval.policy_sweep`` at each of ``eval.sweep_batch_sizes``; print, plot, return."""
+    from dspark.eval.metrics import json_safe
+    from dspark.eval.plots import plot_policy_throughput
+    from dspark.eval.policies import format_policy_table, policy_sweep
+
+    ev = cfg.eval
+    rows = policy_sweep(target, drafter, prompts, policies=list(ev.policy_sweep),
+                        batch_sizes=list(ev.sweep_batch_sizes), sps=sps, max_new_tokens=ev.max_new_tokens,
+                        temperature=temperature, seed=ev.seed, stop_ids=stop_ids,
+                        confidence_threshold=ev.confidence_threshold, progress=progress)
+    if writer:
+        print(f"\nverify policies of drafter {name!r} at temperature {temperature:g} (speedup: tokens/s over full at "
+              f"the same batch size, measured; sim.: predicted by the scheduler simulation from full's rounds)")
+        print(format_policy_table(rows))
+        plot_policy_throughput(rows, plot_path, title=f"{name}, T = {temperature:g}")
+    return {"drafter": name, "sps": getattr(sps, "source", None), "rows": json_safe(rows)}
 
 
 def _write_eval_reports(reports: dict, logger, eval_dir: Path, num_prompts: int, dataset: str, temperature: float,

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dspark import distributed as dist_utils
     from dspark.config import load_config
+    from dspark.eval.scheduler import device_tag
     from dspark.targets import load_target
 
     cfg = load_config(args.config, args.overrides)
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target": cfg.target.name_or_path,
         "backend": cfg.target.backend,
         "device": str(target.embed_weight.device),
+        "device_tag": device_tag(target.embed_weight.device),  # `dspark eval` looks for <run_dir>/sps/<tag>.json
         "gamma": gamma,
         "context_len": args.context_len,
         "iters": args.iters,

@@ -89,3 +89,34 @@ def reliability_figure(reports: dict[str, EvalReport]):
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: points reach every corner
     return fig
+
+
+def plot_policy_throughput(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Generated tokens/s against requests in flight, one line per verify policy (rows of
+    ``dspark.eval.policies.policy_sweep``); the CPU analogue of the paper's throughput-vs-concurrency figure."""
+    if not rows:
+        raise ValueError("plot_policy_throughput needs at least one row")
+    path = _png_path(path)
+    return _save(policy_throughput_figure(rows, title), path)
+
+
+def policy_throughput_figure(rows: list[dict], title: str = ""):
+    """The matplotlib ``Figure`` that ``plot_policy_throughput`` writes: one line per policy, batch sizes sorted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = sorted((r["batch_size"], r["tokens_per_s"]) for r in rows if r["policy"] == policy)
+        ax.plot([b for b, _ in mine], [t for _, t in mine], marker="o", label=policy)
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    ax.set_title(title or "throughput against concurrency")
+    ax.set_xlabel("requests in flight (batch size)")
+    ax.set_ylabel("generated tokens / s (wall)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig

@@ -18,17 +18,35 @@ under continuous batching of ``batch_size`` requests and compares drafting the f
 asynchronous variant. A prefix of length j of a recorded round accepts ``min(j, accepted)`` drafts (plus the
 target's own token), as a verification of fewer drafts would have. SPS comes from a measured table
 (``tools/profile_sps.py``), interpolated linearly between points and never extrapolated.
+
+``VerifyPlanner`` is the per-step decision both the simulation and real decoding (``eval.verify_policy``,
+``dspark.eval.specdec``) call, so what is simulated is what runs.
+
+Why the early stop matters (the paper's Appendix A; the example here is constructed from the algorithm). Rejection
+sampling stays exact when the decision to verify draft j of a request depends only on what was known before d_j
+was drawn. ``a_{r,j}`` depends on ``d_{r,<j}`` only (``c_j`` reads ``h_j`` and the previous token), and with the
+early stop the admission of (r, j) depends only on pairs ranked above it, none of which depends on ``d_{r,j}``
+((r, j+1) always ranks below (r, j)). Choosing instead the best admission count over the whole ranking
+(``early_stop=False``) looks ahead: (r, j) may be admitted only because (r, j+1) pays off, and ``a_{r,j+1}``
+depends on ``d_{r,j}``. Example, one request, two drafts over tokens {0, 1}: ``p_target = (0.5, 0.5)``,
+``p_draft = (0.8, 0.2)``, ``c_1 = 0.5``, ``c_2 = 1`` if ``d_1 = 0`` else 0, SPS(1, 2, 3) = (1, 0.6, 0.55). Values:
+verify none 1.0, one 1.5 x 0.6 = 0.9, two (1.5 + a_2) x 0.55 = 1.1 if ``d_1 = 0`` else 0.825. The early stop
+verifies nothing (0.9 <= 1.0) and the first token is the target's own draw: P(0) = 0.5. Looking ahead verifies
+both drafts exactly when ``d_1 = 0``: P(0) = 0.8 x min(1, 0.5/0.8) + 0.2 x 0.5 = 0.6, biased
+(``tests/eval/test_scheduled_decoding.py`` samples both).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SPS_VERSION = 1
+VERIFY_POLICIES = ("full", "threshold", "scheduler", "scheduler_async")
 
 
 class SPSTable:
@@ -71,6 +89,18 @@ class SPSTable:
                 raise ValueError(f"SPS table {path}: key {key!r} is not an integer number of batch tokens") from None
         return cls(points, source=f"SPS table {path}")
 
+    @classmethod
+    def flat(cls, max_tokens: int) -> SPSTable:
+        """Steps/s independent of the batch (1.0 from 1 to ``max_tokens``): Algorithm 1 then admits every draft of
+        positive survival. The stand-in when no table was measured for this device."""
+        return cls({1: 1.0, max(2, max_tokens): 1.0}, source="flat SPS stand-in (no measured table)")
+
+    def check_range(self, lo: int, hi: int) -> None:
+        """Refuse a table that does not cover batches of ``lo`` .. ``hi`` tokens (before decoding starts)."""
+        if lo < self.tokens[0] or hi > self.tokens[-1]:
+            raise ValueError(f"{self.source} covers {self.tokens[0]}..{self.tokens[-1]} batch tokens but decoding "
+                             f"can reach {lo}..{hi}; profile those sizes (tools/profile_sps.py --batch-sizes)")
+
     def __call__(self, batch_tokens: float) -> float:
         lo, hi = self.tokens[0], self.tokens[-1]
         if not lo <= batch_tokens <= hi:
@@ -111,21 +141,31 @@ class Schedule:
     expected_tokens: float  # tau* = R + sum of admitted a
 
 
-def schedule_prefixes(confidences: list[list[float]], sps) -> Schedule:
+def schedule_prefixes(confidences: list[list[float]], sps, *, early_stop: bool = True) -> Schedule:
     """Algorithm 1 (module docstring) for one step: ``confidences[r]`` are request r's draft confidences,
-    ``sps(B)`` the verifier's steps/s at B batch tokens."""
+    ``sps(B)`` the verifier's steps/s at B batch tokens.
+
+    ``early_stop=False`` admits instead the best number of pairs over the whole ranking (the first maximum of
+    ``tau* x SPS(B)``): a higher modelled throughput, but the decision looks at later drafts, which biases the
+    output (module docstring). It exists to show that bias; decoding uses the early stop."""
     a_RJ = survival(confidences)
     R = len(a_RJ)
     prefix_R = [0] * R
     B, tau_star = R, float(R)
     best = tau_star * sps(B)
+    admitted: list[tuple[int, int]] = []
+    best_count, best_tau = 0, tau_star
     for a, j, r in _ranked(a_RJ):
         value = (tau_star + a) * sps(B + 1)
-        if value <= best:
+        if value <= best and early_stop:
             break
-        B, tau_star, best = B + 1, tau_star + a, value
+        B, tau_star = B + 1, tau_star + a
+        admitted.append((r, j))
+        if value > best:
+            best, best_count, best_tau = value, len(admitted), tau_star
+    for r, j in admitted[:best_count]:
         prefix_R[r] = j
-    return Schedule(prefix_R, B, tau_star)
+    return Schedule(prefix_R, R + best_count, best_tau)
 
 
 def schedule_capacity(confidences: list[list[float]], capacity: int) -> Schedule:
@@ -140,6 +180,53 @@ def schedule_capacity(confidences: list[list[float]], capacity: int) -> Schedule
         prefix_R[r] = j
         tau_star += a
     return Schedule(prefix_R, len(a_RJ) + sum(prefix_R), tau_star)
+
+
+class VerifyPlanner:
+    """How many drafts each request verifies, step by step, under one ``eval.verify_policy``:
+
+    - ``full``: all of them;
+    - ``scheduler``: Algorithm 1 (``schedule_prefixes``) over the requests of the step, with ``sps``;
+    - ``scheduler_async``: the top pairs up to a capacity that Algorithm 1 chose on the step ``lag`` steps
+      earlier (every draft for the first ``lag`` steps), no early stop: the batch is sized before the drafts exist.
+
+    ``plan(confidences)`` takes each request's confidences cut to the drafts it may verify at most (its budget) and
+    is called once per step, in order (the asynchronous form remembers the steps). The ``threshold`` policy is a
+    per-request cut (``dspark.eval.specdec.confident_length``) applied before any planner."""
+
+    def __init__(self, policy: str, *, sps=None, lag: int = 2):
+        if policy not in ("full", "scheduler", "scheduler_async"):
+            raise ValueError(f"verify policy {policy!r} is not one of full, scheduler, scheduler_async")
+        if policy != "full" and sps is None:
+            raise ValueError(f"verify policy {policy} needs an SPS table (tools/profile_sps.py)")
+        if lag < 1:
+            raise ValueError(f"lag must be >= 1 step, got {lag}")
+        self.policy, self.sps, self.lag = policy, sps, lag
+        self.history: list[int] = []  # drafts Algorithm 1 admitted at each step (scheduler_async)
+
+    def plan(self, confidences: list[list[float]]) -> Schedule:
+        R = len(confidences)
+        everything = sum(len(c) for c in confidences)
+        if self.policy == "full":
+            return schedule_capacity(confidences, everything)
+        sync = schedule_prefixes(confidences, self.sps)
+        if self.policy == "scheduler":
+            return sync
+        t = len(self.history)
+        self.history.append(sync.batch_tokens - R)
+        return schedule_capacity(confidences, self.history[t - self.lag] if t >= self.lag else everything)
+
+
+def device_tag(device) -> str:
+    """A file-name-safe name of the accelerator behind ``device`` (its SPS table is per device): ``cpu``, or the
+    GPU's product name (``cuda-NVIDIA_H200``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
+    return device.type
 
 
 @dataclass(kw_only=True)
@@ -188,16 +275,14 @@ def simulate(prompt_rounds: list[list[tuple[int, list[float]]]], *, num_drafts: 
     steps = _replay_steps(prompt_rounds, batch_size)
     if not steps:
         raise ValueError("simulate needs at least one recorded round drafted fully")
-    history: list[int] = []  # drafts Algorithm 1 admitted at each step
-    schedules: dict[str, list[Schedule]] = {"full": [], "algorithm1": [], "async": []}
-    for t, step in enumerate(steps):
+    # The planners real decoding uses (``eval.verify_policy``), one per simulated policy.
+    planners = {"full": VerifyPlanner("full"), "algorithm1": VerifyPlanner("scheduler", sps=sps),
+                "async": VerifyPlanner("scheduler_async", sps=sps, lag=lag)}
+    schedules: dict[str, list[Schedule]] = {policy: [] for policy in planners}
+    for step in steps:
         conf = [c for _, c in step]
-        sync = schedule_prefixes(conf, sps)
-        history.append(sync.batch_tokens - len(step))
-        schedules["algorithm1"].append(sync)
-        schedules["full"].append(schedule_capacity(conf, len(step) * num_drafts))
-        capacity = history[t - lag] if t >= lag else len(step) * num_drafts
-        schedules["async"].append(schedule_capacity(conf, capacity))
+        for policy, planner in planners.items():
+            schedules[policy].append(planner.plan(conf))
     out = {}
     for policy, per_step in schedules.items():
         realised = [sum(min(j, acc) + 1 for j, (acc, _) in zip(s.prefix_R, step)) for s, step in zip(per_step, steps)]

@@ -21,8 +21,9 @@ import torch
 
 from dspark.eval.metrics import EvalReport, format_table
 
-__all__ = ["EvalReport", "GenerationResult", "confident_length", "decode_prompts", "evaluate", "format_table",
-           "prompt_seed", "speculative_generate", "speculative_generate_batch", "target_generate", "verify_drafts"]
+__all__ = ["DecodeStats", "EvalReport", "GenerationResult", "confident_length", "decode_prompts", "evaluate",
+           "format_table", "prompt_seed", "speculative_generate", "speculative_generate_batch", "target_generate",
+           "verify_drafts"]
 
 
 @dataclass
@@ -34,6 +35,37 @@ class GenerationResult:
     proposed: list[int] = field(default_factory=list)  # per round: drafted tokens verified
     confidences: list[list[float]] = field(default_factory=list)  # per round: confidence head output, if any
     wall_s: float = 0.0
+
+
+@dataclass
+class DecodeStats:
+    """What the target cost during one decoding run (this process): batched forwards, their wall time (waiting
+    for the device), and the tokens they were fed."""
+
+    num_target_calls: int = 0
+    target_s: float = 0.0
+    fed_tokens: int = 0
+
+    def add(self, seconds: float, fed_tokens: int) -> None:
+        self.num_target_calls += 1
+        self.target_s += seconds
+        self.fed_tokens += fed_tokens
+
+
+def _make_planner(verify_policy: str, sps, confidence_threshold: float):
+    """The per-step planner of ``verify_policy`` (None for full and threshold: per-row cuts need no planner)."""
+    from dspark.eval.scheduler import VERIFY_POLICIES, VerifyPlanner
+
+    if verify_policy not in VERIFY_POLICIES:
+        raise ValueError(f"verify_policy {verify_policy!r} is not one of {', '.join(VERIFY_POLICIES)}")
+    if verify_policy == "threshold" and not confidence_threshold > 0:
+        raise ValueError("verify_policy threshold needs confidence_threshold > 0 (eval.confidence_threshold)")
+    return VerifyPlanner(verify_policy, sps=sps) if verify_policy.startswith("scheduler") else None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # timing a step must wait for its kernels
+        torch.cuda.synchronize(device)
 
 
 def _check_request(prompt_ids, max_new_tokens: int, temperature: float) -> None:
@@ -160,12 +192,17 @@ class _Decoder:
     """Speculative decoding of many prompts with at most ``batch_size`` in flight: one batched target forward
     per step verifies every row's drafts (or prefills a row just admitted); a finished row leaves and the next
     prompt takes its place. Each row samples only from its own generator, in the same order as when decoded
-    alone, so the tokens do not depend on the batch size or on which rows share a step."""
+    alone, so the tokens do not depend on the batch size or on which rows share a step, unless a ``planner``
+    (``dspark.eval.scheduler.VerifyPlanner``) chooses each row's verified prefix from all the rows' confidences:
+    then the output distribution is still exactly the target's, but a row's draws depend on its neighbours."""
 
     def __init__(self, target, drafter, *, max_new_tokens: int, temperature: float, stop_ids: Iterable[int],
-                 confidence_threshold: float, session, batch_proposals: bool = True):
+                 confidence_threshold: float, session, batch_proposals: bool = True, planner=None,
+                 stats: DecodeStats | None = None):
         self.target, self.drafter, self.session = target, drafter, session
         self.batch_proposals = batch_proposals
+        self.planner = planner
+        self.stats = stats if stats is not None else DecodeStats()
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.stops = set(stop_ids)
         self.confidence_threshold = confidence_threshold
@@ -189,7 +226,11 @@ class _Decoder:
             if admitted:
                 self.session.add_rows(len(admitted))
                 rows += admitted
-            outputs = self.session.extend(self._feeds([row for _, row in rows]))
+            feeds = self._feeds([row for _, row in rows])
+            step_start = time.perf_counter()
+            outputs = self.session.extend(feeds)
+            _synchronize(outputs[0][0].device)
+            self.stats.add(time.perf_counter() - step_start, sum(x.numel() for x in feeds))
             for (_, row), (logits_NV, features_NLH) in zip(rows, outputs):
                 self._absorb(row, logits_NV, features_NLH)
             self.session.truncate([row.num_context for _, row in rows])
@@ -229,6 +270,8 @@ class _Decoder:
                                  f"{len(drafting)} rows; expected one per row")
             for row, proposal in zip(drafting, proposals):
                 self._take_proposal(row, proposal)
+            if self.planner is not None:
+                self._plan(drafting)
         return [torch.tensor(row.prompt, dtype=torch.long) if row.result is None
                 else torch.cat([torch.tensor([row.result.tokens[-1]]), row.drafts_K.cpu()]) for row in rows]
 
@@ -247,6 +290,22 @@ class _Decoder:
         row.drafts_K = proposal.tokens_K[:k].long()
         row.draft_probs_KV = proposal.probs_KV[:k] if self.temperature > 0 else None
         row.confidence_K = proposal.confidence_K
+
+    def _plan(self, rows: list[_Row]) -> None:
+        """Cut every drafting row to the prefix the planner gives it this step (the target verifies the ragged
+        prefixes in one forward). Each row's confidences are cut to its budget first, so the planner sees only
+        drafts that could be verified."""
+        if any(row.confidence_K is None for row in rows):
+            if not self.warned_no_confidence:
+                warnings.warn(f"verify policy {self.planner.policy} verifies every draft: drafter "
+                              f"{type(self.drafter).__name__} reports no confidences", stacklevel=3)
+                self.warned_no_confidence = True
+            return
+        confidences = [row.confidence_K[: row.drafts_K.shape[0]].detach().float().cpu().tolist() for row in rows]
+        for row, k in zip(rows, self.planner.plan(confidences).prefix_R):
+            row.drafts_K = row.drafts_K[:k]
+            if row.draft_probs_KV is not None:
+                row.draft_probs_KV = row.draft_probs_KV[:k]
 
     def _absorb(self, row: _Row, logits_NV: torch.Tensor, features_NLH: torch.Tensor) -> None:
         """Take the target's output for row's feed: start the row after its prefill, else verify its drafts."""
@@ -308,7 +367,8 @@ def speculative_generate(target, drafter, prompt_ids: list[int], *, max_new_toke
 def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max_new_tokens: int,
                                temperature: float, generators: list[torch.Generator | None], batch_size: int,
                                stop_ids: Iterable[int] = (), confidence_threshold: float = 0.0,
-                               on_done=None, batch_proposals: bool = True) -> list[GenerationResult]:
+                               on_done=None, batch_proposals: bool = True, verify_policy: str = "full", sps=None,
+                               stats: DecodeStats | None = None) -> list[GenerationResult]:
     """``speculative_generate`` of every prompt (``generators[i]`` drives prompt i), ``batch_size`` at a time in
     one batched target forward per step (continuous batching: a finished prompt's slot goes to the next one).
 
@@ -318,9 +378,15 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
     flip a draw only on a near tie). ``on_done()`` is called as each prompt finishes. The rows in flight draft
     together (``drafter.propose_batch``); ``batch_proposals=False`` calls ``drafter.propose`` row by row instead
     (the same tokens; kept to measure what batching the drafter buys).
+
+    ``verify_policy`` (``dspark.eval.scheduler.VERIFY_POLICIES``) chooses how many drafts each row verifies:
+    ``full`` (all, cut by ``confidence_threshold`` when > 0), ``threshold`` (the same, the threshold required), or
+    ``scheduler`` / ``scheduler_async`` (the paper's Algorithm 1 over the rows of each step, steps/s from the
+    ``sps`` table; ``SPSTable``). ``stats`` (a ``DecodeStats``) collects the target's forwards and their time.
     """
     if len(generators) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
+    planner = _make_planner(verify_policy, sps, confidence_threshold)
     from dspark.targets.hf import BatchDecodeUnsupported
 
     make = getattr(target, "batch_decode_session", None)
@@ -334,7 +400,8 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
     if session is None:
         session = _SequentialSessions(target)
     decoder = _Decoder(target, drafter, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
-                       confidence_threshold=confidence_threshold, session=session, batch_proposals=batch_proposals)
+                       confidence_threshold=confidence_threshold, session=session, batch_proposals=batch_proposals,
+                       planner=planner, stats=stats)
     return decoder.run(prompts, generators, batch_size, on_done=on_done)
 
 
@@ -364,14 +431,15 @@ def prompt_seed(seed: int, index: int) -> int:
 
 def decode_prompts(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
                    stop_ids: Iterable[int] = (), progress: bool = False, batch_size: int = 1,
-                   confidence_threshold: float = 0.0, group: tuple[int, int] | None = None
+                   confidence_threshold: float = 0.0, group: tuple[int, int] | None = None,
+                   verify_policy: str = "full", sps=None, stats: DecodeStats | None = None
                    ) -> tuple[list[GenerationResult], float]:
     """Speculative decoding of every prompt: the results in prompt order and the wall time of the slowest rank.
 
     Each prompt samples with its own generator seeded by ``prompt_seed(seed, index)``, on the drafter's device,
     so the results do not depend on ``batch_size`` (prompts decoded together, see ``speculative_generate_batch``).
     With ``confidence_threshold`` > 0 proposals stop where the cumulative confidence product falls below it
-    (``confident_length``).
+    (``confident_length``). ``verify_policy``, ``sps`` and ``stats``: see ``speculative_generate_batch``.
 
     In a process group, ``group`` = (index, count) (default: ``target.decode_group()``) splits the prompts over
     the groups of ranks that decode together: this rank decodes the prompts ``i`` with ``i % count == index``,
@@ -399,7 +467,8 @@ def decode_prompts(target, drafter, prompts: list[list[int]], *, max_new_tokens:
         results = speculative_generate_batch(target, drafter, [prompts[i] for i in mine],
                                              max_new_tokens=max_new_tokens, temperature=temperature,
                                              generators=generators, batch_size=batch_size, stop_ids=list(stop_ids),
-                                             confidence_threshold=confidence_threshold, on_done=bar.update)
+                                             confidence_threshold=confidence_threshold, on_done=bar.update,
+                                             verify_policy=verify_policy, sps=sps, stats=stats)
     finally:
         bar.close()
         drafter.train(was_training)
@@ -411,14 +480,16 @@ def decode_prompts(target, drafter, prompts: list[list[int]], *, max_new_tokens:
 
 def evaluate(target, drafter, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
              stop_ids: Iterable[int] = (), progress: bool = False, batch_size: int = 1,
-             confidence_threshold: float = 0.0, group: tuple[int, int] | None = None) -> EvalReport:
+             confidence_threshold: float = 0.0, group: tuple[int, int] | None = None, verify_policy: str = "full",
+             sps=None) -> EvalReport:
     """Speculative decoding over ``prompts`` (token id lists) and the acceptance report of ``drafter``; the
     arguments are ``decode_prompts``'s (the report is the same whatever the batch size or number of ranks)."""
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
     results, wall_s = decode_prompts(target, drafter, prompts, max_new_tokens=max_new_tokens,
                                      temperature=temperature, seed=seed, stop_ids=stop_ids, progress=progress,
-                                     batch_size=batch_size, confidence_threshold=confidence_threshold, group=group)
+                                     batch_size=batch_size, confidence_threshold=confidence_threshold, group=group,
+                                     verify_policy=verify_policy, sps=sps)
     accepted = [a for r in results for a in r.accepted]
     proposed = [p for r in results for p in r.proposed]
     with_confidence = all(len(r.confidences) == len(r.accepted) for r in results) and any(r.accepted for r in results)

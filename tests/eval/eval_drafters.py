@@ -56,12 +56,16 @@ class OracleDrafter(Drafter):
 class FixedDistributionDrafter(Drafter):
     """Drafts by a fixed rule whatever the features: with probability ``repeat_prob`` the previous token (the
     anchor at slot 1), else a draw from ``probs_V``. ``probs_KV`` reports that per-slot mixture, unless
-    ``misreport``: then it claims plain ``probs_V``, a wrong claim that breaks losslessness (negative control)."""
+    ``misreport``: then it claims plain ``probs_V``, a wrong claim that breaks losslessness (negative control).
+    Confidences are 0.5 per slot, or ``confidence_of(previous token)`` (the anchor at slot 1) when given: like the
+    DSpark head, slot k's confidence reads the token before it, never the token it scores."""
 
     algorithm = "fixed"
 
-    def __init__(self, probs_V: torch.Tensor, block_size: int, repeat_prob: float = 0.0, misreport: bool = False):
+    def __init__(self, probs_V: torch.Tensor, block_size: int, repeat_prob: float = 0.0, misreport: bool = False,
+                 confidence_of=None):
         super().__init__()
+        self.confidence_of = confidence_of
         self.probs_V = probs_V
         self.block_size = block_size
         self.repeat_prob = repeat_prob
@@ -73,8 +77,9 @@ class FixedDistributionDrafter(Drafter):
     def propose(self, context_TLH, anchor_id, *, temperature, generator=None) -> Proposal:
         vocab = self.probs_V.shape[0]
         previous = anchor_id
-        tokens, rows = [], []
+        tokens, rows, confidences = [], [], []
         for _ in range(self.block_size):
+            confidences.append(self.confidence_of(previous) if self.confidence_of is not None else 0.5)
             row_V = self.probs_V
             if self.repeat_prob > 0:
                 repeat_V = torch.nn.functional.one_hot(torch.tensor(previous), vocab).float()
@@ -87,7 +92,12 @@ class FixedDistributionDrafter(Drafter):
             probs_KV = torch.nn.functional.one_hot(tokens_K, vocab).float()
         else:
             probs_KV = torch.stack(rows)
-        return Proposal(tokens_K=tokens_K, probs_KV=probs_KV, confidence_K=torch.full((self.block_size,), 0.5))
+        return Proposal(tokens_K=tokens_K, probs_KV=probs_KV, confidence_K=torch.tensor(confidences))
+
+
+def hashed_confidence(token: int) -> float:
+    """A confidence in [0.1, 0.95] that varies with the token (a stand-in for a head that reads the previous token)."""
+    return 0.1 + 0.85 * ((token * 2654435761) % 1009) / 1008
 
 
 def arbitrary_distribution(vocab: int, support: list[int], seed: int) -> torch.Tensor:

@@ -91,3 +91,38 @@ def test_eval_refuses_a_malformed_prompt_file_and_duplicate_names(tmp_path, tiny
     proc = run_cli(_eval_args(tmp_path / "run", tiny_llama_dir, "--prompts", str(bad),
                               "--drafter", str(drafter_dirs[0]), "--drafter", str(drafter_dirs[1])))
     assert proc.returncode != 0 and "two drafters named 'drafter'" in proc.stderr
+
+
+def test_eval_verify_policies_sweep_and_missing_sps_table(tmp_path, tiny_llama_dir, drafter_dirs):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Count to five.", "Say hi.", "Why?"]))
+    run_dir = tmp_path / "run"
+    proc = run_cli(_eval_args(run_dir, tiny_llama_dir, "--prompts", str(prompts), "--drafter", str(drafter_dirs[0]),
+                              "--set", "eval.verify_policy=scheduler", "--set", "eval.confidence_threshold=0.3",
+                              "--set", "eval.policy_sweep=[full,threshold,scheduler,scheduler_async]",
+                              "--set", "eval.sweep_batch_sizes=[1,2]"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # No table for this device: one warning naming the command that measures one, then a flat stand-in.
+    assert proc.stderr.count("no SPS table for device cpu") == 1
+    assert f"tools/profile_sps.py -c RECIPE --set run_dir={run_dir} --batch-sizes 1,4,16 --out " \
+           f"{run_dir}/sps/cpu.json" in proc.stderr
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["p/T0"]["drafter"]["verify_policy"] == "scheduler"
+    sweep = json.loads((run_dir / "eval" / "policies.json").read_text())["p/T0"]
+    assert sweep["drafter"] == "drafter" and sweep["sps"].startswith("flat SPS")
+    rows = {(r["batch_size"], r["policy"]): r for r in sweep["rows"]}
+    assert set(rows) == {(b, p) for b in (1, 2) for p in ("full", "threshold", "scheduler", "scheduler_async")}
+    for (batch, policy), r in rows.items():
+        assert r["generated_tokens"] == rows[(batch, "full")]["generated_tokens"]  # greedy: the same tokens
+        assert r["target_calls"] > 0 and r["target_step_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["tokens_per_target_call"] == pytest.approx(r["generated_tokens"] / r["target_calls"])
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / rows[(batch, "full")]["tokens_per_s"])
+        assert (r["simulated_speedup"] is None) == (policy == "threshold")
+    assert rows[(1, "full")]["simulated_speedup"] == 1.0
+    assert rows[(2, "threshold")]["mean_proposal_len"] < rows[(2, "full")]["mean_proposal_len"]
+    assert (run_dir / "eval" / "throughput_p_T0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "scheduler_async" in proc.stdout and "tok/call" in proc.stdout
+
+    proc = run_cli(_eval_args(run_dir, tiny_llama_dir, "--set", "eval.policy_sweep=[full,greedy]"))
+    assert proc.returncode != 0
+    assert "eval.policy_sweep: 'greedy' is not one of full, threshold, scheduler, scheduler_async" in proc.stderr

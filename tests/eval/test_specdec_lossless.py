@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eval_drafters import FixedDistributionDrafter, arbitrary_distribution
+from eval_drafters import FixedDistributionDrafter, arbitrary_distribution, hashed_confidence
 
 from dspark.config import TargetConfig
-from dspark.eval.specdec import prompt_seed, speculative_generate, target_generate, verify_drafts
+from dspark.eval.scheduler import SPSTable
+from dspark.eval.specdec import (
+    prompt_seed,
+    speculative_generate,
+    speculative_generate_batch,
+    target_generate,
+    verify_drafts,
+)
 from dspark.targets import load_target
 
 PROMPT = [1, 9690, 28, 44]
@@ -97,12 +104,12 @@ def exact(sharp_target):
     return _exact_sequence_probs(sharp_target)
 
 
-def _drafter(exact, vocab: int, block_size: int, misreport: bool = False) -> FixedDistributionDrafter:
+def _drafter(exact, vocab: int, block_size: int, misreport: bool = False, **kwargs) -> FixedDistributionDrafter:
     """Repeats the previous token half the time (this random target likes repeats), else draws from arbitrary
     weights over the likely tokens plus junk the target rejects: close to the target, never equal."""
     support = sorted({t for seq, p in exact.items() if p > 1e-3 for t in seq}) + [5, 600, 7000, 30000]
     return FixedDistributionDrafter(arbitrary_distribution(vocab, support, seed=3), block_size, repeat_prob=0.5,
-                                    misreport=misreport)
+                                    misreport=misreport, **kwargs)
 
 
 def _sample_runs(generate) -> list[tuple[int, ...]]:
@@ -133,3 +140,20 @@ def test_chi_square_harness_accepts_plain_sampling_and_catches_a_biased_drafter(
     biased = _sample_runs(lambda g: speculative_generate(sharp_target, liar, PROMPT, max_new_tokens=NUM_NEW,
                                                          temperature=1.0, generator=g).tokens)
     assert _chi_square_pvalue(biased, exact) < 1e-6
+
+
+def test_scheduled_verification_matches_the_target_distribution(sharp_target, exact):
+    # Four rows per step; each row's verified prefix is chosen by Algorithm 1 from every row's confidences (which
+    # read the token before each slot), falling steps/s making the choice vary: 0, 1 or 2 of the 2 drafts the
+    # budget allows. (scheduler_async differs only in its capacity, taken from earlier steps.)
+    vocab = sharp_target.embed_weight.shape[0]
+    drafter = _drafter(exact, vocab, 3, confidence_of=hashed_confidence)
+    sps = SPSTable({1: 100.0, 4: 100.0, 8: 75.0, 16: 40.0})
+    results = speculative_generate_batch(
+        sharp_target, drafter, [PROMPT] * NUM_RUNS, max_new_tokens=NUM_NEW, temperature=1.0,
+        generators=[torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(NUM_RUNS)], batch_size=4,
+        verify_policy="scheduler", sps=sps)
+    proposed = [p for r in results for p in r.proposed]
+    assert {0, 1, 2} <= set(proposed)
+    assert sum(sum(r.accepted) for r in results) > 0.2 * sum(proposed)
+    assert _chi_square_pvalue([tuple(r.tokens) for r in results], exact) > 1e-3
