@@ -429,6 +429,7 @@ RANGES: dict[str, _Range] = {
     "eval.sts_min_temperature": _POSITIVE,
     "eval.sts_max_temperature": _POSITIVE,
     "eval.sts_step": _POSITIVE,
+    "eval.sweep_batch_sizes": _AT_LEAST_1,
 }
 
 

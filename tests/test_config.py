@@ -63,8 +63,9 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-def _numeric_fields() -> list[str]:
-    """``section.field`` of every int / float field, and of every list of them, in the schema."""
+def _numeric_fields(lists_only: bool = False) -> list[str]:
+    """``section.field`` of every int / float field, and of every list of them, in the schema (only the lists
+    with ``lists_only``)."""
     import dataclasses
     import typing
 
@@ -74,8 +75,9 @@ def _numeric_fields() -> list[str]:
         if not dataclasses.is_dataclass(cls):
             continue
         for name, tp in typing.get_type_hints(cls).items():
-            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
-            if item in (int, float):
+            is_list = typing.get_origin(tp) is list
+            item = typing.get_args(tp)[0] if is_list else tp
+            if item in (int, float) and (is_list or not lists_only):
                 keys.append(f"{section.name}.{name}")
     return keys
 
@@ -97,7 +99,7 @@ def _outside(key: str) -> list:
 
 @pytest.mark.parametrize("key", sorted(RANGES))
 def test_a_number_out_of_range_is_one_line_naming_field_and_range(key):
-    is_list = key == "eval.temperatures"
+    is_list = key in _numeric_fields(lists_only=True)
     for bad in _outside(key):
         with pytest.raises(ConfigError) as err:
             load_config("tiny_llama_dspark", [f"{key}=[{bad}]" if is_list else f"{key}={bad}"])
