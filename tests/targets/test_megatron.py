@@ -68,7 +68,8 @@ def sharded_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     odd_vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
     return {"llama": save_tiny("llama", root / "llama", SHARD_BYTES, tokenizer_dir=tokenizer_dir, vocab_size=odd_vocab),
             "qwen3": save_tiny("qwen3", root / "qwen3", SHARD_BYTES, tokenizer_dir=tokenizer_dir),
-            "deepseek_v3": save_tiny("deepseek_v3", root / "deepseek_v3", SHARD_BYTES, tokenizer_dir=tokenizer_dir)}
+            "deepseek_v3": save_tiny("deepseek_v3", root / "deepseek_v3", SHARD_BYTES, tokenizer_dir=tokenizer_dir),
+            "deepseek_v4": save_tiny("deepseek_v4", root / "deepseek_v4", SHARD_BYTES, tokenizer_dir=tokenizer_dir)}
 
 
 def split_experts(fused_dir: Path, out_dir: Path) -> Path:
@@ -108,7 +109,7 @@ def tp_results(sharded_dirs, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "deepseek_v3", "deepseek_v4"])
 def test_tensor_parallel_matches_hf(family, sharded_dirs, tp_results, one_thread):
     model_dir = sharded_dirs[family]
     assert len(list(model_dir.glob("model-*.safetensors"))) > 4
