@@ -23,7 +23,13 @@ FAMILIES: dict[str, dict[str, str]] = {
                     "crop); generate",
                     "pipeline": "features ([B, T, L, hc, H], token ids and rotary tables on every stage); decoding "
                                 "in lockstep (rollback by snapshot and replay on every stage: the compressor state "
-                                "cannot crop); generate"},
+                                "cannot crop); generate",
+                    "megatron": "query heads, sinks and output groups tensor parallel (the shared KV head, "
+                                "compressors, indexer and mHC replicated), MoE experts split over the TP ranks; "
+                                "features ([B, T, L, hc, H]); decoding in lockstep (rollback by snapshot and replay); "
+                                "generate"},
+    "qwen3_moe": {"megatron": "tensor parallel by heads, MoE experts split over the TP ranks; features; decoding in "
+                              "lockstep; generate"},
 }
 
 

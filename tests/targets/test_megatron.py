@@ -68,7 +68,29 @@ def sharded_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     odd_vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
     return {"llama": save_tiny("llama", root / "llama", SHARD_BYTES, tokenizer_dir=tokenizer_dir, vocab_size=odd_vocab),
             "qwen3": save_tiny("qwen3", root / "qwen3", SHARD_BYTES, tokenizer_dir=tokenizer_dir),
-            "deepseek_v3": save_tiny("deepseek_v3", root / "deepseek_v3", SHARD_BYTES, tokenizer_dir=tokenizer_dir)}
+            "deepseek_v3": save_tiny("deepseek_v3", root / "deepseek_v3", SHARD_BYTES, tokenizer_dir=tokenizer_dir),
+            "deepseek_v4": save_tiny("deepseek_v4", root / "deepseek_v4", SHARD_BYTES, tokenizer_dir=tokenizer_dir),
+            "qwen3_moe": save_tiny_qwen3_moe(root / "qwen3_moe", tokenizer_dir)}
+
+
+def save_tiny_qwen3_moe(out: Path, tokenizer_dir: Path) -> Path:
+    """A tiny Qwen3-MoE (4 experts, top 2, layer 0 dense): the generic path with nothing DeepSeek-specific."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dspark.targets.weights import save_sharded, unique_state_dict
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = AutoConfig.for_model(
+        "qwen3_moe", vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, mlp_only_layers=[0], max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    cfg.save_pretrained(out)
+    save_sharded(unique_state_dict(model), out, SHARD_BYTES)
+    tok.save_pretrained(out)
+    return out
 
 
 def split_experts(fused_dir: Path, out_dir: Path) -> Path:
@@ -108,7 +130,7 @@ def tp_results(sharded_dirs, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "deepseek_v3", "deepseek_v4", "qwen3_moe"])
 def test_tensor_parallel_matches_hf(family, sharded_dirs, tp_results, one_thread):
     model_dir = sharded_dirs[family]
     assert len(list(model_dir.glob("model-*.safetensors"))) > 4
@@ -151,6 +173,9 @@ def test_bad_inputs_fail_before_loading(sharded_dirs, tmp_path):
         load_target(TargetConfig(name_or_path=llama, layer_ids=[0], backend="megatron", tensor_parallel=3))
     with pytest.raises(ValueError, match="target.tensor_parallel must be >= 1, got 0"):
         load_target(TargetConfig(name_or_path=llama, layer_ids=[0], backend="megatron", tensor_parallel=0))
+    v4 = str(sharded_dirs["deepseek_v4"])  # heads split, but the output projection's 2 groups cannot split 4 ways
+    with pytest.raises(ValueError, match="tensor_parallel=4 does not divide deepseek_v4 o_groups=2"):
+        load_target(TargetConfig(name_or_path=v4, layer_ids=[0], backend="megatron", tensor_parallel=4))
     with pytest.raises(ValueError, match=r"target.layer_ids \[2\] out of range"):
         load_target(TargetConfig(name_or_path=llama, layer_ids=[2], backend="megatron"))
 
@@ -165,3 +190,11 @@ def test_bad_inputs_fail_before_loading(sharded_dirs, tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
         load_target(TargetConfig(name_or_path=str(broken), layer_ids=[0], backend="megatron"))
+
+
+def test_every_megatron_family_has_a_split_plan():
+    """families.py (what the backend accepts) and parallelize.TP_PLANS (how it splits them) name the same families."""
+    from dspark.targets.families import supported_families
+    from dspark.targets.megatron.parallelize import TP_PLANS
+
+    assert supported_families("megatron") == sorted(TP_PLANS)

@@ -1,7 +1,8 @@
-"""Megatron-core tensor-parallel hosting of llama/qwen3 targets (``target.backend=megatron``).
+"""Megatron-core tensor-parallel hosting of transformers targets (``target.backend=megatron``).
 
-``model.py`` is the decoder over a layer factory, ``parallel.py`` the megatron layers and process groups,
-``adapter.py`` the HF checkpoint -> per-rank shard map, ``backend.py`` the ``TargetBackend``.
+``parallelize.py`` swaps the projections of transformers' own model for megatron's parallel layers (one table
+entry per family), ``parallel.py`` holds those layers and the process groups, ``adapter.py`` reads each rank's
+shards from the checkpoint, ``backend.py`` is the ``TargetBackend``.
 """
 
 from dspark.targets.megatron.backend import MegatronDecodeSession, MegatronTarget

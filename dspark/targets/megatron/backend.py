@@ -1,58 +1,40 @@
 """The ``megatron`` backend: the target split over a tensor-parallel group with megatron-core layers.
 
-Every rank of a TP group runs every layer on its shard of heads / MLP columns / vocabulary; row-parallel
-layers all-reduce, so hidden states (and therefore features) are replicated within the group. Callers:
+transformers' own model is built on the meta device and parallelised from outside (``parallelize.py``); each rank
+then reads only its shards (``adapter.py``). Every rank of a TP group runs every layer on its share of heads / MLP
+columns / experts / vocabulary; row-parallel layers and the experts all-reduce, so hidden states (and therefore
+features) are replicated within the group. Callers:
 - ``features``: each rank passes its own batch; the group gathers the batches, runs them together and hands
   every rank its own rows back (the trainer need not know ranks are coupled).
 - ``decode_session`` / ``generate``: every rank of the group calls with the same prompts and seeds (as
-  ``dspark eval`` does); logits are gathered over the vocabulary so each rank sees the full distribution, and
-  sampled tokens are broadcast from the group's first rank so ranks cannot drift apart.
+  ``dspark eval`` does). The LM head gathers its logits over the vocabulary, so each rank sees the full
+  distribution; all-reduce and all-gather hand every rank the same bits, so ranks sampling with the same seed draw
+  the same tokens. Decoding is transformers' own (its cache classes, its ``generate``), as in the hf backend.
 
-Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, N new tokens.
+Legend: B batch, T tokens, L feature layers, H hidden size, V vocab.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from dspark.targets.base import (
-    DecodeSession,
-    TargetBackend,
-    TargetFeatures,
-    TargetIdentity,
-    config_hash,
-)
-from dspark.targets.megatron import adapter, parallel
-from dspark.targets.megatron.model import (
-    Decoder,
-    DecoderSpec,
-    KVCache,
-    rope_inverse_frequencies,
-)
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity
+from dspark.targets.hf import HFDecodeSession, HFTarget
+from dspark.targets.megatron import adapter, parallel, parallelize
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _check_layer_ids(layer_ids: list[int], num_layers: int, name: str) -> None:
-    bad = [i for i in layer_ids if i < -1 or i >= num_layers - 1]
-    if bad:
-        raise ValueError(f"target.layer_ids {bad} out of range for {name}: it has {num_layers} decoder layers, "
-                         f"valid ids are -1..{num_layers - 2} (the last layer is excluded)")
-
-
 class MegatronTarget(TargetBackend):
-    """A llama/qwen3 target sharded over ``tensor_parallel`` ranks. Build with ``from_config`` or ``from_dir``."""
+    """A target sharded over ``tensor_parallel`` ranks; ``model`` is a parallelised transformers ``*ForCausalLM``."""
 
     collective = True
 
-    def __init__(self, model: Decoder, hf_config, tokenizer, layer_ids: list[int], name: str, tp_size: int):
+    def __init__(self, model, tokenizer, layer_ids: list[int], name: str, tp_size: int):
         self.model = model.eval()
-        self.hf_config = hf_config
         self.tokenizer = tokenizer
         self.layer_ids = list(layer_ids)
         self.name = name
@@ -72,99 +54,92 @@ class MegatronTarget(TargetBackend):
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, layer_ids: list[int], tp_size: int,
-                 dtype: torch.dtype = torch.float32, name: str | None = None, tokenizer=None,
-                 device: str = "cpu") -> MegatronTarget:
+                 dtype: torch.dtype = torch.float32, name: str | None = None, device: str = "cpu") -> MegatronTarget:
         """Validate config, TP size and checkpoint index first; then build on meta and read only local shards.
 
         ``device`` is where this rank's shards live and compute (``cuda:<local rank>`` under NCCL, ``cpu`` under
         gloo); collectives run on the process group's backend, so it must be the device that backend serves.
         """
-        from transformers import AutoConfig, AutoTokenizer
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from dspark.targets.families import require_family
-        from dspark.targets.weights import WeightIndex
+        from dspark.targets.weights import WeightIndex, checkpoint_layout
+        from dspark.targets.zero3 import expected_tensors
 
         if tp_size < 1:
             raise ValueError(f"target.tensor_parallel must be >= 1, got {tp_size}")
         model_dir = Path(model_dir)
         name = name or model_dir.name
-        hf_config = AutoConfig.from_pretrained(model_dir)
-        require_family(hf_config.model_type, "megatron", str(model_dir))
-        spec = DecoderSpec.from_hf_config(hf_config)
-        _check_layer_ids(layer_ids, spec.num_layers, name)
-        adapter.check_divisible(spec, tp_size)
+        config = AutoConfig.from_pretrained(model_dir)
+        require_family(config.model_type, "megatron", str(model_dir))
+        num_layers = config.num_hidden_layers
+        bad = [i for i in layer_ids if i < -1 or i >= num_layers - 1]
+        if bad:
+            raise ValueError(f"target.layer_ids {bad} out of range for {name}: it has {num_layers} decoder layers, "
+                             f"valid ids are -1..{num_layers - 2} (the last layer is excluded)")
+        parallelize.check_divisible(config, tp_size)
         index = WeightIndex(model_dir)  # FileNotFoundError naming a missing shard
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
         parallel.init_tensor_parallel(tp_size)
-        inv_freq, rope_scaling = rope_inverse_frequencies(hf_config)
-        with torch.device("meta"):  # shapes only: the plan and the index check cost no memory
-            model = Decoder(spec, parallel.MegatronLayers(tp_size, dtype), inv_freq, rope_scaling).cast(dtype)
-        plan = adapter.shard_plan(spec, model, parallel.tp_rank(), tp_size)
-        index.check_against(adapter.expected_checkpoint(plan, spec, index))
-        model.to_empty(device=device)  # allocates this rank's shards only
-        model.tie_weights()
-        adapter.load_shards(model, plan, index, dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return cls(model, hf_config, tokenizer, layer_ids, name, tp_size)
+        # Parameters on the meta device (shapes only: the checks and the plan cost no memory); buffers real, so the
+        # rotary tables are computed by the modules themselves, as in the hf backend.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # from_config leaves a tied head untied
+        expected, aliases = expected_tensors(model)
+        present_aliases = {a: index.shape(a) for a in aliases if a in index}  # a tied head may be stored too
+        index.check_against({**checkpoint_layout(expected, index), **present_aliases})
+        splits = parallelize.parallelize(model, parallel.tp_rank(), tp_size)
+        adapter.load_shards(model, splits, expected, index, device)
+        return cls(model, tokenizer, layer_ids, name, tp_size)
 
     # -- interface ---------------------------------------------------------------------------------------
 
     @property
     def config(self):
-        return self.hf_config
+        return self.model.config
 
     def parameter_bytes(self) -> int:
         """Bytes of the parameters this rank holds (tied weights counted once)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def _gathered_vocab_weight(self, which: str) -> torch.Tensor:
+    def _gathered_vocab_weight(self, module) -> torch.Tensor:
         # The drafter reuses the frozen embedding and LM head whole, so these two (and only these) are gathered
         # once, over the vocabulary rows, and the megatron pad rows dropped. A collective: every rank of the
         # group asks (as the trainer does on every rank).
-        if which == "lm_head" and self.model.spec.tie_word_embeddings:
-            which = "embed_tokens"
-        if which not in self._full_weights:
-            shard_VH = getattr(self.model, which).weight
-            full_VH = parallel.gather_last_dim(shard_VH.t(), self.tp_size).t()
-            self._full_weights[which] = full_VH[: self.hf_config.vocab_size].contiguous()
-        return self._full_weights[which]
+        shard_VH = module.weight
+        if id(shard_VH) not in self._full_weights:
+            full_VH = parallel.gather_last_dim(shard_VH.t()).t()
+            self._full_weights[id(shard_VH)] = full_VH[: self.config.vocab_size].contiguous()
+        return self._full_weights[id(shard_VH)]
 
     @property
     def embed_weight(self) -> torch.Tensor:
-        return self._gathered_vocab_weight("embed_tokens")
+        return self._gathered_vocab_weight(self.model.get_input_embeddings())
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self._gathered_vocab_weight("lm_head")
+        return self._gathered_vocab_weight(self.model.get_output_embeddings())
 
     def identity(self) -> TargetIdentity:
-        cfg, tok = self.hf_config, self.tokenizer
-        vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()
-        return TargetIdentity(
-            name=self.name, config_hash=config_hash(cfg.to_dict()), layer_ids=list(self.layer_ids),
-            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers,
-            tokenizer_hash=hashlib.sha256(vocab).hexdigest()[:16], chat_template=getattr(tok, "chat_template", None),
-        )
+        # The hf backend's identity reads only config, tokenizer, layer ids and name: sharing it keeps the two
+        # backends' identities equal by construction (a cache built with one is accepted by the other).
+        return HFTarget.identity(self)  # type: ignore[arg-type]
 
-    def logits(self, final_BTH: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary fp32 logits: each rank's vocab shard, gathered over the TP group, pad columns cut."""
-        return parallel.gather_last_dim(self.model.lm_head(final_BTH), self.tp_size)[
-            ..., : self.hf_config.vocab_size].float()
+    def _select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.stack([hidden_states[i + 1] for i in self.layer_ids], dim=2)
 
     @torch.no_grad()
     def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
         input_ids_BT = input_ids_BT.to(self.device)
         mask_BT = torch.ones_like(input_ids_BT) if attention_mask_BT is None else attention_mask_BT.to(self.device)
         ids_GT, mask_GT, rows = self._gather_group_batches(input_ids_BT, mask_BT)
-        # as HF's features(): no position_ids
-        positions_GT = torch.arange(ids_GT.shape[1], device=self.device).expand_as(ids_GT)
-        layers, final_GTH = self.model(ids_GT, positions_GT, mask_GT, self.layer_ids)
+        out = self.model.model(input_ids=ids_GT, attention_mask=mask_GT, output_hidden_states=True)
         B, T = input_ids_BT.shape
-        layers_BTLH = torch.stack(layers, dim=2)[rows : rows + B, :T]
-        return TargetFeatures(layers_BTLH=layers_BTLH, final_BTH=final_GTH[rows : rows + B, :T])
+        return TargetFeatures(layers_BTLH=self._select(out.hidden_states)[rows : rows + B, :T],
+                              final_BTH=out.last_hidden_state[rows : rows + B, :T])
 
     def _gather_group_batches(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor):
         """Concatenate the TP group's batches (right-padded to the longest); returns them and our first row."""
@@ -192,86 +167,15 @@ class MegatronTarget(TargetBackend):
     def decode_session(self) -> MegatronDecodeSession:
         return MegatronDecodeSession(self)
 
-    def _agree(self, tokens_B: torch.Tensor) -> torch.Tensor:
-        """Every rank drew with the same seed from the same gathered logits; the broadcast from the group's
-        first rank guarantees agreement even if a collective's rounding ever differed between ranks."""
-        if self.tp_size > 1:
-            dist.broadcast(tokens_B, src=parallel.tp_src_rank(), group=parallel.tp_group())
-        return tokens_B
-
-    @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
-        from tqdm import tqdm
-
-        tok = self.tokenizer
-        eos, pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        outputs: list[list[int]] = [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch_idx in tqdm(batches, desc="regenerate", disable=not progress, unit="batch"):
-            # the same seed on every TP rank
-            generator = torch.Generator(device=self.device).manual_seed(seed + batch_idx[0])
-            new = self._generate_batch([prompts[i] for i in batch_idx], max_new_tokens, temperature, generator,
-                                       eos, pad_id)
-            for i, tokens in zip(batch_idx, new):
-                outputs[i] = tokens
-        return outputs
-
-    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                        generator: torch.Generator, eos: int | None, pad_id: int) -> list[list[int]]:
-        """Left-padded batch; positions count real tokens only (as HF generate), pad slots are masked keys."""
-        width = max(len(p) for p in prompts)
-        ids_BT = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask_BS = torch.zeros_like(ids_BT)
-        for row, p in enumerate(prompts):
-            ids_BT[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask_BS[row, width - len(p) :] = 1
-        ids_BT, mask_BS = ids_BT.to(self.device), mask_BS.to(self.device)
-        positions_BT = (mask_BS.cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(len(self.model.layers))
-        done_B = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        new_tokens: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            _, final_BTH = self.model(ids_BT, positions_BT, mask_BS, [], cache)
-            logits_BV = self.logits(final_BTH[:, -1])
-            if temperature > 0:
-                probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
-                next_B = torch.multinomial(probs_BV, 1, generator=generator).view(-1)
-            else:
-                next_B = logits_BV.argmax(-1)
-            next_B = self._agree(torch.where(done_B, torch.full_like(next_B, pad_id), next_B))
-            new_tokens.append(next_B)
-            if eos is not None:
-                done_B |= next_B == eos
-            if bool(done_B.all()):
-                break
-            ids_BT = next_B.view(-1, 1)
-            positions_BT = positions_BT[:, -1:] + 1
-            mask_BS = torch.cat([mask_BS, torch.ones_like(ids_BT)], dim=1)
-        out = torch.stack(new_tokens, dim=1).tolist()
-        return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+        """transformers' generation, as the hf backend runs it; every rank of the group passes the same prompts."""
+        return HFTarget.generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
+                                 batch_size=batch_size, seed=seed, progress=progress)
 
 
-class MegatronDecodeSession(DecodeSession):
-    """One sequence with a KV cache of this rank's KV heads; all TP ranks must extend/truncate in lockstep."""
+class MegatronDecodeSession(HFDecodeSession):
+    """One sequence with transformers' cache of this rank's heads; every TP rank extends and truncates in lockstep
+    (a rollback by replay, DeepSeek-V4's, runs forwards too)."""
 
-    def __init__(self, target: MegatronTarget):
-        self.target = target
-        self.cache = KVCache(len(target.model.layers))
-        self.length = 0
-
-    @torch.no_grad()
-    def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.target.device
-        ids_1N = ids_N.view(1, -1).to(device=device, dtype=torch.long)
-        n = ids_1N.shape[1]
-        positions_1N = torch.arange(self.length, self.length + n, device=device).view(1, -1)
-        key_mask_1S = torch.ones(1, self.length + n, dtype=torch.long, device=device)
-        layers, final_1NH = self.target.model(ids_1N, positions_1N, key_mask_1S, self.target.layer_ids, self.cache)
-        self.length += n
-        return self.target.logits(final_1NH[0]), torch.stack(layers, dim=2)[0]
-
-    def truncate(self, length: int) -> None:
-        if length < self.length:
-            self.cache.crop(length)
-            self.length = length
+    def _device(self) -> torch.device:
+        return self.target.device

@@ -1,13 +1,15 @@
-"""Megatron-core tensor parallelism for the decoder in ``model.py``: process groups and the layer factory.
+"""Megatron-core tensor parallelism: process groups, and the parallel layers ``parallelize.py`` swaps in.
 
 Only the tensor-parallel building blocks are used (``ColumnParallelLinear``, ``RowParallelLinear``,
 ``VocabParallelEmbedding``): megatron's ``GPTModel`` calls CUDA unconditionally, these layers run on CPU/gloo
 with ``use_cpu_initialization``. Layers are created without initialisation (the weights come from the
-checkpoint), which also lets the whole model be built on the meta device. Importing this module imports
-megatron (~2 s): only the megatron backend does.
+checkpoint), which also lets them be built on the meta device. Importing this module imports megatron (~2 s):
+only the megatron backend does.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -18,7 +20,6 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from torch import nn
 
 
 def init_tensor_parallel(tp_size: int) -> None:
@@ -48,6 +49,10 @@ def tp_rank() -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 
 
+def tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
 def dp_rank() -> int:
     """Index of this rank's tensor-parallel group among the world's (megatron's data-parallel rank)."""
     return parallel_state.get_data_parallel_rank()
@@ -57,65 +62,76 @@ def dp_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
-def tp_src_rank() -> int:
-    """Global rank of the first member of this rank's tensor-parallel group."""
-    return parallel_state.get_tensor_model_parallel_src_rank()
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+def padded_vocab_size(vocab_size: int, size: int) -> int:
     """Megatron pads the vocabulary so every rank owns the same number of rows; pad rows are never looked up
     (ids < vocab_size) and their logits are cut off after the gather."""
-    return -(-vocab_size // tp_size) * tp_size
+    return -(-vocab_size // size) * size
 
 
-def gather_last_dim(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the tensor-parallel group, in place (for partial sums megatron's layers do not produce)."""
+    if tp_size() > 1:
+        dist.all_reduce(x, group=tp_group())
+    return x
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate the TP ranks' shards of the last dim (megatron's own gather allocates on CUDA)."""
-    if tp_size == 1:
+    if tp_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(tp_size)]
+    parts = [torch.empty_like(x) for _ in range(tp_size())]
     dist.all_gather(parts, x.contiguous(), group=tp_group())
     return torch.cat(parts, dim=-1)
 
 
-class MegatronLayers:
-    """``model.LayerFactory`` over megatron-core's tensor-parallel layers; forwards return tensors only."""
-
-    def __init__(self, tp_size: int, dtype: torch.dtype):
-        self.tp_size = tp_size
-        self.tp_rank = tp_rank()
-        self.config = ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
-                                          perform_initialization=False, gradient_accumulation_fusion=False,
-                                          params_dtype=dtype)
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            dist.all_reduce(x, group=tp_group())
-        return x
-
-    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        return _Column(in_features, out_features, config=self.config, init_method=_no_init, bias=bias,
-                       gather_output=False)
-
-    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        return _Row(in_features, out_features, config=self.config, init_method=_no_init, bias=bias,
-                    input_is_parallel=True, skip_bias_add=False)
-
-    def embedding(self, vocab_size: int, hidden_size: int) -> nn.Module:
-        return VocabParallelEmbedding(padded_vocab_size(vocab_size, self.tp_size), hidden_size,
-                                      init_method=_no_init, config=self.config)
+@functools.cache
+def _config(dtype: torch.dtype) -> ModelParallelConfig:
+    return ModelParallelConfig(tensor_model_parallel_size=tp_size(), use_cpu_initialization=True,
+                               perform_initialization=False, gradient_accumulation_fusion=False, params_dtype=dtype)
 
 
 def _no_init(weight: torch.Tensor) -> None:
     """Weights are overwritten from the checkpoint; megatron skips init with perform_initialization=False."""
 
 
-class _Column(ColumnParallelLinear):
-    """Megatron linears return (output, bias); the bias is already added, the decoder wants the output only."""
+class ColumnLinear(ColumnParallelLinear):
+    """``nn.Linear`` with its output features split over the group (whole heads / MLP columns per rank).
+    Megatron's linears return (output, bias) with the bias already added; HF modules want the output only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__(in_features, out_features, config=_config(dtype), init_method=_no_init, bias=bias,
+                         gather_output=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
 
 
-class _Row(RowParallelLinear):
+class RowLinear(RowParallelLinear):
+    """``nn.Linear`` with its input features split over the group; the partial products are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__(in_features, out_features, config=_config(dtype), init_method=_no_init, bias=bias,
+                         input_is_parallel=True, skip_bias_add=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
+
+
+class VocabEmbedding(VocabParallelEmbedding):
+    """The token embedding with the (padded) vocabulary rows split over the group."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
+        super().__init__(padded_vocab_size(vocab_size, tp_size()), hidden_size, init_method=_no_init,
+                         config=_config(dtype))
+
+
+class VocabHead(ColumnLinear):
+    """The LM head with the (padded) vocabulary split over the group; returns the full-vocabulary logits (gathered
+    over the group, pad columns cut), so HF's generation and the decode sessions see ordinary logits."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype):
+        super().__init__(hidden_size, padded_vocab_size(vocab_size, tp_size()), False, dtype)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_last_dim(super().forward(x))[..., : self.vocab_size]
