@@ -25,7 +25,8 @@ def test_gemma_special_ids(tokenizer):
 
 def test_prompt_is_gemma4_generation_prompt(tokenizer):
     ids = prompt_ids(tokenizer, "What is 2 + 2?")
-    assert tokenizer.decode(ids) == "<bos><|turn>user\nWhat is 2 + 2?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    assert tokenizer.decode(ids) == ("<bos><|turn>user\nWhat is 2 + 2?<turn|>\n"
+                                     "<|turn>model\n<|channel>thought\n<channel|>")
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1  # no default system turn
 
 
@@ -48,7 +49,8 @@ def test_loss_mask_golden(tokenizer):
 def test_template_keeps_a_channel_already_present(tokenizer):
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "<|channel>thought\nsay hi<channel|>Hello"}, {"role": "user", "content": "Bye"},
+         {"role": "assistant", "content": "<|channel>thought\nsay hi<channel|>Hello"},
+         {"role": "user", "content": "Bye"},
          {"role": "assistant", "content": "Goodbye"}], tokenize=False)
     assert text == ("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n"
                     "<|turn>model\n<|channel>thought\nsay hi<channel|>Hello<turn|>\n<|turn>user\nBye<turn|>\n"
