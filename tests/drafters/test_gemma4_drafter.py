@@ -117,7 +117,7 @@ def test_deepspec_export_is_the_gemma4_contract(algorithm, tmp_path):
     assert exported["num_hidden_layers"] == 2 and exported["layer_types"] == ["full_attention"] * 2
     assert exported["num_target_layers"] == 4 and exported["target_layer_ids"] == LAYER_IDS
     assert exported["mask_token_id"] == 4 and exported["tie_word_embeddings"] is False
-    assert exported["block_size"] == (8 if algorithm == "dflash" else 7) and exported["num_anchors"] == 4
+    assert exported["block_size"] == 7 and exported["num_anchors"] == 4
     assert exported["enable_confidence_head"] is (algorithm == "dspark")
     assert exported["markov_rank"] == (8 if algorithm == "dspark" else 0)
     assert ("markov_head_type" in exported) is (algorithm == "dspark")

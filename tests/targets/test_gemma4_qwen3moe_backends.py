@@ -45,18 +45,22 @@ def save_gemma4(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
 
 
 def rank_inputs(rank: int) -> dict:
+    """Features: each rank its own batch (shapes differ). Decoding and generation: the same sequence and prompts on
+    every rank (the members of a pipeline decode in lockstep with the same ids)."""
     g = torch.Generator().manual_seed(10 + rank)
     batch, length = (2, 14) if rank == 0 else (3, 11)
     ids = torch.randint(10, 1024, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     mask[1, length - 3:] = 0
-    return {"ids": ids, "mask": mask, "prompts": [torch.randint(10, 1024, (n,), generator=g).tolist() for n in (9, 4)]}
+    shared = torch.Generator().manual_seed(7)
+    return {"ids": ids, "mask": mask, "seq": torch.randint(10, 1024, (14,), generator=shared),
+            "prompts": [torch.randint(10, 1024, (n,), generator=shared).tolist() for n in (9, 4)]}
 
 
 def run_target(target, inputs: dict) -> dict:
     feats = target.features(inputs["ids"], inputs["mask"])
     session = target.decode_session()
-    seq = inputs["ids"][0]
+    seq = inputs["seq"]
     logits_a, f_a = session.extend(seq[:10])
     session.extend(seq[10:13] + 1)  # a wrong continuation, rolled back (replayed: sliding caches cannot crop)
     session.truncate(10)
@@ -118,7 +122,7 @@ def test_backends_match_hf(model_type, checkpoints, parallel_results, one_thread
     for rank in range(WORLD):
         ref = run_target(hf, rank_inputs(rank))
         # transformers' own logits (softcapped) for the decoded sequence
-        seq = rank_inputs(rank)["ids"][:1]
+        seq = rank_inputs(rank)["seq"][None]
         torch.testing.assert_close(ref["decode_logits"], hf.model(seq).logits[0].float(), atol=1e-5, rtol=1e-5)
         for backend in BACKENDS:
             ours = parallel_results[rank][model_type, backend]

@@ -112,6 +112,9 @@ class DSparkDrafter(Drafter):
         self.embed_scale = H ** 0.5 if variant.gemma4 else None
         rope_theta = None
         if variant.gemma4:
+            if config_get(target_config, "use_double_wide_mlp") and config_get(target_config, "num_kv_shared_layers"):
+                raise ValueError("a Gemma4 target with use_double_wide_mlp and num_kv_shared_layers > 0 (its last "
+                                 "draft layers would need double-wide MLPs) is not supported by the drafter yet")
             head_dim, num_kv_heads = gemma4_global_geometry(target_config)
             rope_theta = float(config_get(target_config, "rope_parameters")["full_attention"]["rope_theta"])
             self.gemma4_config = gemma4_export_fields(target_config, head_dim, num_kv_heads)
