@@ -36,6 +36,9 @@ class TargetConfig:
     tensor_parallel: int = 1
     # pipeline backend: number of stages the decoder layers are split over (0 = the world size).
     pipeline_stages: int = 0
+    # The model family a recipe was written for ("" = any): its layer ids and mask token fit only that family, so
+    # a target of another family (model_type, see dspark.targets.families.RECIPE_FAMILIES) is refused.
+    family: str = ""
 
 
 @dataclass(kw_only=True)

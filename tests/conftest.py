@@ -89,6 +89,18 @@ def tiny_qwen3_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny_target(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def gemma4_tokenizer_dir(tmp_path_factory) -> Path:
+    from dspark.targets.tiny_gemma4 import gemma4_tokenizer
+
+    return gemma4_tokenizer(tmp_path_factory.mktemp("tok") / "gemma4")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_dir(tmp_path_factory, gemma4_tokenizer_dir) -> Path:
+    return make_tiny_target(tmp_path_factory.mktemp("tiny") / "gemma4", "gemma4", gemma4_tokenizer_dir)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: OpenMP start-up dominates, and on a loaded 2-core machine two threads run ~20x slower."""

@@ -32,3 +32,15 @@ def test_qwen3_recipes(size, algorithm):
         assert (cfg.drafter.ttt_length, cfg.drafter.ttt_decay, cfg.drafter.draft_vocab_size) == (7, 0.8, 0)
     if algorithm == "dspark":
         assert cfg.drafter.markov_rank == 256 and cfg.drafter.enable_confidence_head
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash"])
+def test_gemma4_12b_recipes(algorithm):
+    """DESIGN 8.2: feature layers [5, 17, 29, 41, 46], mask token id 4, otherwise the Qwen3-14B settings."""
+    cfg, ref = load_config(f"gemma4_12b_{algorithm}"), load_config(f"qwen3_14b_{algorithm}")
+    assert cfg.target.layer_ids == [5, 17, 29, 41, 46] and cfg.drafter.mask_token_id == 4
+    assert (cfg.target.family, ref.target.family) == ("gemma4", "qwen3")
+    assert cfg.drafter.algorithm == algorithm and cfg.run_dir == f"runs/gemma4_12b_{algorithm}"
+    for section in ("train", "cache", "data"):
+        assert getattr(cfg, section) == getattr(ref, section)
+    assert {**vars(cfg.drafter), "mask_token_id": ref.drafter.mask_token_id} == vars(ref.drafter)

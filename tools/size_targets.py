@@ -1,4 +1,5 @@
-"""Sizing on paper: how many H200s each target backend needs for a DeepSeek-V4-class target, and how long hidden-state
+"""Sizing on paper: how many H200s each target backend needs for a DeepSeek-V4-class target (and Qwen3-235B-A22B,
+Gemma4-12B), and how long hidden-state
 capture of a corpus takes. Every number is derived in the open (printed as arithmetic), from parameter counts of
 the real architecture built on the meta device (no weights are allocated or downloaded).
 
@@ -21,20 +22,33 @@ from pathlib import Path
 GB = 1e9
 # DeepSeek-V4-Flash is transformers' DeepseekV4Config default (284B); V4-Pro (1.6T) differs in these fields
 # (published config.json: hidden 7168, 61 layers, 128 heads, 384 routed experts of width 3072, 16 output groups).
+# Each target: its transformers model_type and the fields that differ from that config class's defaults.
+# Qwen3-235B-A22B: its published config.json. Gemma4-12B: the text decoder the gemma4_12b_* recipes assume
+# (48 layers of hidden 3840, Gemma 3 12B's dimensions with Gemma4's 5:1 sliding/global layout and 262k vocab);
+# Gemma4's published 12B config was not available offline, so its row is an estimate of that shape.
 TARGETS = {
-    "DeepSeek-V4-Flash": {},
-    "DeepSeek-V4-Pro": {"hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
-                        "q_lora_rank": 1536, "o_groups": 16, "o_lora_rank": 1024, "n_routed_experts": 384,
-                        "moe_intermediate_size": 3072},
+    "DeepSeek-V4-Flash": {"model_type": "deepseek_v4"},
+    "DeepSeek-V4-Pro": {"model_type": "deepseek_v4", "hidden_size": 7168, "num_hidden_layers": 61,
+                        "num_attention_heads": 128, "q_lora_rank": 1536, "o_groups": 16, "o_lora_rank": 1024,
+                        "n_routed_experts": 384, "moe_intermediate_size": 3072},
+    "Qwen3-235B-A22B": {"model_type": "qwen3_moe", "hidden_size": 4096, "num_hidden_layers": 94,
+                        "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
+                        "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_experts": 128,
+                        "num_experts_per_tok": 8, "vocab_size": 151936, "tie_word_embeddings": False},
+    "Gemma4-12B": {"model_type": "gemma4_text", "hidden_size": 3840, "num_hidden_layers": 48,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "global_head_dim": 512,
+                   "num_global_key_value_heads": 4, "attention_k_eq_v": True, "intermediate_size": 15360,
+                   "hidden_size_per_layer_input": 0, "vocab_size": 262144, "final_logit_softcapping": 30.0},
 }
 
 
-def count_params(overrides: dict) -> dict:
-    """Parameter counts of the architecture, built on the meta device."""
+def count_params(spec: dict) -> dict:
+    """Parameter counts of the architecture, built on the meta device (dense models: no routed experts)."""
     import torch
-    from transformers import AutoModelForCausalLM, DeepseekV4Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = DeepseekV4Config(**overrides)
+    overrides = dict(spec)
+    cfg = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     total = routed = embed = lm_head = 0
@@ -47,10 +61,12 @@ def count_params(overrides: dict) -> dict:
         total += p.numel()
         embed += p.numel() if name.endswith("embed_tokens.weight") else 0
         lm_head += p.numel() if name == "lm_head.weight" else 0
-    active = total - embed - routed + routed * cfg.num_experts_per_tok / cfg.n_routed_experts
+    experts = getattr(cfg, "n_routed_experts", None) or getattr(cfg, "num_experts", None) or 0
+    top_k = getattr(cfg, "num_experts_per_tok", None) or 0 if experts else 0
+    active = total - embed - routed + (routed * top_k / experts if experts else 0)
     return {"total": total, "routed_experts": routed, "embedding": embed, "lm_head": lm_head,
             "active_per_token": active, "largest_layer": largest_layer, "layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok}
+            "hidden_size": cfg.hidden_size, "experts": experts, "top_k": top_k}
 
 
 def size(name: str, p: dict, a) -> dict:

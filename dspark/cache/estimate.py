@@ -19,8 +19,8 @@ MEASURED_RATIOS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 # Used only when no measurement is available; close to what benchmarks/cache_codecs.py measured on SmolLM2.
 DEFAULT_RATIOS = {"raw": 1.0, "bf16": 1.4, "fp8": 2.3}
 
-# name: (hidden_size, decoder layers, default feature layer ids). Qwen3 ids follow DESIGN.md; SmolLM2's are the
-# shipped recipe's.
+# name: (hidden_size, decoder layers, default feature layer ids). Qwen3 and Gemma4 ids follow DESIGN.md; SmolLM2's
+# are the shipped recipe's.
 BUILTIN_TARGETS = {
     "builtin:smollm2": (576, 30, [1, 8, 15, 22, 28]),
     "qwen3-4b": (2560, 36, [1, 9, 17, 25, 33]),
@@ -28,6 +28,10 @@ BUILTIN_TARGETS = {
     "qwen3-14b": (5120, 40, [1, 10, 19, 28, 37]),
     "qwen3-32b": (5120, 64, None),
     "deepseek-v3": (7168, 61, None),
+    # Gemma4-12B's text decoder: the gemma4_12b_* recipes' ids (DESIGN 8.2); the reference layout is ~46 KB/token.
+    "gemma4-12b": (3840, 48, [5, 17, 29, 41, 46]),
+    "qwen3-30b-a3b": (2048, 48, None),
+    "qwen3-235b-a22b": (4096, 94, None),
 }
 _ALIASES = {"smollm2": "builtin:smollm2", "smollm2-135m-instruct": "builtin:smollm2"}
 

@@ -24,12 +24,31 @@ REQUIRED_CONFIG_KEYS = (
     "markov_rank", "tie_word_embeddings", "dtype",
 )
 ARCHITECTURE = "Qwen3DSparkModel"
+# Gemma4 targets (DESIGN 8.2): the reference's Gemma4DSparkModel, a Gemma4 text config with the global attention
+# geometry at the top level and the target's model types.
+GEMMA4_ARCHITECTURE = "Gemma4DSparkModel"
+GEMMA4_CONFIG_KEYS = ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "final_logit_softcapping",
+                      "target_model_type", "target_text_model_type")
+
+
+def is_gemma4(config: dict) -> bool:
+    return GEMMA4_ARCHITECTURE in (config.get("architectures") or [])
+
+
+def attention_geometry(config: dict) -> tuple[int, int, bool]:
+    """(head dim, kv heads, K = V) of the draft layers: Gemma4's global attention, else the Qwen3 fields."""
+    if not is_gemma4(config):
+        return config["head_dim"], config["num_key_value_heads"], False
+    k_eq_v = bool(config["attention_k_eq_v"])
+    kv_heads = config["num_global_key_value_heads"] if k_eq_v else config["num_key_value_heads"]
+    return config["global_head_dim"], kv_heads, k_eq_v
 
 
 def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor a deepspec checkpoint with ``config`` must hold, with its ``[out, in]`` shape."""
     V, H = config["vocab_size"], config["hidden_size"]
-    heads, kv_heads, D = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    heads = config["num_attention_heads"]
+    D, kv_heads, k_eq_v = attention_geometry(config)
     inter, r, L = config["intermediate_size"], config["markov_rank"], len(config["target_layer_ids"])
     shapes = {"embed_tokens.weight": (V, H), "fc.weight": (H, L * H), "hidden_norm.weight": (H,),
               "norm.weight": (H,), "lm_head.weight": (V, H)}
@@ -43,6 +62,11 @@ def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "mlp.gate_proj.weight": (inter, H), p + "mlp.up_proj.weight": (inter, H),
             p + "mlp.down_proj.weight": (H, inter),
         })
+        if is_gemma4(config):  # sandwich norms, the layer scalar; no v_proj when K = V
+            shapes.update({p + "pre_feedforward_layernorm.weight": (H,), p + "post_feedforward_layernorm.weight": (H,),
+                           p + "layer_scalar": (1,)})
+            if k_eq_v:
+                del shapes[p + "self_attn.v_proj.weight"]
     if r > 0:
         shapes.update({"markov_head.markov_w1.weight": (V, r), "markov_head.markov_w2.weight": (V, r)})
         kind = config.get("markov_head_type", "vanilla")
@@ -60,11 +84,13 @@ def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def _check_config(config: dict, where: str) -> None:
-    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    required = REQUIRED_CONFIG_KEYS + (GEMMA4_CONFIG_KEYS if is_gemma4(config) else ())
+    missing = [k for k in required if k not in config]
     if missing:
         raise ValueError(f"{where}: deepspec config lacks required key(s) {', '.join(missing)}")
-    if ARCHITECTURE not in (config.get("architectures") or []):
-        raise ValueError(f"{where}: architectures {config.get('architectures')} is not [{ARCHITECTURE!r}]")
+    if not {ARCHITECTURE, GEMMA4_ARCHITECTURE} & set(config.get("architectures") or []):
+        raise ValueError(f"{where}: architectures {config.get('architectures')} is not [{ARCHITECTURE!r}] "
+                         f"(or [{GEMMA4_ARCHITECTURE!r}] for a Gemma4 target)")
     if config["markov_rank"] > 0 and "markov_head_type" not in config:
         raise ValueError(f"{where}: markov_rank {config['markov_rank']} > 0 needs markov_head_type")
 

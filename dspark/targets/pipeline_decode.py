@@ -57,8 +57,11 @@ def _forward(target: PipelineTarget, cache, ids_BN: torch.Tensor,
 
 
 def _logits(target: PipelineTarget, final_BH: torch.Tensor) -> torch.Tensor:
-    """fp32 logits ``[..., V]`` of the LM head in the target's dtype (as the hf backend: linear, then float)."""
-    return torch.nn.functional.linear(final_BH, target.lm_head_weight).float()
+    """fp32 logits ``[..., V]`` of the LM head in the target's dtype (as the hf backend: linear, then float, then
+    Gemma4's final-logit softcap)."""
+    from dspark.targets.base import softcap_logits
+
+    return softcap_logits(torch.nn.functional.linear(final_BH, target.lm_head_weight).float(), target.config)
 
 
 def _share(target: PipelineTarget, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

@@ -1,5 +1,6 @@
 """Tiny random targets built from real HF configs (llama = SmolLM2's architecture shrunk; qwen3), carrying
-SmolLM2's real tokenizer. For tests and quick tries: ``target.name_or_path=builtin:tiny-llama``."""
+SmolLM2's real tokenizer, and a tiny Gemma4 with a Gemma-style tokenizer (``tiny_gemma4``). For tests and quick
+tries: ``target.name_or_path=builtin:tiny-llama`` (or ``tiny-qwen3``, ``tiny-gemma4``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("llama", "qwen3")
+TINY_FAMILIES = ("llama", "qwen3", "gemma4")
 
 
 def smollm2_tokenizer(out: Path) -> Path:
@@ -53,8 +54,13 @@ def make_tiny_target(out: Path, family: str, tokenizer_dir: Path, seed: int = 0,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if family == "llama":
         cfg = AutoConfig.for_model("llama", rms_norm_eps=1e-5, tie_word_embeddings=True, **common)
-    else:
+    elif family == "qwen3":
         cfg = AutoConfig.for_model("qwen3", rms_norm_eps=1e-6, tie_word_embeddings=False, **common)
+    else:
+        from dspark.targets.tiny_gemma4 import tiny_gemma4_config
+
+        cfg = tiny_gemma4_config(len(tok), num_layers, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     tmp = _private_tmp(out)
@@ -69,5 +75,11 @@ def builtin_tiny_dir(family: str, cache_root: Path) -> Path:
     out = cache_root / "targets" / f"tiny-{family}"
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        make_tiny_target(out, family, smollm2_tokenizer(cache_root / "smollm2-tokenizer"))
+        if family == "gemma4":
+            from dspark.targets.tiny_gemma4 import gemma4_tokenizer
+
+            tokenizer = gemma4_tokenizer(cache_root / "gemma4-tokenizer")
+        else:
+            tokenizer = smollm2_tokenizer(cache_root / "smollm2-tokenizer")
+        make_tiny_target(out, family, tokenizer)
     return out

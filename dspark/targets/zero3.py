@@ -25,8 +25,8 @@ import os
 import torch
 from torch import nn
 
-from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity
-from dspark.targets.families import require_family
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, text_config
+from dspark.targets.families import require_hostable
 from dspark.targets.hf import HFDecodeSession
 from dspark.targets.weights import WeightIndex, checkpoint_layout, expert_parts
 
@@ -65,14 +65,18 @@ def read_partition(index: WeightIndex, name: str, shape: tuple[int, ...], start:
 def gather_units(module: nn.Module) -> list[nn.Module]:
     """The modules gathered as one piece: each decoder layer, and every other child of the model containers.
 
-    A container is a module holding a ``ModuleList`` (the layer stack); it is opened up, everything else is a
-    unit. For a CausalLM this gives embed_tokens, layers.0 .. layers.n-1, norm, rotary_emb, lm_head.
+    A container is a module holding a ``ModuleList`` (the layer stack), or holding such a module (a multimodal
+    Gemma4's ``model.language_model``); it is opened up, everything else is a unit. For a CausalLM this gives
+    embed_tokens, layers.0 .. layers.n-1, norm, rotary_emb, lm_head.
     """
+    def holds_stack(m: nn.Module) -> bool:
+        return any(isinstance(c, nn.ModuleList) for c in m.children())
+
     units = []
     for child in module.children():
         if isinstance(child, nn.ModuleList):
             units.extend(child)
-        elif any(isinstance(c, nn.ModuleList) for c in child.children()):
+        elif holds_stack(child) or any(holds_stack(c) for c in child.children()):
             units.extend(gather_units(child))
         else:
             units.append(child)
@@ -215,8 +219,8 @@ class ZeRO3Target(TargetBackend):
         source, display = local_checkpoint_dir(cfg.name_or_path, "zero3")
         dtype = DTYPES[cfg.dtype]
         hf_config = AutoConfig.from_pretrained(source)
-        require_family(hf_config.model_type, "zero3", source)
-        num_layers = hf_config.num_hidden_layers
+        require_hostable(hf_config, "zero3", source)
+        num_layers = text_config(hf_config).num_hidden_layers
         bad = [i for i in cfg.layer_ids if i < -1 or i >= num_layers - 1]
         if bad:
             raise ValueError(
@@ -240,7 +244,8 @@ class ZeRO3Target(TargetBackend):
 
     @property
     def config(self):
-        return self.model.config
+        """The decoder's config (a multimodal Gemma4's ``text_config``)."""
+        return text_config(self.model.config)
 
     @property
     def embed_weight(self) -> torch.Tensor:

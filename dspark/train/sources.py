@@ -82,10 +82,12 @@ def frozen_parts_from_files(target_cfg) -> FrozenTarget | None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[target_cfg.dtype]
     # The hf backend's identity reads only the config, tokenizer, layer ids and name: sharing it keeps the
     # identity equal to that of the loaded target by construction.
-    owner = SimpleNamespace(model=SimpleNamespace(config=config), tokenizer=AutoTokenizer.from_pretrained(source),
-                            layer_ids=list(target_cfg.layer_ids), name=display)
+    owner = SimpleNamespace(model=SimpleNamespace(config=config), config=config.get_text_config(),
+                            tokenizer=AutoTokenizer.from_pretrained(source), layer_ids=list(target_cfg.layer_ids),
+                            name=display)
     identity = HFTarget.identity(owner)  # type: ignore[arg-type]
-    return FrozenTarget(config, identity, index.load(_EMBED_NAME, dtype), index.load(lm_head_name, dtype))
+    return FrozenTarget(config.get_text_config(), identity, index.load(_EMBED_NAME, dtype),
+                        index.load(lm_head_name, dtype))
 
 
 class LiveSource:

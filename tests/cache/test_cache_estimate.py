@@ -71,3 +71,9 @@ def test_cli_estimate_and_inspect_json(tmp_path):
     proc = run_cli(["cache", "inspect", str(path), "--json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == json.loads(json.dumps(inspect_cache(path)))
+
+
+def test_gemma4_12b_raw_layout_is_46_kb_per_token():
+    est = estimate(target="gemma4-12b", num_tokens=1)
+    assert est["layer_ids"] == [5, 17, 29, 41, 46] and est["hidden_size"] == 3840
+    assert est["deepspec_raw"]["bytes_per_token"] == 4 + 1 + 2 * 5 * 3840 + 2 * 3840  # 46.1 KB

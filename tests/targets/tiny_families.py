@@ -18,7 +18,7 @@ import torch
 
 from dspark.targets.weights import save_sharded, unique_state_dict
 
-TINY_FAMILY_NAMES = ("llama", "qwen3", "deepseek_v3", "deepseek_v4")
+TINY_FAMILY_NAMES = ("llama", "qwen3", "deepseek_v3", "deepseek_v4", "qwen3_moe")
 
 
 def tiny_config(family: str, vocab_size: int, num_layers: int | None = None, **special_ids):
@@ -33,6 +33,11 @@ def tiny_config(family: str, vocab_size: int, num_layers: int | None = None, **s
     if family == "qwen3":
         return AutoConfig.for_model("qwen3", num_hidden_layers=num_layers or 3, rms_norm_eps=1e-6,
                                     tie_word_embeddings=False, **dense)
+    if family == "qwen3_moe":
+        # Every layer MoE (4 experts, top-2, normalised top-k weights as Qwen3-30B-A3B / 235B-A22B).
+        return AutoConfig.for_model("qwen3_moe", num_hidden_layers=num_layers or 3, rms_norm_eps=1e-6,
+                                    moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                    norm_topk_prob=True, tie_word_embeddings=False, **dense)
     if family == "deepseek_v3":
         # MLA (q/kv low-rank, decoupled RoPE) + MoE with grouped top-k routing; layer 0 dense.
         return AutoConfig.for_model(

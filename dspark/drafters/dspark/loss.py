@@ -11,6 +11,9 @@ backward and nothing is recomputed.
 Per row n with coefficients ``a_n`` (CE) and ``b_n`` (L1):
     loss_n = a_n * CE_n + b_n * L1_n,   CE_n = -log p[label],   L1_n = sum_v |p_v - t_v|
     dCE/dz = p - onehot(label),         dL1/dz = p * (s - <s, p>),   s = sign(p - t)
+
+With a final-logit softcap c (Gemma4) both LM-head logits are capped, ``z = c tanh(lm_head(h) / c) + W2 u`` and
+``t = softmax(c tanh(lm_head(final) / c))``, and the gradient reaching ``h`` is ``dL/dz * (1 - tanh^2)``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def default_chunk_rows(vocab_size: int) -> int:
 
 class _ChunkedVocabLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_NH, u_NR, w2_VR, lm_head_VH, final_NH, labels_N, coef_ce_N, coef_l1_N, chunk_rows):
+    def forward(ctx, h_NH, u_NR, w2_VR, lm_head_VH, final_NH, labels_N, coef_ce_N, coef_l1_N, chunk_rows, softcap):
         N = h_NH.shape[0]
         lm_VH = lm_head_VH.float()
         w2f_VR = w2_VR.float() if w2_VR is not None else None
@@ -42,6 +45,9 @@ class _ChunkedVocabLoss(torch.autograd.Function):
         for start in range(0, N, chunk_rows):
             rows = slice(start, min(start + chunk_rows, N))
             z_CV = h_NH[rows].float() @ lm_VH.T
+            if softcap:
+                tanh_CV = torch.tanh(z_CV / softcap)
+                z_CV = tanh_CV * softcap
             if u_NR is not None:
                 u_CR = u_NR[rows].float()
                 z_CV = z_CV + u_CR @ w2f_VR.T
@@ -51,7 +57,11 @@ class _ChunkedVocabLoss(torch.autograd.Function):
             labels_C1 = labels_N[rows].unsqueeze(1)
             ce_N[rows] = -logp_CV.gather(1, labels_C1).squeeze(1)
             del logp_CV
-            diff_CV = p_CV - (final_NH[rows].float() @ lm_VH.T).softmax(dim=-1)
+            target_CV = final_NH[rows].float() @ lm_VH.T
+            if softcap:
+                target_CV = torch.tanh(target_CV / softcap) * softcap
+            diff_CV = p_CV - target_CV.softmax(dim=-1)
+            del target_CV
             l1_N[rows] = diff_CV.abs().sum(dim=-1)
             if not need_grad:
                 continue
@@ -62,10 +72,12 @@ class _ChunkedVocabLoss(torch.autograd.Function):
                 sign_CV = diff_CV.sign_()
                 sign_CV -= (p_CV * sign_CV).sum(dim=-1, keepdim=True)
                 grad_CV += p_CV * sign_CV * coef_l1_N[rows].float().unsqueeze(1)
-            grad_h_NH[rows] = grad_CV @ lm_VH
             if u_NR is not None:
                 grad_u_NR[rows] = grad_CV @ w2f_VR
                 grad_w2_VR += grad_CV.T @ u_CR
+            if softcap:
+                grad_CV *= 1.0 - tanh_CV.square_()
+            grad_h_NH[rows] = grad_CV @ lm_VH
         loss = (coef_ce_N.float() * ce_N).sum() + (coef_l1_N.float() * l1_N).sum()
         ctx.mark_non_differentiable(ce_N, l1_N)
         ctx.grads = (grad_h_NH, grad_u_NR, grad_w2_VR)
@@ -78,14 +90,15 @@ class _ChunkedVocabLoss(torch.autograd.Function):
         for g, dtype in zip(ctx.grads, ctx.dtypes):
             grads.append(None if g is None else (g * grad_loss).to(dtype))
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def chunked_vocab_loss(h_NH: torch.Tensor, u_NR: torch.Tensor | None, w2_VR: torch.Tensor | None,
                        lm_head_VH: torch.Tensor, final_NH: torch.Tensor, labels_N: torch.Tensor,
-                       coef_ce_N: torch.Tensor, coef_l1_N: torch.Tensor, chunk_rows: int
+                       coef_ce_N: torch.Tensor, coef_l1_N: torch.Tensor, chunk_rows: int, softcap: float = 0.0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum_n a_n CE_n + b_n L1_n, CE_N, L1_N)``; the sum is differentiable w.r.t. ``h``, ``u`` and ``w2``.
+    ``softcap``: the target's final-logit softcap (0 = none), applied to draft and target LM-head logits.
 
     ``CE_N`` and ``L1_N`` (fp32, detached) are per-row values for logging and the confidence label.
     """
@@ -94,4 +107,4 @@ def chunked_vocab_loss(h_NH: torch.Tensor, u_NR: torch.Tensor | None, w2_VR: tor
         u_NR = u_NR.detach() if u_NR is not None else None
         w2_VR = w2_VR.detach() if w2_VR is not None else None
     return _ChunkedVocabLoss.apply(h_NH, u_NR, w2_VR, lm_head_VH, final_NH, labels_N, coef_ce_N.detach(),
-                                   coef_l1_N.detach(), chunk_rows)
+                                   coef_l1_N.detach(), chunk_rows, float(softcap))

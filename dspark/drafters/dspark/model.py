@@ -34,7 +34,16 @@ from dspark.drafters.base import (
     check_training_batch,
     sample_rows,
 )
-from dspark.drafters.common import DraftDecoderLayer, RMSNorm, RotaryEmbedding, config_get, rope_theta_from_config
+from dspark.drafters.common import (
+    DraftDecoderLayer,
+    RMSNorm,
+    RotaryEmbedding,
+    config_get,
+    gemma4_global_geometry,
+    layer_variant,
+    rope_theta_from_config,
+    softcap,
+)
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
 from dspark.targets.base import collapse_streams
@@ -97,6 +106,18 @@ class DSparkDrafter(Drafter):
         num_kv_heads = config_get(target_config, "num_key_value_heads") or num_heads
         head_dim = config_get(target_config, "head_dim") or H // num_heads
         eps = config_get(target_config, "rms_norm_eps", 1e-6)
+        # Gemma4 targets: Gemma4 layers with the global attention geometry, the embedding scaled by sqrt(H), the
+        # final-logit softcap on draft and target logits (DESIGN 8.2).
+        self.variant = variant = layer_variant(target_config)
+        self.embed_scale = H ** 0.5 if variant.gemma4 else None
+        rope_theta = None
+        if variant.gemma4:
+            if config_get(target_config, "use_double_wide_mlp") and config_get(target_config, "num_kv_shared_layers"):
+                raise ValueError("a Gemma4 target with use_double_wide_mlp and num_kv_shared_layers > 0 (its last "
+                                 "draft layers would need double-wide MLPs) is not supported by the drafter yet")
+            head_dim, num_kv_heads = gemma4_global_geometry(target_config)
+            rope_theta = float(config_get(target_config, "rope_parameters")["full_attention"]["rope_theta"])
+            self.gemma4_config = gemma4_export_fields(target_config, head_dim, num_kv_heads)
         self.intermediate_size = cfg.intermediate_size or config_get(target_config, "intermediate_size")
         self.hidden_size, self.vocab_size, self.block_size = H, V, cfg.block_size
         self.mask_token_id = resolve_mask_token_id(cfg.mask_token_id, V)
@@ -109,13 +130,14 @@ class DSparkDrafter(Drafter):
 
         L = len(self.layer_ids)
         self.fc = nn.Linear(L * H, H, bias=False)
-        self.hidden_norm = RMSNorm(H, eps)
+        self.hidden_norm = RMSNorm(H, eps, gemma=variant.gemma4)
         self.layers = nn.ModuleList(
-            DraftDecoderLayer(H, self.intermediate_size, num_heads, num_kv_heads, head_dim, eps)
+            DraftDecoderLayer(H, self.intermediate_size, num_heads, num_kv_heads, head_dim, eps, variant)
             for _ in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(H, eps)
-        self.rotary = RotaryEmbedding(head_dim, rope_theta_from_config(target_config))
+        self.norm = RMSNorm(H, eps, gemma=variant.gemma4)
+        self.rotary = RotaryEmbedding(head_dim, rope_theta or rope_theta_from_config(target_config),
+                                      variant.rotary_fraction)
         self.embed_tokens = _FrozenWeight(embed_weight)
         self.lm_head = _FrozenWeight(lm_head_weight)
 
@@ -175,7 +197,10 @@ class DSparkDrafter(Drafter):
         S = self.block_len
         ids_BAS = torch.full((B, A, S), self.mask_token_id, dtype=torch.long, device=anchor_ids_BA.device)
         ids_BAS[..., 0] = anchor_ids_BA
-        x_BASH = F.embedding(ids_BAS, self.embed_tokens.weight).to(self.fc.weight.dtype)
+        x_BASH = F.embedding(ids_BAS, self.embed_tokens.weight)
+        if self.embed_scale is not None:  # Gemma4: x sqrt(H), the scale rounded to the weight dtype first
+            x_BASH = x_BASH * torch.tensor(self.embed_scale).to(x_BASH.dtype)
+        x_BASH = x_BASH.to(self.fc.weight.dtype)
         pos_BAS = anchor_pos_BA.unsqueeze(-1) + torch.arange(S, device=anchor_pos_BA.device)
         rope_block = self.rotary.cos_sin(pos_BAS, x_BASH.dtype)
         rope_ctx = self.rotary.cos_sin(torch.arange(ctx_BTH.shape[1], device=ctx_BTH.device), x_BASH.dtype)
@@ -206,7 +231,7 @@ class DSparkDrafter(Drafter):
         h_BAKH = self.block_hidden(self.fuse_context(batch["features_BTLH"]), anchor_ids_BA, anchor_pos_BA)
         prev_BAK = torch.cat([anchor_ids_BA.unsqueeze(-1), labels_BAK[..., :-1]], dim=-1)
         u_BAKR, _ = self._heads(h_BAKH, prev_BAK)
-        logits = h_BAKH.float() @ self.lm_head.weight.float().T
+        logits = softcap(h_BAKH.float() @ self.lm_head.weight.float().T, self.variant.softcap)
         if u_BAKR is not None:
             logits = logits + self.markov_head.markov_w2(u_BAKR).float()
         return logits
@@ -236,7 +261,7 @@ class DSparkDrafter(Drafter):
         coef_l1_N = w_N * self.cfg.l1_weight if dspark else torch.zeros_like(w_N)
         loss_args = dict(h_NH=h_BAKH[b_N, a_N, k_N], lm_head_VH=self.lm_head.weight, final_NH=final_NH,
                          labels_N=labels_BAK[b_N, a_N, k_N], coef_ce_N=coef_ce_N, coef_l1_N=coef_l1_N,
-                         chunk_rows=self.loss_chunk_rows)
+                         chunk_rows=self.loss_chunk_rows, softcap=self.variant.softcap)
         if u_BAKR is not None:
             numerator, ce_N, l1_N = self.markov_head.markov_w2(u_BAKR[b_N, a_N, k_N], loss_args=loss_args)
         else:
@@ -315,7 +340,7 @@ class DSparkDrafter(Drafter):
         anchors_B = torch.tensor([int(a) for a in anchor_ids], device=device)
         pos_B1 = torch.tensor(lengths, device=device).unsqueeze(1)
         h_BKH = self.block_hidden(ctx_BTH, anchors_B.unsqueeze(1), pos_B1)[:, 0]
-        base_BKV = h_BKH.float() @ self.lm_head.weight.float().T
+        base_BKV = softcap(h_BKH.float() @ self.lm_head.weight.float().T, self.variant.softcap)  # Markov bias after
         prev_B = anchors_B
         state = None
         tokens, probs, confs = [], [], []
@@ -360,6 +385,8 @@ class DSparkDrafter(Drafter):
         """The deepspec ``config.json`` contents (DESIGN section 8) plus a versioned ``dspark`` section."""
         cfg = self.cfg
         n = len(self.layers)
+        if self.variant.gemma4:
+            return self._gemma4_drafter_config()
         out = {"architectures": ["Qwen3DSparkModel"], "model_type": "qwen3"}
         out.update({k: v for k, v in self.target_fields.items() if v is not None})
         out.update({
@@ -383,6 +410,30 @@ class DSparkDrafter(Drafter):
             "tie_word_embeddings": False,
             "dtype": str(self.fc.weight.dtype).removeprefix("torch."),
         })
+        return self._with_heads_and_section(out)
+
+    def _gemma4_drafter_config(self) -> dict:
+        """The reference's ``Gemma4DSparkModel`` config (DESIGN 8.2): the target's text config + the draft fields."""
+        n = len(self.layers)
+        out = {"architectures": ["Gemma4DSparkModel"], **self.gemma4_config}
+        out.update({
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": n,
+            "layer_types": ["full_attention"] * n,
+            "block_size": self.block_len,
+            "mask_token_id": self.mask_token_id,
+            "target_layer_ids": list(self.layer_ids),
+            "num_anchors": self.cfg.num_anchors,
+            "num_target_layers": self.num_target_layers,
+            "enable_confidence_head": self.confidence_head is not None,
+            "markov_rank": self.markov_rank,
+            "tie_word_embeddings": False,
+            "dtype": str(self.fc.weight.dtype).removeprefix("torch."),
+        })
+        return self._with_heads_and_section(out)
+
+    def _with_heads_and_section(self, out: dict) -> dict:
+        cfg = self.cfg
         if self.confidence_head is not None:
             out["confidence_head_with_markov"] = self.confidence_head.with_markov
         if self.markov_rank > 0:
@@ -399,6 +450,29 @@ class DSparkDrafter(Drafter):
         }
         return out
 
+
+
+def gemma4_export_fields(target_config, head_dim: int, num_kv_heads: int) -> dict:
+    """Every field of a Gemma4 target's text config as the reference's Gemma4 drafters read it (DESIGN 8.2):
+    ``global_head_dim`` / ``num_global_key_value_heads`` at the top level (transformers 5.10 reads them there),
+    ``rope_parameters`` with its per-layer-type sub-dicts plus the top-level ``rope_type``/``rope_theta`` the
+    reference's own save adds, and the target's model types. An exported config (a dict) passes through."""
+    if isinstance(target_config, dict):
+        fields = {k: v for k, v in target_config.items() if k not in ("dspark",)}
+    else:
+        fields = target_config.to_dict()
+        for key in ("per_layer_config", "architectures", "_name_or_path", "transformers_version", "dtype",
+                    "torch_dtype"):
+            fields.pop(key, None)
+    # The reference's Gemma4 targets are the multimodal checkpoints (gemma4 / gemma4_unified) around this text model.
+    fields.setdefault("target_text_model_type", fields.get("model_type"))
+    fields.setdefault("target_model_type", fields["target_text_model_type"].removesuffix("_text"))
+    rope = dict(fields.get("rope_parameters") or {})
+    rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", None)
+    fields.update(model_type="gemma4_text", global_head_dim=head_dim, num_global_key_value_heads=num_kv_heads,
+                  rope_parameters=rope)
+    return fields
 
 
 def _longest_cached_prefix(context_TLH: torch.Tensor, entries: list[tuple[torch.Tensor, torch.Tensor]]

@@ -43,6 +43,7 @@ from dspark.drafters.common import (
     RMSNorm,
     RotaryEmbedding,
     config_get,
+    layer_variant,
     rope_theta_from_config,
 )
 from dspark.drafters.eagle3.layer import Eagle3Layer, ttt_attention
@@ -96,6 +97,10 @@ class Eagle3Drafter(Drafter):
         if cfg.markov_rank or cfg.enable_confidence_head or cfg.dflash_layout:
             warnings.warn("algorithm eagle3 ignores markov_rank, enable_confidence_head and dflash_layout "
                           f"(got {cfg.markov_rank}, {cfg.enable_confidence_head}, {cfg.dflash_layout})")
+        if layer_variant(target_config).gemma4:
+            raise ValueError(f"drafter.algorithm eagle3 on a Gemma4 target ({config_get(target_config, 'model_type')}) "
+                             f"is not implemented yet (its Gemma4 midlayer and Gemma4Eagle3Model export are pending); "
+                             f"use algorithm dspark or dflash, which follow Gemma4")
         self.cfg = cfg
         H = config_get(target_config, "hidden_size")
         V = config_get(target_config, "vocab_size")
