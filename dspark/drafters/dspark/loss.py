@@ -108,17 +108,19 @@ class _VocabWeights:
 
 
 def _chunk_loss(z_CV, target_logits_CV, labels_C, coef_ce_C, coef_l1_C, need_grad: bool, use_l1_grad: bool):
-    """One chunk's ``(CE, L1, dloss/dz)`` from draft logits ``z`` (overwritten with ``p``) and target logits.
+    """One chunk's ``(CE, L1, dloss/dz)`` from draft logits ``z`` and target logits (both consumed).
 
-    ``CE = logsumexp(z) - z[label]`` needs no ``log p`` tensor, and the gradient reuses ``sign(p - t)`` in place,
-    so a chunk holds at most three ``[C, V]`` tensors at once.
+    ``p`` overwrites ``log p`` and ``p - t`` the target probabilities, and the gradient reuses ``sign(p - t)``, so
+    a chunk holds at most three ``[C, V]`` tensors at once and allocates no more.
     """
     labels_C1 = labels_C.unsqueeze(1)
-    lse_C1 = z_CV.logsumexp(dim=-1, keepdim=True)
-    ce_C = (lse_C1 - z_CV.gather(1, labels_C1)).squeeze(1)
-    p_CV = z_CV.sub_(lse_C1).exp_()
-    diff_CV = p_CV - target_logits_CV.softmax(dim=-1)
+    logp_CV = z_CV.log_softmax(dim=-1)  # one fused kernel (logsumexp is several passes on CPU)
+    del z_CV
+    ce_C = -logp_CV.gather(1, labels_C1).squeeze(1)
+    p_CV = logp_CV.exp_()
+    t_CV = target_logits_CV.softmax(dim=-1)
     del target_logits_CV
+    diff_CV = torch.sub(p_CV, t_CV, out=t_CV)
     l1_C = diff_CV.abs().sum(dim=-1)
     if not need_grad:
         return ce_C, l1_C, None
@@ -126,7 +128,7 @@ def _chunk_loss(z_CV, target_logits_CV, labels_C, coef_ce_C, coef_l1_C, need_gra
     coef_ce_C1 = coef_ce_C.float().unsqueeze(1)
     if use_l1_grad:
         sign_CV = diff_CV.sign_()
-        sign_CV -= (p_CV * sign_CV).sum(dim=-1, keepdim=True)
+        sign_CV -= (p_CV.unsqueeze(1) @ sign_CV.unsqueeze(2)).squeeze(2)  # <s, p> per row, no [C, V] temporary
         sign_CV *= coef_l1_C.float().unsqueeze(1)
         sign_CV += coef_ce_C1
         grad_CV = sign_CV.mul_(p_CV)
