@@ -1,12 +1,16 @@
-"""Benchmark: speculative-decoding evaluation speed with batched drafter proposals against row-by-row proposals.
+"""Benchmark: speculative-decoding evaluation speed against plain target decoding, and batched drafter proposals
+against row-by-row proposals.
 
-For each target and drafter (untrained, built from the recipe) it decodes the same prompts at batch 1 and at
-``--batch``, once with one ``drafter.propose_batch`` call per step for all rows in flight ("after") and once with
-one ``drafter.propose`` call per row ("before", ``batch_proposals=False``), alternating the two ``--repeats``
-times and keeping each one's fastest run. It reports verification rounds/s and generated tokens/s, the
-after/before ratios measured in the same run, and whether both decoded the same tokens (they must).
+For each target and drafter (untrained, built from the recipe) it decodes the same prompts at each batch size of
+``--batches``, once with one ``drafter.propose_batch`` call per step for all rows in flight ("after"), once with
+one ``drafter.propose`` call per row ("before", ``batch_proposals=False``) and once with no drafter at all
+("target": ``NoDrafts``, plain target decoding through the same batched session), alternating the three
+``--repeats`` times and keeping each one's fastest run. It reports verification rounds/s and generated tokens/s,
+the after/before and after/target ratios measured in the same run, and whether before and after decoded the same
+tokens (they must).
 
     nice -n 10 python benchmarks/eval_speed.py [--targets tiny,smollm2] [--prompts 4] [--tokens 16] [--threads 1]
+        [--batches 1,4,12] [--temperature 1]
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ TARGETS = {
 }
 
 
-def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool, stop_ids) -> tuple[float, list]:
+def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool, stop_ids, temperature: float
+            ) -> tuple[float, list]:
     import torch
 
     from dspark.eval.specdec import prompt_seed, speculative_generate_batch
@@ -32,29 +37,35 @@ def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool,
     generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(len(prompts))]
     drafter._context_cache = None  # every run starts cold
     start = time.perf_counter()
-    results = speculative_generate_batch(target, drafter, prompts, max_new_tokens=tokens, temperature=1.0,
+    results = speculative_generate_batch(target, drafter, prompts, max_new_tokens=tokens, temperature=temperature,
                                          generators=generators, batch_size=batch, stop_ids=stop_ids,
                                          batch_proposals=batched)
     return time.perf_counter() - start, results
 
 
 def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
-    best = {True: float("inf"), False: float("inf")}
+    from dspark.eval.specdec import NoDrafts
+
+    runs = {"before": (drafter, False), "after": (drafter, True), "target": (NoDrafts(target), True)}
+    best = dict.fromkeys(runs, float("inf"))
     records = {}
     for _ in range(args.repeats):
-        for batched in (False, True):
-            wall_s, results = _decode(target, drafter, prompts, tokens=args.tokens, batch=batch, batched=batched,
-                                      stop_ids=stop_ids)
-            best[batched] = min(best[batched], wall_s)
-            records[batched] = [(r.tokens, r.accepted, r.proposed) for r in results]
-    rounds = sum(len(accepted) for _, accepted, _ in records[True])
-    generated = sum(len(tokens) for tokens, _, _ in records[True])
-    row = {"rounds": rounds, "generated_tokens": generated, "same_tokens": records[True] == records[False]}
-    for name, batched in (("before", False), ("after", True)):
-        row[f"{name}_wall_s"] = round(best[batched], 3)
-        row[f"{name}_rounds_per_s"] = round(rounds / best[batched], 2)
-        row[f"{name}_tokens_per_s"] = round(generated / best[batched], 2)
-    row["speedup_after_vs_before"] = round(best[False] / best[True], 3)
+        for name, (who, batched) in runs.items():
+            wall_s, results = _decode(target, who, prompts, tokens=args.tokens, batch=batch, batched=batched,
+                                      stop_ids=stop_ids, temperature=args.temperature)
+            best[name] = min(best[name], wall_s)
+            records[name] = [(r.tokens, r.accepted, r.proposed) for r in results]
+    row = {"same_tokens": records["after"] == records["before"]}
+    for name in runs:
+        rounds = sum(len(accepted) for _, accepted, _ in records[name])
+        generated = sum(len(tokens) for tokens, _, _ in records[name])
+        row[f"{name}_wall_s"] = round(best[name], 3)
+        row[f"{name}_rounds_per_s"] = round(rounds / best[name], 2)
+        row[f"{name}_tokens_per_s"] = round(generated / best[name], 2)
+    row["speedup_after_vs_before"] = round(row["after_tokens_per_s"] / row["before_tokens_per_s"], 3)
+    row["speedup_after_vs_target"] = round(row["after_tokens_per_s"] / row["target_tokens_per_s"], 3)
+    if args.temperature == 0:
+        row["target_same_tokens"] = [t for t, _, _ in records["target"]] == [t for t, _, _ in records["after"]]
     return row
 
 
@@ -64,7 +75,8 @@ def main() -> None:
     parser.add_argument("--drafters", default="dspark,eagle3")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batches", default="1,4,12", help="comma-separated batch sizes")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads ran ~6x slower, not faster)")
@@ -84,9 +96,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "device": "cpu",
-               "prompts": args.prompts, "max_new_tokens": args.tokens, "temperature": 1.0, "repeats": args.repeats,
+               "prompts": args.prompts, "max_new_tokens": args.tokens, "temperature": args.temperature,
+               "repeats": args.repeats,
                "note": "before = one drafter.propose per row in flight (batch_proposals=False), after = one "
-                       "propose_batch per step; same process, alternating runs, fastest of each kept",
+                       "propose_batch per step, target = plain target decoding (NoDrafts) at the same batch size; "
+                       "same process, alternating runs, fastest of each kept",
                "runs": {}}
     for name in args.targets.split(","):
         builtin, recipes = TARGETS[name]
@@ -102,8 +116,9 @@ def main() -> None:
                                     target.lm_head_weight).eval()
             prompts = [prompt_ids(target.tokenizer, p) for p in load_prompts("builtin", args.prompts)]
             stop_ids = [target.tokenizer.eos_token_id]
-            _decode(target, drafter, prompts[:1], tokens=4, batch=1, batched=True, stop_ids=stop_ids)  # warm-up
-            for batch in (1, args.batch):
+            _decode(target, drafter, prompts[:1], tokens=4, batch=1, batched=True, stop_ids=stop_ids,
+                    temperature=args.temperature)  # warm-up
+            for batch in [int(b) for b in args.batches.split(",")]:
                 row = _measure(target, drafter, prompts, args, batch, stop_ids)
                 row["prompt_lengths"] = [len(p) for p in prompts]
                 results["runs"][f"{name}/{algorithm}/batch{batch}"] = row

@@ -134,6 +134,7 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
     from dspark.drafters import build_drafter, load_drafter
+    from dspark.eval.specdec import NoDrafts
     from dspark.eval.specdec import evaluate as run_eval
     from dspark.targets import load_target
     from dspark.train.metrics import MetricsLogger
@@ -192,15 +193,19 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
         prompt_token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
         for temperature in ev.temperatures:
             reports = {}
+            kwargs = {"max_new_tokens": ev.max_new_tokens, "temperature": temperature, "seed": ev.seed,
+                      "stop_ids": stop_ids, "progress": progress, "batch_size": ev.batch_size}
+            # Plain target decoding of the same prompts at the same batch size: the tokens/s baseline.
+            target_tokens_per_s = run_eval(target, NoDrafts(target), prompt_token_ids, **kwargs).tokens_per_s
             for name, drafter in drafters.items():
-                kwargs = {"max_new_tokens": ev.max_new_tokens, "temperature": temperature, "seed": ev.seed,
-                          "stop_ids": stop_ids, "progress": progress, "batch_size": ev.batch_size}
                 threshold = ev.confidence_threshold if ev.verify_policy == "threshold" else 0.0
                 reports[name] = run_eval(target, drafter, prompt_token_ids, verify_policy=ev.verify_policy, sps=sps,
                                          confidence_threshold=threshold, **kwargs)
                 if ev.confidence_threshold > 0 and reports[name].calibration is not None and not threshold:
                     reports[f"{name}@c{ev.confidence_threshold:g}"] = run_eval(
                         target, drafter, prompt_token_ids, confidence_threshold=ev.confidence_threshold, **kwargs)
+            for report in reports.values():
+                report.target_tokens_per_s = target_tokens_per_s
             tag = f"T{temperature:g}"
             key, file_tag = (f"{dataset}/{tag}", f"{dataset}_{tag}") if dataset else (tag, tag)
             results[key] = {name: r.to_dict() for name, r in reports.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, run_cli
 
-TIMING_KEYS = {"wall_s", "tokens_per_s"}
+TIMING_KEYS = {"wall_s", "tokens_per_s", "target_tokens_per_s", "speedup_vs_target"}
 
 
 def _launch(script: str, run_dir: Path, target_dir: Path, *sets: str, extra: tuple[str, ...] = ()):

@@ -81,6 +81,15 @@ class EvalReport:
     tokens_per_s: float
     confidence_threshold: float = 0.0  # drafting stopped below this cumulative confidence (0 = off)
     calibration: CalibrationReport | None = None  # when the drafter reports confidences
+    # Plain target decoding of the same prompts at the same batch size (``NoDrafts``), measured in the same run;
+    # NaN when not measured. tokens_per_s / target_tokens_per_s is the real speedup, which tau alone is not.
+    target_tokens_per_s: float = math.nan
+
+    @property
+    def speedup_vs_target(self) -> float:
+        if math.isnan(self.target_tokens_per_s) or not self.target_tokens_per_s > 0:
+            return math.nan
+        return self.tokens_per_s / self.target_tokens_per_s
 
     @classmethod
     def from_rounds(cls, accepted: list[int], proposed: list[int], *, generated_tokens: int, num_prompts: int,
@@ -107,7 +116,7 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (NaN, i.e. 'no data', becomes None)."""
-        return json_safe(asdict(self))
+        return json_safe({**asdict(self), "speedup_vs_target": self.speedup_vs_target})
 
 
 def _fmt(value: float, width: int, digits: int) -> str:
@@ -115,19 +124,21 @@ def _fmt(value: float, width: int, digits: int) -> str:
 
 
 def format_table(reports: dict[str, EvalReport]) -> str:
-    """A fixed-width text table, one row per drafter: tau, proposal length, throughput, acceptance at each slot."""
+    """A fixed-width text table, one row per drafter: tau, proposal length, throughput and its ratio to plain
+    target decoding at the same batch size ("vs_tgt", when measured), acceptance at each slot."""
     if not reports:
         raise ValueError("format_table needs at least one report")
     num_positions = max(len(r.acceptance_K) for r in reports.values())
     name_width = max(7, *(len(name) for name in reports))
     header = (f"{'drafter':<{name_width}}  {'tau':>6}  {'len':>5}  {'rounds':>7}  {'tokens':>7}  {'tok/s':>8}"
+              f"  {'vs_tgt':>6}"
               + "".join(f"  {f'acc@{k}':>6}" for k in range(1, num_positions + 1)))
     lines = [header, "-" * len(header)]
     for name, r in reports.items():
         acceptance = r.acceptance_K + [math.nan] * (num_positions - len(r.acceptance_K))
         lines.append(
             f"{name:<{name_width}}  {_fmt(r.tau, 6, 3)}  {_fmt(r.mean_proposal_len, 5, 2)}  {r.num_rounds:>7d}"
-            f"  {r.generated_tokens:>7d}  {_fmt(r.tokens_per_s, 8, 1)}"
+            f"  {r.generated_tokens:>7d}  {_fmt(r.tokens_per_s, 8, 1)}  {_fmt(r.speedup_vs_target, 6, 2)}"
             + "".join(f"  {_fmt(a, 6, 3)}" for a in acceptance)
         )
     return "\n".join(lines)

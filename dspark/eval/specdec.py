@@ -21,8 +21,8 @@ import torch
 
 from dspark.eval.metrics import EvalReport, format_table
 
-__all__ = ["DecodeStats", "EvalReport", "GenerationResult", "confident_length", "decode_prompts", "evaluate",
-           "format_table", "prompt_seed", "speculative_generate", "speculative_generate_batch", "target_generate",
+__all__ = ["DecodeStats", "EvalReport", "GenerationResult", "NoDrafts", "confident_length", "decode_prompts",
+           "evaluate", "format_table", "prompt_seed", "speculative_generate", "speculative_generate_batch", "target_generate",
            "verify_drafts"]
 
 
@@ -421,6 +421,27 @@ def target_generate(target, prompt_ids: list[int], *, max_new_tokens: int, tempe
         logits_NV, _ = session.extend(torch.tensor([tokens[-1]], dtype=torch.long))
         tokens.append(_next_token(logits_NV[-1], temperature, generator))
     return tokens
+
+
+class NoDrafts(torch.nn.Module):
+    """A drafter that proposes nothing: speculative decoding with it is plain target decoding through the same
+    (batched) decode session, each round one target token. The baseline a drafter's tokens/s is compared with at
+    the same batch size. The empty parameter only says which device the target's logits are on."""
+
+    def __init__(self, target):
+        super().__init__()
+        weight_VH = target.lm_head_weight
+        self.vocab_size = weight_VH.shape[0]
+        self.anchor = torch.nn.Parameter(weight_VH.new_empty(0), requires_grad=False)
+
+    def propose(self, context_TLH, anchor_id: int, *, temperature: float, generator=None, **_):
+        from dspark.drafters.base import Proposal
+
+        return Proposal(tokens_K=torch.empty(0, dtype=torch.long),
+                        probs_KV=torch.empty((0, self.vocab_size), dtype=torch.float32))
+
+    def propose_batch(self, contexts, anchor_ids, *, temperature: float, generators, **_):
+        return [self.propose(c, a, temperature=temperature) for c, a in zip(contexts, anchor_ids)]
 
 
 def prompt_seed(seed: int, index: int) -> int:

@@ -65,6 +65,9 @@ def test_eval_prompt_file_with_two_drafters(tmp_path, tiny_llama_dir, drafter_di
                                                          batch_size=2, confidence_threshold=threshold), row
     for name, r in rows.items():
         assert r["num_prompts"] == 2 and r["tokens_per_s"] > 0
+        # plain target decoding of the same prompts, measured in the same run, and the drafter's ratio to it
+        assert r["target_tokens_per_s"] > 0
+        assert r["speedup_vs_target"] == pytest.approx(r["tokens_per_s"] / r["target_tokens_per_s"])
         assert len(r["acceptance_K"]) == len(r["survival_K"]) and r["calibration"]["num_pairs"] > 0
         assert r["confidence_threshold"] == (0.3 if name.endswith("@c0.3") else 0.0)
     assert rows["first@c0.3"]["mean_proposal_len"] <= rows["first"]["mean_proposal_len"]

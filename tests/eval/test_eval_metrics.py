@@ -51,9 +51,12 @@ def test_table_shows_drafters_side_by_side():
     good = EvalReport.from_rounds(ACCEPTED, PROPOSED, generated_tokens=17, num_prompts=2, wall_s=0.5,
                                   temperature=0.0)
     short = EvalReport.from_rounds([0, 1], [1, 1], generated_tokens=4, num_prompts=2, wall_s=0.0, temperature=0.0)
+    good.target_tokens_per_s = 20.0
     lines = format_table({"trained": good, "untrained": short}).splitlines()
-    assert lines[0].split() == ["drafter", "tau", "len", "rounds", "tokens", "tok/s", "acc@1", "acc@2", "acc@3"]
-    assert lines[2].split() == ["trained", "2.800", "2.80", "5", "17", "34.0", "0.800", "0.750", "0.667"]
-    # Missing values (no wall time, slots never proposed) print as '-'.
-    assert lines[3].split() == ["untrained", "1.500", "1.00", "2", "4", "-", "0.500", "-", "-"]
+    assert lines[0].split() == ["drafter", "tau", "len", "rounds", "tokens", "tok/s", "vs_tgt", "acc@1", "acc@2",
+                                "acc@3"]
+    assert lines[2].split() == ["trained", "2.800", "2.80", "5", "17", "34.0", "1.70", "0.800", "0.750", "0.667"]
+    assert good.to_dict()["speedup_vs_target"] == pytest.approx(1.7)
+    # Missing values (no wall time, no target baseline, slots never proposed) print as '-'.
+    assert lines[3].split() == ["untrained", "1.500", "1.00", "2", "4", "-", "-", "0.500", "-", "-"]
     assert len({len(line) for line in lines}) == 1  # fixed width
