@@ -95,9 +95,13 @@ def _reference_loss_class():
 
 
 def reference_chunked_vocab_loss(h_NH, u_NR, w2_VR, lm_head_VH, final_NH, labels_N, coef_ce_N, coef_l1_N,
-                                 chunk_rows, fold_markov: bool = True):
-    """``dspark.drafters.dspark.loss.chunked_vocab_loss`` as it was before the fold (``fold_markov`` ignored)."""
+                                 chunk_rows, softcap: float = 0.0, fold_markov: bool = True):
+    """``dspark.drafters.dspark.loss.chunked_vocab_loss`` as it was before the fold (``fold_markov`` ignored; no
+    softcap: the reference predates Gemma4)."""
     import torch
+
+    if softcap:
+        raise ValueError("the pre-fold reference loss has no softcap")
 
     if not torch.is_grad_enabled():
         h_NH = h_NH.detach()
