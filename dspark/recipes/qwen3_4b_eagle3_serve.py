@@ -1,4 +1,4 @@
-"""Eagle3 for serving on SGLang / vLLM (`dspark export --format eagle3`): as qwen3_4b_eagle3 but with the 3 feature layers
+"""Eagle3 to serve on SGLang/vLLM (`--format eagle3`): as qwen3_4b_eagle3 but with the 3 feature layers
 their LlamaForCausalLMEagle3 takes (fc is [H, 3H]): low, middle, high of Qwen3-4B's 36 decoder layers,
 [1, L/2 - 1, L - 4] = the engines' default capture (SGLang/vLLM capture the inputs of layers 2, L/2, L - 3)."""
 
