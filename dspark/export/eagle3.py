@@ -159,14 +159,12 @@ def check_engine_layers(drafter, where: str) -> None:
                          f"{ENGINE_FEATURE_LAYERS} feature layers, this drafter has {count} {list(drafter.layer_ids)}; "
                          f"formats that take {count}: {', '.join(ANY_LAYER_COUNT_FORMATS)} (or train a 3-layer "
                          f"recipe, e.g. *_eagle3_serve)")
-    last = drafter.num_target_layers - 1
-    outside = [i for i in drafter.layer_ids if not 0 <= i < last]
-    if outside:
-        # vLLM captures hidden_states + residual entering layer i + 1 (no residual before layer 0: id -1 fails),
-        # and neither engine captures after the last layer (there is no layer L to enter).
-        raise ValueError(f"{where}: --format eagle3 takes feature layer ids in [0, {last - 1}] (the engines capture "
-                         f"the input of layer id + 1); {outside} of {list(drafter.layer_ids)} are outside; formats "
-                         f"that take them: {', '.join(ANY_LAYER_COUNT_FORMATS)}")
+    if any(i < 0 for i in drafter.layer_ids):
+        # vLLM captures hidden_states + residual entering layer id + 1; before layer 0 there is no residual, so the
+        # embeddings (our id -1) cannot be captured there (the drafter itself already excludes the last layer).
+        raise ValueError(f"{where}: --format eagle3 takes feature layer ids >= 0 (vLLM captures the input of layer "
+                         f"id + 1 as hidden_states + residual); {list(drafter.layer_ids)} holds -1 (the embeddings); "
+                         f"formats that take it: {', '.join(ANY_LAYER_COUNT_FORMATS)}")
 
 
 def export_eagle3(drafter, target_config, out_dir: str | os.PathLike, engine_layers: bool = True) -> Path:

@@ -1,13 +1,14 @@
 """Run inside the ``speculators`` venv (tools/setup_speculators_env.sh), never imported by pytest.
 
-    python speculators_forward.py EXPORT_DIR INPUTS.safetensors OUT.safetensors
+    python speculators_forward.py JOBS.json      # [[EXPORT_DIR, INPUTS.safetensors, OUT.safetensors], ...]
 
-Loads EXPORT_DIR with the package's own ``SpeculatorModel.from_pretrained`` (config validation, class registry,
-verifier weights from the verifier directory named in the export) and runs its training forward in fp32 on the
-given inputs, with eager attention (flex attention needs a compiler on CPU). The anchors the DFlash family would
-sample at random are pinned to ``anchors`` so the blocks match ours. Writes every logits tensor the package's
-forward hands to its loss (``logits``: DFlash family ``[1, A*block, W]``; ``logits_step{s}`` per Eagle3 TTT step
-``[1, T, W]``), plus ``d2t``/``t2d`` when the model has them.
+One process for every job (importing the package takes seconds); a job the package refuses writes its traceback
+to OUT.error instead. Each job loads EXPORT_DIR with the package's own ``SpeculatorModel.from_pretrained``
+(config validation, class registry, verifier weights from the verifier directory named in the export) and runs
+its training forward in fp32 on the given inputs, with eager attention (flex attention needs a compiler on CPU).
+The anchors the DFlash family would sample at random are pinned to ``anchors`` so the blocks match ours. Writes
+every logits tensor the package's forward hands to its loss (``logits``: DFlash family ``[1, A*block, W]``;
+``logits_step{s}`` per Eagle3 TTT step ``[1, T, W]``), plus ``d2t``/``t2d`` when the model has them.
 """
 
 import sys
@@ -53,4 +54,12 @@ def main(export_dir: str, inputs_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    import json
+    import traceback
+
+    for export_dir, inputs_path, out_path in json.loads(open(sys.argv[1]).read()):
+        try:
+            main(export_dir, inputs_path, out_path)
+        except Exception:  # noqa: BLE001 - reported to the test, which decides
+            with open(out_path + ".error", "w") as f:
+                f.write(traceback.format_exc())

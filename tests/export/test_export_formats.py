@@ -75,9 +75,9 @@ def test_export_is_staged_refuses_a_non_empty_dir_and_overwrite_replaces_it_whol
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    # A failing export (eagle3 cannot hold 5 layers) leaves the previous export as it was, and no temp dirs.
+    # A failing export (eagle3 cannot hold 4 layers) leaves the previous export as it was, and no temp dirs.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    e3 = build_drafter(DrafterConfig(**DRAFTERS["eagle3"][0]), target.config, [0, 1, 2, 1, 0],
+    e3 = build_drafter(DrafterConfig(**DRAFTERS["eagle3"][0]), target.config, [-1, 0, 1, 2],
                        target.embed_weight, target.lm_head_weight)
     with pytest.raises(ValueError, match="takes exactly 3 feature layers"):
         export_drafter(e3, out, "eagle3", overwrite=True)
