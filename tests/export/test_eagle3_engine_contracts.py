@@ -164,3 +164,18 @@ def test_eagle3_format_refuses_what_the_engines_cannot_load(layer_ids, expected,
         export_drafter(_drafter(target, layer_ids), tmp_path / "e3", "eagle3", target_config=target.config)
     assert expected in str(err.value) and "speculators" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "e3").exists()
+
+
+def test_serve_recipes_take_three_layers_and_reference_recipes_keep_five():
+    """Each `*_eagle3_serve` recipe feeds the engines 3 layers (low, middle, high = their default capture), while
+    the reference Eagle3 recipe it derives from keeps its 5."""
+    import runpy
+
+    from dspark.config import RECIPES_DIR, list_recipes, load_config
+
+    serve = [name for name in list_recipes() if name.endswith("_eagle3_serve")]
+    assert len(serve) == 4
+    for name in serve:
+        cfg, layers = load_config(name), runpy.run_path(str(RECIPES_DIR / f"{name}.py"))["NUM_TARGET_LAYERS"]
+        assert cfg.drafter.algorithm == "eagle3" and cfg.target.layer_ids == [1, layers // 2 - 1, layers - 4]
+        assert len(load_config(name.removesuffix("_serve")).target.layer_ids) == 5
