@@ -40,7 +40,15 @@ def gguf_to_hf_dir(folder: str, gguf_file: str, display: str, cache_root: Path |
 
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    # transformers refuses to save a model it loaded from GGUF (its quantizer stays attached), though the weights
+    # are plain dequantised tensors: move them into a model built from the config alone, which saves normally.
+    config = loaded.config
+    for attr in ("quantization_config", "gguf_file"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
     model.save_pretrained(tmp)  # safetensors; config.json carries architectures
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
     (tmp / MARKER).write_text(f"{gguf}\n")
