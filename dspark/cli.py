@@ -356,18 +356,30 @@ def data_fetch_benchmarks(names, data_dir, force):
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", default="deepspec", show_default=True,
               type=click.Choice(sorted(EXPORT_FORMATS)),
-              help="Attach-on layout to write (speculators: vLLM speculators' format).")
+              help="Attach-on layout to write (speculators: vLLM speculators' format; eagle3: SGLang/vLLM "
+                   "LlamaForCausalLMEagle3, exactly 3 feature layers).")
+@click.option("--verifier", default=None, metavar="NAME_OR_PATH",
+              help="Target the export names as its verifier: an HF directory, hub id or dspark target "
+                   "(builtin:... targets are written as an HF directory first). Default: the run's target.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR whole (refused otherwise).")
 @_friendly_errors
-def export(drafter_dir, out_dir, fmt):
-    """Export a trained drafter as a Hugging Face attach-on checkpoint.
+def export(drafter_dir, out_dir, fmt, verifier, overwrite):
+    """Export a trained drafter as a Hugging Face attach-on checkpoint, and print the command that serves it.
 
     \b
     Example:
       dspark export runs/smollm2_dspark/drafter exported/ --format deepspec
+      dspark export runs/smollm2_eagle3_serve/drafter e3/ --format eagle3 --verifier builtin:smollm2
     """
     from dspark import pipeline
+    from dspark.export.serve import serve_commands
 
-    click.echo(f"exported: {pipeline.export(Path(drafter_dir), Path(out_dir), fmt)}")
+    out = pipeline.export(Path(drafter_dir), Path(out_dir), fmt, verifier=verifier, overwrite=overwrite)
+    click.echo(f"exported: {out}")
+    spec = json.loads((out / "config.json").read_text())
+    named = (spec.get("speculators_config") or {}).get("verifier", {}).get("name_or_path")
+    for command in serve_commands(fmt, out, named or pipeline.verifier_name(Path(drafter_dir), verifier, fmt)):
+        click.echo(f"serve: {command}")
 
 
 @main.command()

@@ -29,9 +29,12 @@ def run_demo(cfg: RunConfig) -> dict:
     with times.timed("eval"):
         report = pipeline.evaluate(cfg, target=target)
     with times.timed("export"):
-        # The drafter is exported in the layout it was trained into (Eagle3 has its own; see load_drafter).
-        fmt = "eagle3" if cfg.drafter.algorithm == "eagle3" else "deepspec"
-        exported = pipeline.export(paths.drafter, paths.export(fmt), fmt)
+        # The drafter is exported in the layout it was trained into (Eagle3 has its own; see load_drafter), or as
+        # speculators when SGLang/vLLM's Eagle3 layout cannot hold its feature layers (it takes exactly 3).
+        fmt = "deepspec"
+        if cfg.drafter.algorithm == "eagle3":
+            fmt = "eagle3" if len(cfg.target.layer_ids) == 3 else "speculators"
+        exported = pipeline.export(paths.drafter, paths.export(fmt), fmt, overwrite=True)
 
     summary = {"stage_seconds": {k: round(v, 1) for k, v in times.seconds.items()},
                "train_steps": result.steps, "final_loss": result.final_loss,
@@ -45,7 +48,7 @@ def run_demo(cfg: RunConfig) -> dict:
                        ("held-out prompts", paths.eval_prompts), ("hidden-state cache", paths.cache),
                        ("checkpoints", result.checkpoint_dir), ("trained drafter", paths.drafter),
                        ("tensorboard", paths.tensorboard), ("eval report", paths.eval_dir / "report.json"),
-                       ("acceptance plots", paths.eval_dir), ("export (deepspec)", exported),
+                       ("acceptance plots", paths.eval_dir), (f"export ({fmt})", exported),
                        ("summary", paths.root / "demo_summary.json")]:
         print(f"  {name:<20} {path}")
     print(f"\nwatch training: tensorboard --logdir {paths.tensorboard}")

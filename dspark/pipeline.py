@@ -172,7 +172,9 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
         prompt_sets[""] = load_prompts(str(paths.eval_prompts), ev.num_prompts)
     target = target or load_target(cfg.target, device=dist_utils.local_device())
     device = target.embed_weight.device  # drafters run where the target's logits are
-    drafters = {name: load_drafter(directory).to(device).eval() for name, directory in drafter_dirs.items()}
+    # Any export format; formats without the frozen embedding / LM head take them from this target.
+    drafters = {name: load_drafter(directory, verifier=target).to(device).eval()
+                for name, directory in drafter_dirs.items()}
     if with_untrained:
         torch.manual_seed(cfg.train.seed)  # the same initialisation the trained drafter started from
         drafters["untrained"] = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
@@ -305,48 +307,65 @@ def _log_eval_report(logger, prefix: str, report) -> None:
                        if not math.isnan(v)})
 
 
-def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec") -> Path:
+def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec", verifier: str | None = None,
+           overwrite: bool = False) -> Path:
     """Write the trained drafter as an HF attach-on directory in ``fmt``.
 
-    A ``calibration.json`` (``dspark calibrate``) travels with the ``deepspec`` layout, whose loader applies it;
-    the other formats have no confidence head, so it is left behind with a warning.
+    ``verifier`` (an HF directory, hub id or dspark target name; default: the run's ``target.name_or_path`` when
+    ``drafter_dir`` is ``<run>/drafter``) is what the export names as its target: built-in targets are written as
+    HF directories first (``dspark.export.verifier``), so an engine can load export and verifier as they are. A
+    non-empty ``out_dir`` is refused unless ``overwrite`` (replaced whole). A ``calibration.json`` (``dspark
+    calibrate``) travels with the ``deepspec`` layout, whose loader applies it; the other formats have no
+    confidence head, so it is left behind with a warning.
     """
-    import shutil
     import warnings
 
     from dspark.drafters import load_drafter
     from dspark.eval.sts import CALIBRATION_FILE
-    from dspark.export import export_drafter
+    from dspark.export import FORMATS, detect_format, export_drafter
+    from dspark.export.common import check_target_dir
+    from dspark.export.verifier import plain_target_config, verifier_config
 
-    if not (Path(drafter_dir) / "config.json").is_file():
-        raise ValueError(f"{drafter_dir} holds no trained drafter (config.json missing)")
-    drafter = load_drafter(drafter_dir)
-    out = export_drafter(drafter, out_dir, fmt, target_config=_run_target_config(Path(drafter_dir)))
+    if fmt not in FORMATS:  # before anything loads
+        raise ValueError(f"export format {fmt!r} unknown; expected one of: {', '.join(sorted(FORMATS))}")
+    check_target_dir(Path(out_dir), overwrite)
+    detect_format(drafter_dir)  # "not a drafter directory" before the verifier is built
+    verifier = verifier or _run_target_name(Path(drafter_dir))
+    target_config = None
+    if verifier:  # engine formats name an HF directory an engine loads; deepspec only cross-checks dims
+        target_config = plain_target_config(verifier) if fmt == "deepspec" else verifier_config(verifier)
+    drafter = load_drafter(drafter_dir, verifier=verifier)
+    extra = {}
     calibration = Path(drafter_dir) / CALIBRATION_FILE
     if calibration.is_file():
         if fmt == "deepspec":
-            shutil.copyfile(calibration, Path(out) / CALIBRATION_FILE)
+            extra[CALIBRATION_FILE] = calibration
         else:
             warnings.warn(f"{calibration} is not exported: format {fmt} carries no confidence head", stacklevel=2)
-    return out
+    return export_drafter(drafter, out_dir, fmt, target_config=target_config, overwrite=overwrite,
+                          extra_files=extra)
 
 
-def _run_target_config(drafter_dir: Path):
-    """The verifier's HF config for a drafter inside a run directory (``<run>/drafter``), named by the run's
-    ``target.name_or_path`` so formats that record their verifier (speculators) can; None outside a run."""
-    from transformers import AutoConfig
+def verifier_name(drafter_dir: Path, verifier: str | None = None, fmt: str = "deepspec") -> str | None:
+    """The name an export's serving command uses for ``verifier`` or, by default, the run's target: the
+    engine-loadable HF directory or hub id for the engine formats, the dspark target name for deepspec (read by
+    ``dspark eval``); None when neither is known."""
+    from dspark.export.verifier import verifier_source
 
+    verifier = verifier or _run_target_name(Path(drafter_dir))
+    if not verifier or fmt == "deepspec":
+        return verifier
+    return verifier_source(verifier)
+
+
+def _run_target_name(drafter_dir: Path) -> str | None:
+    """The run's ``target.name_or_path`` for a drafter inside a run directory (``<run>/drafter``); None outside."""
     from dspark.config import config_from_dict
-    from dspark.targets.hf import resolve_target_source
 
     run_config = drafter_dir.parent / "config.json"
     if not run_config.is_file():
         return None
-    cfg = config_from_dict(json.loads(run_config.read_text()))
-    source, gguf_file, _ = resolve_target_source(cfg.target.name_or_path)
-    config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
-    config._name_or_path = cfg.target.name_or_path
-    return config
+    return config_from_dict(json.loads(run_config.read_text())).target.name_or_path
 
 
 def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progress: bool = True,

@@ -96,12 +96,20 @@ def rebuild_drafter(run_dir: Path, tag: str | None = None):
     return drafter.eval(), hf_config, stage
 
 
-def convert(run_dir: Path, out_dir: Path, fmt: str = "deepspec", tag: str | None = None) -> Path:
-    """Export the drafter of ``run_dir``'s checkpoint (newest complete, or ``tag``) to ``out_dir`` in ``fmt``."""
+def convert(run_dir: Path, out_dir: Path, fmt: str = "deepspec", tag: str | None = None,
+            overwrite: bool = False) -> Path:
+    """Export the drafter of ``run_dir``'s checkpoint (newest complete, or ``tag``) to ``out_dir`` in ``fmt``.
+    Formats an engine loads name the run's target as an engine-loadable verifier (a built-in target is written as
+    an HF directory first, ``dspark.export.verifier``); a non-empty ``out_dir`` needs ``overwrite``."""
+    from dspark.config import config_from_dict
     from dspark.export import export_drafter
+    from dspark.export.verifier import verifier_config
 
     drafter, hf_config, _ = rebuild_drafter(run_dir, tag)
-    return export_drafter(drafter, out_dir, fmt, target_config=hf_config)
+    if fmt != "deepspec":
+        name = config_from_dict(json.loads((Path(run_dir) / "config.json").read_text())).target.name_or_path
+        hf_config = verifier_config(name)
+    return export_drafter(drafter, out_dir, fmt, target_config=hf_config, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="where to write the export")
     parser.add_argument("--format", dest="fmt", default="deepspec", choices=sorted(FORMATS))
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR whole")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.run_dir, args.out_dir, args.fmt, args.tag)
+        out = convert(args.run_dir, args.out_dir, args.fmt, args.tag, args.overwrite)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

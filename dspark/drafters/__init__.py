@@ -1,7 +1,7 @@
 """Drafters: one folder per algorithm behind the ``Drafter`` interface, plus shared blocks.
 
-``build_drafter`` makes a fresh drafter for a target; ``load_drafter`` rebuilds one from an exported
-deepspec directory. Single-device torch only (no deepspeed / megatron / torch.distributed imports here).
+``build_drafter`` makes a fresh drafter for a target; ``load_drafter`` rebuilds one from an export directory
+(any format). Single-device torch only (no deepspeed / megatron / torch.distributed imports here).
 """
 
 from __future__ import annotations
@@ -35,30 +35,20 @@ def build_drafter(cfg: DrafterConfig, target_config, layer_ids: list[int], embed
     raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark, dflash or eagle3")
 
 
-def load_drafter(export_dir: str | Path, apply_calibration: bool = True) -> Drafter:
-    """Rebuild a drafter (weights included) from an export directory (``config.json`` + safetensors): the deepspec
-    layout, or the Eagle3 one (``architectures: ["LlamaForCausalLMEagle3"]``).
+def load_drafter(export_dir: str | Path, apply_calibration: bool = True, verifier=None) -> Drafter:
+    """Rebuild a drafter (weights included) from an export directory in any format dspark writes (deepspec,
+    eagle3, speculators; recognised from its ``config.json`` by ``dspark.export.detect_format``).
 
+    ``verifier`` (a target backend, ``(config, embed_VH, lm_head_VH)`` or a name) supplies the frozen embedding /
+    LM head to formats that do not store them (speculators DSpark/DFlash); default: the verifier the export names.
     A ``calibration.json`` beside the weights (written by ``dspark calibrate``) sets the confidence head's per-slot
     temperatures unless ``apply_calibration`` is False; a malformed one, one of the wrong length, or one for a
     drafter without a confidence head is a ValueError.
     """
-    import json
-
     from dspark.eval.sts import read_calibration
-    from dspark.export.deepspec import load_deepspec
+    from dspark.export import load_exported
 
-    config_path = Path(export_dir) / "config.json"
-    try:
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        architectures = []  # load_deepspec reports the missing or broken file
-    if "LlamaForCausalLMEagle3" in architectures:
-        from dspark.export.eagle3 import load_eagle3
-
-        drafter = load_eagle3(export_dir)
-    else:
-        drafter = load_deepspec(export_dir)
+    drafter = load_exported(export_dir, verifier=verifier)
     temperatures = read_calibration(export_dir, getattr(drafter, "block_size", None)) if apply_calibration else None
     if temperatures is not None:
         if not hasattr(drafter, "set_confidence_temperatures"):

@@ -1,12 +1,14 @@
 """Attach-on exporters (one module per layout) and their loaders for round trips.
 
 ``export_drafter(drafter, out_dir, fmt)`` is the single entry the CLI uses; each format lives in its own module
-(``deepspec.py``; more layouts register in ``FORMATS``).
+(``FORMATS``). ``detect_format(dir)`` / ``load_exported(dir)`` recognise a directory's format from its
+``config.json`` (``DRAFTER_FORMATS``) and rebuild the drafter.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -15,15 +17,80 @@ FORMATS = {"deepspec": ("dspark.export.deepspec", "export_deepspec"),
            "eagle3": ("dspark.export.eagle3", "export_eagle3"),
            "speculators": ("dspark.export.speculators", "export_speculators")}
 
-__all__ = ["FORMATS", "export_deepspec", "export_drafter", "load_deepspec"]
+# How a drafter directory's config.json is recognised, tried in order: (format, a top-level key only that format
+# writes, or None, an ``architectures`` entry that marks it, or None, loader module, loader function). Loaders that
+# take ``verifier=`` get the caller's target (formats that do not store the frozen embedding / LM head). Extend
+# here for new layouts.
+DRAFTER_FORMATS = (
+    ("speculators", "speculators_model_type", None, "dspark.export.speculators", "load_speculators"),
+    ("eagle3", None, "LlamaForCausalLMEagle3", "dspark.export.eagle3", "load_eagle3"),
+    ("deepspec", "target_layer_ids", None, "dspark.export.deepspec", "load_deepspec"),
+)
+VERIFIER_LOADERS = ("speculators",)
+
+__all__ = ["DRAFTER_FORMATS", "FORMATS", "detect_format", "export_deepspec", "export_drafter", "load_deepspec",
+           "load_exported"]
 
 
-def export_drafter(drafter, out_dir: str | os.PathLike, fmt: str = "deepspec", target_config=None) -> Path:
-    """Write ``drafter`` to ``out_dir`` in layout ``fmt``; ``target_config`` (optional) is cross-checked."""
+def _read_config(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a drafter directory (it does not exist or is a file)")
+    if not config_path.is_file():
+        raise ValueError(f"{path} is not a drafter directory: config.json is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    return config
+
+
+def detect_format(export_dir: str | os.PathLike) -> str:
+    """The format (a ``DRAFTER_FORMATS`` name) of the drafter directory ``export_dir``; ValueError if none fits."""
+    path = Path(export_dir)
+    config = _read_config(path)
+    for fmt, key, architecture, _, _ in DRAFTER_FORMATS:
+        if (key is not None and key in config) or (architecture is not None
+                                                     and architecture in (config.get("architectures") or [])):
+            return fmt
+    marks = ", ".join(f"{fmt} ({key or 'architectures ' + repr(arch)})" for fmt, key, arch, _, _ in DRAFTER_FORMATS)
+    raise ValueError(f"{path} is not a drafter directory: its config.json (architectures "
+                     f"{config.get('architectures')}) matches no drafter format; expected one of: {marks}")
+
+
+def load_exported(export_dir: str | os.PathLike, verifier=None):
+    """Rebuild the drafter in ``export_dir`` whatever its format; ``verifier`` (a target backend, a
+    ``(config, embed_VH, lm_head_VH)`` tuple or a name) supplies frozen weights to formats that do not store them
+    (default: the verifier named in the export)."""
+    fmt = detect_format(export_dir)
+    _, _, _, module, function = next(row for row in DRAFTER_FORMATS if row[0] == fmt)
+    loader = getattr(importlib.import_module(module), function)
+    return loader(export_dir, verifier=verifier) if fmt in VERIFIER_LOADERS else loader(export_dir)
+
+
+def export_drafter(drafter, out_dir: str | os.PathLike, fmt: str = "deepspec", target_config=None,
+                   overwrite: bool = False, extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
+    """Write ``drafter`` to ``out_dir`` in layout ``fmt``; ``target_config`` (the verifier's HF config; required by
+    speculators) is cross-checked. The export is built in a fresh temporary directory and renamed into place; a
+    non-empty ``out_dir`` is refused unless ``overwrite`` (then it is replaced whole). ``extra_files`` ({name:
+    source}) are copied in beside the weights before the rename."""
+    import shutil
+
+    from dspark.export.common import check_target_dir, staged_dir
+
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} unknown; expected one of: {', '.join(sorted(FORMATS))}")
+    out = Path(out_dir)
+    check_target_dir(out, overwrite)
     module, function = FORMATS[fmt]
-    return getattr(importlib.import_module(module), function)(drafter, target_config, out_dir)
+    export = getattr(importlib.import_module(module), function)
+    with staged_dir(out) as staged:
+        export(drafter, target_config, staged)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staged / name)
+    return out
 
 
 def __getattr__(name):

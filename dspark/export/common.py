@@ -1,14 +1,19 @@
-"""What every attach-on exporter shares: the tensor check against a layout and the atomic write of the files."""
+"""What every attach-on exporter shares: the tensor check against a layout and the atomic write of a directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 WEIGHTS_FILE = "model.safetensors"
+# Exports are handed to serving engines that often run as another user: world-readable files and folders.
+FILE_MODE, DIR_MODE = 0o644, 0o755
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], layout: str, where: str,
@@ -29,16 +34,54 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
             raise ValueError(f"{where}: {name} is all zero or not finite; it must be the target's frozen weight")
 
 
+def check_target_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an export target that is a file, or a non-empty directory unless ``overwrite`` (which replaces it
+    whole): an export never mixes its files with foreign ones."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export target {out} is a file, expected a directory (new or empty)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"export target {out} is not empty; pass --overwrite to replace it whole, or name a new "
+                         f"directory")
+
+
+def _replace_dir(staged: Path, out: Path) -> None:
+    """Put the finished directory ``staged`` at ``out``, replacing whatever is there (renames, same filesystem)."""
+    for root, dirs, files in os.walk(staged):
+        os.chmod(root, DIR_MODE)
+        for f in files:
+            os.chmod(os.path.join(root, f), FILE_MODE)
+    if not out.exists():
+        os.replace(staged, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, old / out.name)
+    os.replace(staged, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike):
+    """Yield a path in a fresh temporary directory beside ``out`` (not yet created) to build the export in; when
+    the block succeeds that directory replaces ``out`` whole (files 0644), when it fails it is removed and ``out``
+    is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield scratch / out.name
+        _replace_dir(scratch / out.name, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write ``model.safetensors`` then ``config.json`` under temporary names and rename each into place, so a
-    reader never sees a half-written file (and config.json, written last, marks a complete export)."""
+    """Write ``model.safetensors`` and ``config.json`` into a fresh temporary directory and rename it into place
+    (replacing ``out``), so a reader never sees a half-written export or foreign files beside it."""
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_weights = out / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    os.replace(tmp_weights, out / WEIGHTS_FILE)
-    tmp_config = out / f".config.json.tmp{os.getpid()}"
-    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp_config, out / "config.json")
+    out = Path(out)
+    with staged_dir(out) as staged:
+        staged.mkdir()
+        save_file(tensors, str(staged / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

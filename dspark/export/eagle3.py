@@ -6,9 +6,12 @@ Both are ``config.json`` + ``model.safetensors`` with tensor names without prefi
   ``midlayer.self_attn.o_proj.weight``, ``midlayer.mlp.{gate,up,down}_proj.weight``, ``norm.weight``,
   ``embed_tokens.weight [V, H]``, ``lm_head.weight [W, H]``, and when the draft vocab is pruned ``d2t [W]``
   (int64 offsets: target id = draft id + d2t) and ``t2d [V]`` (bool). Config: a Llama config of the one draft
-  layer with ``draft_vocab_size``, ``target_hidden_size`` and ``eagle_config.eagle_aux_hidden_state_layer_ids``.
-  SGLang reads those ids as "output of decoder layer i" (it captures the input of layer i + 1), which is this
-  project's convention, so they are written unchanged.
+  layer with ``draft_vocab_size``, ``target_hidden_size`` and the feature layer ids twice, once per engine:
+  ``eagle_config.eagle_aux_hidden_state_layer_ids`` in SGLang's convention ("output of decoder layer i": it
+  captures the input of layer i + 1; this project's convention, written unchanged) and a top-level
+  ``eagle_aux_hidden_state_layer_ids`` in vLLM's (id j = the input of layer j: our ids + 1; vLLM reads the
+  top-level list first). Both engines size ``fc`` as ``3 * target_hidden_size``, so this layout takes exactly
+  ``ENGINE_FEATURE_LAYERS`` (3) feature layers; other counts go to the speculators format.
 - speculators (``speculators_model_type: eagle3``): the same tensors with ``layers.0.`` instead of
   ``midlayer.``, a nested ``transformer_layer_config``, ``speculators_config`` (proposal method, verifier),
   ``norm_before_residual: false`` (our residual is the un-normed hidden input) and a top-level
@@ -30,6 +33,10 @@ from dspark.export.common import WEIGHTS_FILE, check_tensors, write_checkpoint
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 SPECULATORS_ARCHITECTURE = "Eagle3Speculator"
 SPECULATORS_VERSION = "0.9.0"
+# SGLang's and vLLM's LlamaForCausalLMEagle3 build fc as [H, 3 * target_hidden_size].
+ENGINE_FEATURE_LAYERS = 3
+# Formats that hold an Eagle3 drafter with any number of feature layers.
+ANY_LAYER_COUNT_FORMATS = ("speculators",)
 REQUIRED_CONFIG_KEYS = (
     "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
     "rms_norm_eps", "rope_theta", "vocab_size", "draft_vocab_size", "num_hidden_layers", "eagle_config", "dspark",
@@ -91,7 +98,7 @@ def eagle3_config(drafter) -> dict:
         "draft_vocab_size": drafter.draft_vocab_size,
         "target_hidden_size": drafter.hidden_size,
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(drafter.layer_ids), "use_aux_hidden_state": True},
-        "eagle_aux_hidden_state_layer_ids": list(drafter.layer_ids),
+        "eagle_aux_hidden_state_layer_ids": [i + 1 for i in drafter.layer_ids],  # vLLM: input of layer j
         "dspark": _dspark_section(drafter),
     })
     return config
@@ -144,13 +151,33 @@ def _check_target(drafter, target_config) -> None:
                              f"{config_get(target_config, key)}")
 
 
-def export_eagle3(drafter, target_config, out_dir: str | os.PathLike) -> Path:
+def check_engine_layers(drafter, where: str) -> None:
+    """Refuse a drafter whose feature-layer count SGLang/vLLM's ``LlamaForCausalLMEagle3`` cannot load."""
+    count = len(drafter.layer_ids)
+    if count != ENGINE_FEATURE_LAYERS:
+        raise ValueError(f"{where}: --format eagle3 (SGLang/vLLM LlamaForCausalLMEagle3) takes exactly "
+                         f"{ENGINE_FEATURE_LAYERS} feature layers, this drafter has {count} {list(drafter.layer_ids)}; "
+                         f"formats that take {count}: {', '.join(ANY_LAYER_COUNT_FORMATS)} (or train a 3-layer "
+                         f"recipe, e.g. *_eagle3_serve)")
+    if any(i < 0 for i in drafter.layer_ids):
+        # vLLM captures hidden_states + residual entering layer id + 1; before layer 0 there is no residual, so the
+        # embeddings (our id -1) cannot be captured there (the drafter itself already excludes the last layer).
+        raise ValueError(f"{where}: --format eagle3 takes feature layer ids >= 0 (vLLM captures the input of layer "
+                         f"id + 1 as hidden_states + residual); {list(drafter.layer_ids)} holds -1 (the embeddings); "
+                         f"formats that take it: {', '.join(ANY_LAYER_COUNT_FORMATS)}")
+
+
+def export_eagle3(drafter, target_config, out_dir: str | os.PathLike, engine_layers: bool = True) -> Path:
     """Write ``drafter`` in the SGLang/vLLM ``LlamaForCausalLMEagle3`` layout; returns the directory.
 
     ``target_config`` (HF config or dict; None to skip) is cross-checked against the drafter's dims.
+    ``engine_layers=False`` lifts the 3-feature-layer rule, for the trainer's own ``<run>/drafter`` copy that only
+    dspark reads back (``load_drafter``); exports for engines keep it.
     """
     out = Path(out_dir)
     _check_drafter(drafter, str(out))
+    if engine_layers:
+        check_engine_layers(drafter, str(out))
     _check_target(drafter, target_config)
     config = eagle3_config(drafter)
     tensors = _drafter_tensors(drafter, "midlayer.")
@@ -159,19 +186,15 @@ def export_eagle3(drafter, target_config, out_dir: str | os.PathLike) -> Path:
 
 
 def export_speculators_eagle3(drafter, target_config, out_dir: str | os.PathLike) -> Path:
-    """Write ``drafter`` in vLLM speculators' eagle3 form; ``target_config`` names the verifier (its
-    ``_name_or_path`` / ``name_or_path`` and ``architectures``; None leaves them null)."""
-    from dspark.drafters.common import config_get
-
+    """Write ``drafter`` in vLLM speculators' eagle3 form (any number of feature layers: ``fc`` is sized from
+    them); ``target_config`` names the verifier (engine-loadable ``_name_or_path`` and ``architectures``)."""
     out = Path(out_dir)
     _check_drafter(drafter, str(out))
     _check_target(drafter, target_config)
+    from dspark.export.speculators import verifier_fields
+
     layer = _llama_fields(drafter)
-    verifier = {"name_or_path": None, "architectures": None}
-    if target_config is not None:
-        verifier = {"name_or_path": config_get(target_config, "_name_or_path") or config_get(target_config,
-                                                                                               "name_or_path"),
-                    "architectures": config_get(target_config, "architectures")}
+    verifier = verifier_fields(target_config, str(out))
     config = {
         "architectures": [SPECULATORS_ARCHITECTURE],
         "speculators_model_type": "eagle3",

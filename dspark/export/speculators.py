@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -48,22 +47,28 @@ _NOT_LAYER_FIELDS = ("architectures", "block_size", "mask_token_id", "target_lay
 _FROZEN = ("embed_tokens.weight", "lm_head.weight")
 
 
-def _verifier_fields(target_config) -> dict:
+def verifier_fields(target_config, where: str) -> dict:
+    """``speculators_config.verifier`` of an export: the verifier's engine-loadable name and architectures (from
+    ``target_config``, e.g. ``dspark.export.verifier.verifier_config``); refuses what an engine could not load."""
     from dspark.drafters.common import config_get
+    from dspark.export.verifier import check_verifier_fields
 
     if target_config is None:
-        return {"name_or_path": None, "architectures": None}
+        raise ValueError(f"{where}: the speculators format names its verifier; pass the target "
+                         f"(--verifier NAME_OR_PATH)")
     name = config_get(target_config, "_name_or_path") or config_get(target_config, "name_or_path")
-    return {"name_or_path": str(name) if name else None, "architectures": config_get(target_config, "architectures")}
+    architectures = config_get(target_config, "architectures")
+    check_verifier_fields(name, architectures, where)
+    return {"name_or_path": str(name), "architectures": list(architectures)}
 
 
-def speculators_config(drafter, target_config=None) -> dict:
+def speculators_config(drafter, target_config, where: str = "speculators export") -> dict:
     """The ``config.json`` of ``drafter`` (a DSpark/DFlash drafter) in vLLM speculators' layout."""
     deepspec = drafter.drafter_config()
     algorithm = drafter.algorithm
     speculative_tokens = drafter.block_size  # K predicted tokens in both block layouts
     layer = {k: v for k, v in deepspec.items() if k not in _NOT_LAYER_FIELDS}
-    verifier = _verifier_fields(target_config)
+    verifier = verifier_fields(target_config, where)
     config = {
         "architectures": [ARCHITECTURES[algorithm]],
         "speculators_model_type": algorithm,
@@ -175,9 +180,9 @@ def _check_expressible(drafter, target_config, where: str) -> None:
 def export_speculators(drafter, target_config, out_dir: str | os.PathLike) -> Path:
     """Write ``drafter`` in vLLM speculators' layout into ``out_dir``; returns the directory.
 
-    ``target_config`` (the verifier's HF config, object or dict) names the verifier and is cross-checked; None
-    writes a null verifier (with a warning) that the loader then needs passed explicitly. Eagle3 drafters go to
-    ``dspark.export.eagle3.export_speculators_eagle3``.
+    ``target_config`` (the verifier's HF config, object or dict) names the verifier and is cross-checked; it must
+    carry an engine-loadable ``_name_or_path`` and ``architectures`` (``dspark.export.verifier.verifier_config``
+    makes one from a dspark target name). Eagle3 drafters go to ``dspark.export.eagle3.export_speculators_eagle3``.
     """
     out = Path(out_dir)
     if getattr(drafter, "algorithm", None) == "eagle3":
@@ -188,10 +193,7 @@ def export_speculators(drafter, target_config, out_dir: str | os.PathLike) -> Pa
                              f"export_speculators_eagle3, which this install lacks ({exc})") from None
         return export_speculators_eagle3(drafter, target_config, out)
     _check_expressible(drafter, target_config, str(out))
-    if target_config is None:
-        warnings.warn(f"{out}: no verifier config given: speculators_config.verifier is written as null "
-                      f"(vLLM needs it; pass the target config, e.g. via tools/convert_to_hf.py)")
-    config = speculators_config(drafter, target_config)
+    config = speculators_config(drafter, target_config, str(out))
     _check_config(config, str(out))
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in drafter.full_state_dict().items()
                if k not in _FROZEN}

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from dspark.config import DrafterConfig
 from dspark.drafters import build_drafter, load_drafter
-from dspark.export.deepspec import expected_tensor_shapes, export_deepspec
+from dspark.export.deepspec import expected_tensor_shapes, export_deepspec, load_deepspec
 
 V, H = 300, 64
 TARGET = dict(model_type="llama", hidden_size=H, vocab_size=V, num_attention_heads=4, num_key_value_heads=2,
@@ -134,6 +134,8 @@ def test_loader_is_strict_and_versioned(tmp_path):
     with pytest.raises(ValueError, match="deepspec config lacks required key"):
         load_drafter(out)
     with pytest.raises(ValueError, match="is not a deepspec export: config.json is missing"):
+        load_deepspec(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="nowhere is not a drafter directory"):  # load_drafter detects first
         load_drafter(tmp_path / "nowhere")
 
 

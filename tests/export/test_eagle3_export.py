@@ -25,7 +25,7 @@ TARGET = dict(model_type="qwen3", hidden_size=H, vocab_size=V, num_attention_hea
               head_dim=16, intermediate_size=96, num_hidden_layers=6, rms_norm_eps=1e-5,
               rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, max_position_embeddings=512,
               bos_token_id=1, eos_token_id=2, _name_or_path="Qwen/Qwen3-tiny", architectures=["Qwen3ForCausalLM"])
-LAYER_IDS = [-1, 1, 3]
+LAYER_IDS = [0, 1, 3]  # SGLang/vLLM capture the inputs of layers 1, 2, 4 of 6
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:draft vocab")]
 
 
@@ -67,7 +67,8 @@ def test_eagle3_layout_round_trip(draft_vocab_size, tmp_path):
     tensors = load_file(str(out / "model.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_tensor_shapes(config)
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["num_hidden_layers"] == 1
-    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == LAYER_IDS
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == LAYER_IDS  # SGLang: output of layer i
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4]  # vLLM (read first): input of layer j
     assert config["draft_vocab_size"] == (draft_vocab_size or V) and config["vocab_size"] == V
     assert tensors["midlayer.self_attn.q_proj.weight"].shape == (4 * 16, 2 * H)
     assert torch.equal(tensors["embed_tokens.weight"], d.embed_tokens.weight)
@@ -102,7 +103,7 @@ def test_speculators_round_trip(draft_vocab_size, tmp_path):
                                                          "architectures": ["Qwen3ForCausalLM"]}
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 5
     assert config["transformer_layer_config"]["num_hidden_layers"] == 1
-    assert config["eagle_aux_hidden_state_layer_ids"] == [0, 2, 4]  # vLLM: id j = output of layer j - 1
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4]  # vLLM: id j = output of layer j - 1
     assert "layers.0.hidden_norm.weight" in tensors and not any(k.startswith("midlayer.") for k in tensors)
     assert ("d2t" in tensors) == bool(draft_vocab_size)
     _same_behaviour(d, load_speculators_eagle3(out))

@@ -185,9 +185,14 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="built for a 6-layer target, the verifier has 8"):
         export_speculators(_drafter(), dict(TARGET, num_hidden_layers=8), tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    with pytest.warns(UserWarning, match="verifier is written as null"):
-        out = export_speculators(_drafter(), None, tmp_path / "no_verifier")
-    assert json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"] is None
+    # Never a null verifier (speculators 0.9 refuses `architectures: None` at config validation) nor a builtin: one.
+    with pytest.raises(ValueError, match="names its verifier; pass the target"):
+        export_speculators(_drafter(), None, tmp_path / "no_verifier")
+    with pytest.raises(ValueError, match="has no architectures list"):
+        export_speculators(_drafter(), dict(TARGET, architectures=None), tmp_path / "no_verifier")
+    with pytest.raises(ValueError, match="'builtin:smollm2' is not loadable by an engine"):
+        export_speculators(_drafter(), dict(TARGET, _name_or_path="builtin:smollm2"), tmp_path / "no_verifier")
+    assert not (tmp_path / "no_verifier").exists()
 
 
 def test_eagle3_goes_to_the_eagle3_writer(tmp_path):
@@ -217,10 +222,10 @@ def test_cli_export_format_choices_come_from_formats(tmp_path):
 
     assert {"deepspec", "speculators", "eagle3"} <= set(FORMATS)
     drafter_dir = export_deepspec(_drafter(), TARGET, tmp_path / "drafter")
-    with pytest.warns(UserWarning, match="verifier is written as null"):  # a drafter dir does not name its target
-        result = CliRunner().invoke(main, ["export", str(drafter_dir), str(tmp_path / "out"), "--format",
-                                           "speculators"])
-    assert result.exit_code == 0, result.output
-    _same_logits(_drafter(), load_speculators(tmp_path / "out", verifier=_verifier()))
+    # A drafter outside a run directory does not name its target: the speculators format needs --verifier.
+    result = CliRunner().invoke(main, ["export", str(drafter_dir), str(tmp_path / "out"), "--format",
+                                       "speculators"])
+    assert result.exit_code != 0 and "pass the target (--verifier NAME_OR_PATH)" in result.output
+    assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(main, ["export", str(drafter_dir), str(tmp_path / "x"), "--format", "onnx"])
     assert result.exit_code != 0 and "'onnx' is not one of" in result.output

@@ -396,10 +396,11 @@ class Eagle3Drafter(Drafter):
 
     @staticmethod
     def export_native(drafter: Eagle3Drafter, target_config, out_dir):
-        """The layout the trainer writes for this drafter and ``load_drafter`` reads back: SGLang/vLLM eagle3."""
+        """The layout the trainer writes for this drafter and ``load_drafter`` reads back: SGLang/vLLM eagle3 (any
+        feature-layer count here; ``dspark export --format eagle3`` refuses counts the engines cannot load)."""
         from dspark.export.eagle3 import export_eagle3
 
-        return export_eagle3(drafter, target_config, out_dir)
+        return export_eagle3(drafter, target_config, out_dir, engine_layers=False)
 
     def drafter_config(self) -> dict:
         from dspark.export.eagle3 import eagle3_config
