@@ -90,23 +90,61 @@ def recipes():
 
 @main.command()
 @_config_options
+@click.option("--restart", is_flag=True, help="Discard a partial regeneration made with other settings.")
+@click.option("--server", "servers", multiple=True, metavar="URL",
+              help="Regenerate through this OpenAI-compatible server (vLLM, SGLang, dspark serve); repeatable. "
+                   "Same as data.servers.")
 @_friendly_errors
-def prepare(recipe, overrides):
+def prepare(recipe, overrides, restart, servers):
     """Regenerate answers to the prompts with the target and hold out evaluation prompts.
 
     One process; with a target hosted across processes use `deepspeed launcher/prepare.py --config R --set ...`.
+    Rows are written in prompt order as they finish; after a crash or kill, rerun the same command to resume.
 
     \b
     Example:
       dspark prepare -c smollm2_dspark --set data.max_prompts=32
+      dspark prepare -c qwen3_8b_dspark --server http://node1:8000 --server http://node2:8000
     """
     cfg = _load(recipe, overrides)
+    if servers:
+        cfg.data.servers = list(servers)
     _quiet_libraries()
     from dspark import pipeline
 
-    out = pipeline.prepare(cfg)
+    out = pipeline.prepare(cfg, restart=restart)
     for name, path in out.items():
         click.echo(f"{name}: {path}")
+
+
+@main.command()
+@_config_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Requests batched into one generate.")
+@click.option("--fail-first", default=0, type=int, hidden=True, help="Testing: answer the first N requests with 503.")
+@_friendly_errors
+def serve(recipe, overrides, host, port, max_batch, fail_first):
+    """Serve the config's target as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions).
+
+    \b
+    Example:
+      dspark serve -c smollm2_dspark --port 8000 &
+      dspark prepare -c smollm2_dspark --server http://127.0.0.1:8000
+    """
+    cfg = _load(recipe, overrides)
+    if max_batch < 1:
+        raise click.BadParameter(f"must be >= 1, got {max_batch}", param_hint="--max-batch")
+    _quiet_libraries()
+    from dspark import distributed as dist_utils
+    from dspark.serve import TargetServer
+    from dspark.targets import load_target
+
+    target = load_target(cfg.target, device=dist_utils.local_device())
+    server = TargetServer(target, cfg.target.name_or_path, host=host, port=port, max_batch=max_batch,
+                          default_max_tokens=cfg.data.max_new_tokens, fail_first=fail_first)
+    click.echo(f"serving {cfg.target.name_or_path} on http://{host}:{server.port}", err=True)
+    server.serve_forever()
 
 
 @main.group()
@@ -116,8 +154,9 @@ def cache():
 
 @cache.command("build")
 @_config_options
+@click.option("--rebuild", is_flag=True, help="Delete an existing cache (e.g. one made from older data) first.")
 @_friendly_errors
-def cache_build(recipe, overrides):
+def cache_build(recipe, overrides, rebuild):
     """Capture the target's hidden states of the prepared conversations into a zstd cache.
 
     One process; for several (each writes its own shards, the cache is the same) use the launcher:
@@ -131,7 +170,7 @@ def cache_build(recipe, overrides):
     _quiet_libraries()
     from dspark import pipeline
 
-    click.echo(f"cache: {pipeline.build_cache(cfg)}")
+    click.echo(f"cache: {pipeline.build_cache(cfg, rebuild=rebuild)}")
 
 
 @cache.command("inspect")

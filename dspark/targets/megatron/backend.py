@@ -200,8 +200,12 @@ class MegatronTarget(TargetBackend):
         return tokens_B
 
     @torch.no_grad()
-    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
+    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
         from tqdm import tqdm
+
+        from dspark.targets.sampling import RowSampler, batch_indices
+
+        indices = batch_indices(indices, len(prompts))
 
         tok = self.tokenizer
         eos, pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -209,16 +213,16 @@ class MegatronTarget(TargetBackend):
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch_idx in tqdm(batches, desc="regenerate", disable=not progress, unit="batch"):
-            # the same seed on every TP rank
-            generator = torch.Generator(device=self.device).manual_seed(seed + batch_idx[0])
-            new = self._generate_batch([prompts[i] for i in batch_idx], max_new_tokens, temperature, generator,
+            # per-prompt seeds (dspark.targets.sampling), the same on every TP rank
+            sampler = RowSampler(seed, [indices[i] for i in batch_idx])
+            new = self._generate_batch([prompts[i] for i in batch_idx], max_new_tokens, temperature, sampler,
                                        eos, pad_id)
             for i, tokens in zip(batch_idx, new):
                 outputs[i] = tokens
         return outputs
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                        generator: torch.Generator, eos: int | None, pad_id: int) -> list[list[int]]:
+                        sampler, eos: int | None, pad_id: int) -> list[list[int]]:
         """Left-padded batch; positions count real tokens only (as HF generate), pad slots are masked keys."""
         width = max(len(p) for p in prompts)
         ids_BT = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -234,11 +238,7 @@ class MegatronTarget(TargetBackend):
         for _ in range(max_new_tokens):
             _, final_BTH = self.model(ids_BT, positions_BT, mask_BS, [], cache)
             logits_BV = self.logits(final_BTH[:, -1])
-            if temperature > 0:
-                probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
-                next_B = torch.multinomial(probs_BV, 1, generator=generator).view(-1)
-            else:
-                next_B = logits_BV.argmax(-1)
+            next_B = sampler.sample(logits_BV, temperature)
             next_B = self._agree(torch.where(done_B, torch.full_like(next_B, pad_id), next_B))
             new_tokens.append(next_B)
             if eos is not None:
