@@ -365,7 +365,7 @@ def calibrate(recipe, overrides, drafter_dir, datasets, prompts_file, scheduler_
 
 @main.group()
 def data():
-    """Prompt data: fetch public benchmarks for `dspark eval --dataset`."""
+    """Prompt data: fetch training prompts, and public benchmarks for `dspark eval --dataset`."""
 
 
 @data.command("fetch-benchmarks")
@@ -387,6 +387,36 @@ def data_fetch_benchmarks(names, data_dir, force):
     from dspark.data.benchmarks import fetch_benchmarks
 
     for name, path in fetch_benchmarks(list(names) or None, data_dir, force=force).items():
+        click.echo(f"{name}: {path}")
+
+
+@data.command("fetch-prompts")
+@click.argument("source", default="mlabonne/open-perfectblend")
+@click.option("--out-dir", default="data/prompts", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write train.jsonl (and eval.jsonl).")
+@click.option("--num-eval", default=0, show_default=True, type=int, help="Conversations held out (seeded).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-rows", default=0, type=int, help="Read at most this many rows (0 = all).")
+@click.option("--split", default="train", show_default=True, help="Dataset split (hub sources).")
+@_friendly_errors
+def data_fetch_prompts(source, out_dir, num_eval, seed, max_rows, split):
+    """Training prompts from a Hugging Face dataset id or a local .jsonl/.parquet file, as {"turns": [...]} rows.
+
+    Normalises roles (ShareGPT human/gpt, OpenAI user/assistant), keeps conversations whose first turn is the
+    user's with no empty turn, drops duplicates, and holds --num-eval out with a seeded split.
+
+    \b
+    Example:
+      dspark data fetch-prompts mlabonne/open-perfectblend --max-rows 20000 --num-eval 200
+      dspark prepare -c qwen3_8b_dspark --set data.prompts=data/prompts/train.jsonl
+    """
+    from dspark.data.fetch_prompts import fetch_prompts
+
+    out = fetch_prompts(source, out_dir, num_eval=num_eval, seed=seed, max_rows=max_rows, split=split)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(out["skipped"].items())) or "none"
+    click.echo(f"read {out['read']} rows, kept {out['kept']} (skipped: {skipped}); "
+               f"{out['train']} train, {out['eval']} held out")
+    for name, path in out["paths"].items():
         click.echo(f"{name}: {path}")
 
 
