@@ -62,6 +62,8 @@ class DataConfig:
     min_p: float = 0.0
     thinking: str = "default"  # default | on | off: chat_template_kwargs.enable_thinking for models that have it
     length_policy: str = "keep"  # answers cut by max_new_tokens: keep | drop | mark ("truncated": true)
+    # Sampled answers per prompt (on-policy data, needs regen_temperature > 0); rows p<i>-s<k> when > 1.
+    samples_per_prompt: int = 1
 
 
 @dataclass(kw_only=True)

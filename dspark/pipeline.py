@@ -115,6 +115,7 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
             temperature=cfg.data.regen_temperature, batch_size=cfg.data.regen_batch_size, seed=cfg.data.seed,
             max_seq_len=cfg.data.max_seq_len, progress=progress and writer, group=target.generate_group(),
             gather=_gather_rows if dist_utils.world_size() > 1 else None, is_writer=writer,
+            samples_per_prompt=cfg.data.samples_per_prompt,
         )
         if writer:
             output.finish()
@@ -179,6 +180,7 @@ def _regeneration_settings(cfg: RunConfig, target, train_prompts: list[str]) -> 
         "num_prompts": len(train_prompts),
         "max_new_tokens": cfg.data.max_new_tokens, "max_seq_len": cfg.data.max_seq_len,
         "temperature": cfg.data.regen_temperature, "seed": cfg.data.seed,
+        **({"samples_per_prompt": cfg.data.samples_per_prompt} if cfg.data.samples_per_prompt != 1 else {}),
     }
 
 

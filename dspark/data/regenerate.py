@@ -62,15 +62,26 @@ def plan(tokenizer, prompts: list[str], max_seq_len: int) -> tuple[list[list[int
     return prefixes, keep
 
 
+def unit_id(unit: int, samples_per_prompt: int = 1) -> str:
+    """Row id of answer unit ``unit``: prompt ``unit // S``, sample ``unit % S`` ("p00012", or "p00012-s1" when
+    every prompt has S > 1 answers)."""
+    if samples_per_prompt == 1:
+        return f"p{unit:05d}"
+    return f"p{unit // samples_per_prompt:05d}-s{unit % samples_per_prompt}"
+
+
 def generate_rows(target, prompts: list[str], prefixes: list[list[int]], indices: list[int], *, max_new_tokens: int,
                   temperature: float, batch_size: int, seed: int, max_seq_len: int,
-                  progress: bool = False) -> list[dict]:
-    """Conversation rows of the prompts at ``indices`` (in that order), each sampled from (seed, its index)."""
+                  progress: bool = False, samples_per_prompt: int = 1) -> list[dict]:
+    """Conversation rows of the answer units at ``indices`` (in that order; unit u answers prompt u // S), each
+    sampled from (seed, u): prompt i's k-th answer is the same whatever else is generated."""
     tokenizer = target.tokenizer
-    answers = target.generate([prefixes[i] for i in indices], max_new_tokens=max_new_tokens, temperature=temperature,
-                              batch_size=batch_size, seed=seed, progress=progress, indices=indices)
-    return [conversation_row(tokenizer, f"p{i:05d}", prompts[i], prefixes[i], answer, max_seq_len)
-            for i, answer in zip(indices, answers)]
+    S = samples_per_prompt
+    answers = target.generate([prefixes[u // S] for u in indices], max_new_tokens=max_new_tokens,
+                              temperature=temperature, batch_size=batch_size, seed=seed, progress=progress,
+                              indices=indices)
+    return [conversation_row(tokenizer, unit_id(u, S), prompts[u // S], prefixes[u // S], answer, max_seq_len)
+            for u, answer in zip(indices, answers)]
 
 
 def conversation_row(tokenizer, row_id: str, prompt: str, prefix: list[int], answer: list[int],
@@ -94,7 +105,8 @@ CHUNK_BATCHES = 4
 
 def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: int, temperature: float,
                          batch_size: int, seed: int, max_seq_len: int, progress: bool = False,
-                         group: tuple[int, int] = (0, 1), gather=None, is_writer: bool = True) -> None:
+                         group: tuple[int, int] = (0, 1), gather=None, is_writer: bool = True,
+                         samples_per_prompt: int = 1) -> None:
     """``regenerate`` into ``output`` (a ``dspark.data.output.ResumableJsonl`` on the writing rank), chunk by chunk.
 
     The kept prompts are cut into fixed chunks of ``CHUNK_BATCHES * batch_size * group count`` prompts (in prompt
@@ -102,15 +114,21 @@ def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: 
     one process) brings them to the writer, which appends the chunk in prompt order and fsyncs. A rerun resumes
     after the last whole chunk written (a torn chunk is cut back to its start, so the batches, and at T = 0 the
     bytes, are those of an uninterrupted run). ``output.rows`` must be the same on every rank (the caller
-    broadcasts them).
+    broadcasts them). ``samples_per_prompt`` S > 1 writes S sampled answers per prompt (on-policy data; needs
+    T > 0), rows ``p<i>-s<k>``, each its own seeded unit.
     """
     from tqdm import tqdm
 
     _check_settings(max_new_tokens, temperature, batch_size, max_seq_len)
-    prefixes, keep = plan(target.tokenizer, prompts, max_seq_len)
+    S = samples_per_prompt
+    if S < 1 or (S > 1 and temperature == 0):
+        raise ValueError(f"samples_per_prompt must be >= 1, and 1 at temperature 0 (greedy answers are identical), "
+                         f"got {S} at temperature {temperature:g}")
+    prefixes, kept = plan(target.tokenizer, prompts, max_seq_len)
+    keep = [i * S + k for i in kept for k in range(S)]  # answer units
     chunk = CHUNK_BATCHES * batch_size * group[1]
     done = [row["id"] for row in output.rows]
-    expected = [f"p{i:05d}" for i in keep]
+    expected = [unit_id(u, S) for u in keep]
     if done != expected[: len(done)]:
         first = next(k for k, (a, b) in enumerate(zip(done + [None], expected + [None])) if a != b)
         raise ValueError(f"{getattr(output, 'partial', 'the partial output')}: row {first + 1} is "
@@ -124,10 +142,11 @@ def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: 
     for lo in tqdm(starts, desc="regenerate", disable=not progress, unit="chunk"):
         share = keep[lo : lo + chunk][group[0] :: group[1]]
         rows = generate_rows(target, prompts, prefixes, share, max_new_tokens=max_new_tokens, temperature=temperature,
-                             batch_size=batch_size, seed=seed, max_seq_len=max_seq_len) if share else []
+                             batch_size=batch_size, seed=seed, max_seq_len=max_seq_len,
+                             samples_per_prompt=S) if share else []
         rows = gather(rows) if gather is not None else rows
         if is_writer:
-            order = {f"p{i:05d}": k for k, i in enumerate(keep[lo : lo + chunk])}
+            order = {unit_id(u, S): k for k, u in enumerate(keep[lo : lo + chunk])}
             output.append(sorted(rows, key=lambda r: order[r["id"]]))
 
 

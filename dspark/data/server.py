@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from dspark.data.regenerate import conversation_row
+from dspark.data.regenerate import conversation_row, unit_id
 from dspark.targets.sampling import prompt_seed
 
 LENGTH_POLICIES = ("keep", "drop", "mark")
@@ -50,6 +50,7 @@ class ServerOptions:
     seed: int = 0
     thinking: str = "default"
     length_policy: str = "keep"
+    samples_per_prompt: int = 1  # answers per prompt; unit u = prompt u // S, seeded by (seed, u)
 
     @classmethod
     def from_config(cls, data) -> "ServerOptions":
@@ -58,7 +59,7 @@ class ServerOptions:
                    max_retries=data.server_max_retries, max_new_tokens=data.max_new_tokens,
                    max_seq_len=data.max_seq_len, temperature=data.regen_temperature, top_p=data.top_p,
                    top_k=data.top_k, min_p=data.min_p, seed=data.seed, thinking=data.thinking,
-                   length_policy=data.length_policy)
+                   length_policy=data.length_policy, samples_per_prompt=data.samples_per_prompt)
 
     def validate(self) -> None:
         if not self.urls:
@@ -81,13 +82,17 @@ class ServerOptions:
                              f"{self.max_retries}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.samples_per_prompt < 1 or (self.samples_per_prompt > 1 and self.temperature == 0):
+            raise ValueError(f"samples_per_prompt must be >= 1, and 1 at temperature 0 (greedy answers are "
+                             f"identical), got {self.samples_per_prompt} at temperature {self.temperature:g}")
 
     def settings(self) -> dict:
         """What changes the answers (URLs and concurrency do not)."""
         return {"source": "server", "endpoint": self.endpoint, "model": self.model, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed,
                 "max_new_tokens": self.max_new_tokens, "max_seq_len": self.max_seq_len, "thinking": self.thinking,
-                "length_policy": self.length_policy}
+                "length_policy": self.length_policy,
+                **({"samples_per_prompt": self.samples_per_prompt} if self.samples_per_prompt != 1 else {})}
 
 
 def _session():
@@ -201,8 +206,9 @@ def regenerate_with_servers(tokenizer, prompts: list[str], prefixes: list[list[i
     """Answer the kept prompts not yet settled in ``output``/``errors`` through the servers; returns counts."""
     from tqdm import tqdm
 
+    S = opts.samples_per_prompt
     settled = {r["id"] for r in output.rows} | {r["id"] for r in errors.rows}
-    todo = [i for i in keep if f"p{i:05d}" not in settled]
+    todo = [u for u in (i * S + k for i in keep for k in range(S)) if unit_id(u, S) not in settled]
     models = {url: probe(url) for url in opts.urls}
     model = opts.model or next(iter(models.values()))[0]
     for url, served in models.items():
@@ -215,11 +221,12 @@ def regenerate_with_servers(tokenizer, prompts: list[str], prefixes: list[list[i
         session = _session()
         endpoint = url.rstrip("/") + ENDPOINTS[opts.endpoint]
         while (pos := dispatcher.take(stop)) is not None:
-            i = todo[pos]
+            u = todo[pos]
+            i = u // S
             prompt = [{"role": "user", "content": prompts[i]}] if opts.endpoint == "chat" else prefixes[i]
             try:
                 response = post_with_retries(session, endpoint, request_body(opts, model, prompt,
-                                                                             prompt_seed(opts.seed, i)), opts, stop)
+                                                                             prompt_seed(opts.seed, u)), opts, stop)
                 dispatcher.put(pos, ("ok", answer_ids(tokenizer, response)))
             except Exception as exc:  # recorded in the error file, never lost
                 dispatcher.put(pos, ("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
@@ -253,8 +260,8 @@ def regenerate_with_servers(tokenizer, prompts: list[str], prefixes: list[list[i
 def _write_ready(tokenizer, prompts, prefixes, ready, output, errors, opts: ServerOptions, counts: dict) -> None:
     """Append the in-order results: rows to ``output``, failures and drops to ``errors`` (each file fsynced in
     prompt order, so every prompt up to the last one written in either file is settled)."""
-    for i, (kind, value) in ready:
-        row_id = f"p{i:05d}"
+    for u, (kind, value) in ready:
+        row_id, i = unit_id(u, opts.samples_per_prompt), u // opts.samples_per_prompt
         if kind == "failed":
             errors.append([{"id": row_id, "prompt": prompts[i], "reason": value}])
             counts["failed"] += 1

@@ -68,6 +68,27 @@ def test_resume_after_a_cut_at_any_byte_is_byte_identical(target, prompts, tmp_p
     assert again.complete  # rerunning a finished job does nothing
 
 
+def test_several_sampled_answers_per_prompt_resume_byte_identical(target, prompts, tmp_path, one_thread):
+    def run(path, cut=None):
+        out = ResumableJsonl(path, SETTINGS)
+        if cut is not None:
+            out.close()
+            out.partial.write_bytes(cut)
+            out = ResumableJsonl(path, SETTINGS)
+        regen.regenerate_resumable(target, prompts[:5], out, batch_size=2, samples_per_prompt=3, **_kwargs())
+        out.finish()
+        return path.read_bytes()
+
+    whole = run(tmp_path / "whole.jsonl")
+    rows = [json.loads(line) for line in whole.splitlines()]
+    assert [r["id"] for r in rows[:4]] == ["p00000-s0", "p00000-s1", "p00000-s2", "p00001-s0"]
+    assert len(rows) == 15 and len({tuple(r["input_ids"]) for r in rows}) > 10  # different samples
+    assert run(tmp_path / "cut.jsonl", cut=whole[: len(whole) * 2 // 3]) == whole
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 1, and 1 at temperature 0"):
+        regen.regenerate_resumable(target, prompts, ResumableJsonl(tmp_path / "g.jsonl", SETTINGS), batch_size=2,
+                                   samples_per_prompt=2, **_kwargs(temperature=0.0))
+
+
 def test_partial_output_from_other_settings_is_refused(tmp_path):
     path = tmp_path / "train.jsonl"
     out = ResumableJsonl(path, {"temperature": 0.0, "seed": 1})
@@ -113,5 +134,3 @@ def test_kill_9_during_prepare_then_rerun_is_byte_identical(tmp_path, tiny_llama
     proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "killed" / "data" / "train.jsonl").read_bytes() == whole
-    proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert "already complete" in proc.stdout

@@ -56,15 +56,19 @@ def _rows(run_dir, name="train.jsonl"):
 def test_server_regeneration_equals_in_process_at_t0_and_t1(server, tiny_llama_dir, tmp_path, one_thread, capsys):
     """The served target answers exactly what in-process regeneration writes: the prompt ids are the chat
     template's, the answer ids come back as token ids, and each request carries prompt i's in-process seed."""
-    for temperature in (0.0, 1.0):
+    for temperature, samples in ((0.0, 1), (1.0, 2)):  # at T=1 two sampled answers per prompt
         local, remote = tmp_path / f"local{temperature}", tmp_path / f"remote{temperature}"
-        pipeline.prepare(_cfg(local, tiny_llama_dir, regen_temperature=temperature), progress=False)
-        pipeline.prepare(_cfg(remote, tiny_llama_dir, regen_temperature=temperature, servers=f"[{server}]",
-                              server_max_in_flight=3), progress=False)
+        sampling = {"regen_temperature": temperature, "samples_per_prompt": samples}
+        pipeline.prepare(_cfg(local, tiny_llama_dir, **sampling), progress=False)
+        pipeline.prepare(_cfg(remote, tiny_llama_dir, servers=f"[{server}]", server_max_in_flight=3, **sampling),
+                         progress=False)
         ours = (remote / "data" / "train.jsonl").read_bytes()
         assert ours == (local / "data" / "train.jsonl").read_bytes(), temperature
         assert (remote / "data" / "train.errors.jsonl").read_text() == ""
-    assert "10 conversations in" in capsys.readouterr().out  # 14 prompts, 4 held out
+    assert "20 conversations in" in capsys.readouterr().out  # 14 prompts, 4 held out, 2 answers each
+    rows = _rows(remote)
+    assert [r["id"] for r in rows[:3]] == ["p00000-s0", "p00000-s1", "p00001-s0"]
+    assert sum(a["input_ids"] != b["input_ids"] for a, b in zip(rows[::2], rows[1::2])) > 5  # really resampled
 
 
 def test_retries_on_503_and_permanent_failures_go_to_the_error_file(tiny_llama_dir, tmp_path, server, one_thread,
