@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def _start_server(target: str, max_batch: int):
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
         if match := re.search(r"serving .* on (http://\S+)", line):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # never block on a full pipe
             return proc, match.group(1)
     raise RuntimeError(f"dspark serve exited with {proc.wait()}")
 

@@ -133,13 +133,15 @@ def _prepare_with_servers(cfg: RunConfig, paths: RunPaths, train_prompts: list[s
 
     from dspark.data.output import ResumableJsonl
     from dspark.data.regenerate import plan
-    from dspark.data.server import ServerOptions, load_tokenizer, regenerate_with_servers
+    from dspark.data.server import ServerOptions, load_tokenizer, probe, regenerate_with_servers
 
     if dist_utils.world_size() > 1:
         raise ValueError("server regeneration runs in one process (`dspark prepare --server URL`), not under a "
                          "launcher: the servers do the parallel work")
     opts = ServerOptions.from_config(cfg.data)
     opts.validate()
+    for url in opts.urls:  # an unreachable server fails before anything loads
+        probe(url)
     tokenizer = load_tokenizer(cfg.target.name_or_path)
     settings = {**opts.settings(), "tokenizer": cfg.target.name_or_path,
                 "prompts_sha": hashlib.sha256(json.dumps(train_prompts, ensure_ascii=False).encode()).hexdigest()[:16],

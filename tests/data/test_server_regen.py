@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -30,6 +31,8 @@ def _start_server(target_dir, *extra):
     deadline = time.monotonic() + 120
     for line in proc.stderr:
         if match := re.search(r"serving .* on (http://\S+)", line):
+            # keep draining stderr so that a chatty server never blocks on a full pipe
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, match.group(1)
         assert time.monotonic() < deadline, "dspark serve did not start"
     raise AssertionError(f"dspark serve exited with {proc.wait()}")
@@ -103,7 +106,7 @@ def test_bad_requests_are_not_retried_and_length_policy(server, tiny_llama_dir, 
     with pytest.raises(RuntimeError, match=r"HTTP 400: .*top_k=5 is not supported"):
         post_with_retries(requests.Session(), f"{server}/v1/chat/completions",
                           request_body(opts, "m", [{"role": "user", "content": "hi"}], 1), opts,
-                          __import__("threading").Event())
+                          threading.Event())
     assert time.monotonic() - start < 5.0  # no backoff wait: a 400 fails at once
     short = {"servers": f"[{server}]", "max_new_tokens": 3, "regen_temperature": 1.0}
     pipeline.prepare(_cfg(tmp_path / "mark", tiny_llama_dir, length_policy="mark", **short), progress=False)
