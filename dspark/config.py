@@ -64,6 +64,9 @@ class DataConfig:
     length_policy: str = "keep"  # answers cut by max_new_tokens: keep | drop | mark ("truncated": true)
     # Sampled answers per prompt (on-policy data, needs regen_temperature > 0); rows p<i>-s<k> when > 1.
     samples_per_prompt: int = 1
+    # User turns regenerated per conversation (1 = the first only); > 1 answers each turn after the regenerated
+    # history and masks every assistant turn (dspark.data.multiturn).
+    max_turns: int = 1
 
 
 @dataclass(kw_only=True)

@@ -78,13 +78,21 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
     nothing, and ``restart`` discards a partial run made with other settings.
     """
     from dspark.data.output import ResumableJsonl
-    from dspark.data.prompts import load_prompts, split_prompts
+    from dspark.data.prompts import load_prompts, load_turns, split_prompts
     from dspark.data.regenerate import regenerate_resumable, write_jsonl
     from dspark.targets import load_target
 
     paths = RunPaths(Path(cfg.run_dir))
     prompts = load_prompts(cfg.data.prompts, cfg.data.max_prompts)
     train_prompts, eval_prompts = split_prompts(prompts, cfg.data.num_eval_prompts, cfg.data.seed)
+    turns = None
+    if cfg.data.max_turns > 1:
+        if cfg.data.servers:
+            raise ValueError("data.max_turns > 1 is regenerated in-process only for now; unset data.servers")
+        all_turns = load_turns(cfg.data.prompts, cfg.data.max_prompts, cfg.data.max_turns)
+        turns, _ = split_prompts(all_turns, cfg.data.num_eval_prompts, cfg.data.seed)
+    elif cfg.data.max_turns < 1:
+        raise ValueError(f"data.max_turns must be >= 1, got {cfg.data.max_turns}")
     if cfg.data.servers:
         _prepare_with_servers(cfg, paths, train_prompts, restart, progress)
         write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])
@@ -92,6 +100,10 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
         return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
     target = target or load_target(cfg.target, device=dist_utils.local_device())
     settings = _regeneration_settings(cfg, target, train_prompts)
+    if turns is not None:
+        import hashlib
+
+        settings["turns_sha"] = hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()[:16]
     writer = dist_utils.rank() == 0
     output, error = None, None
     if writer:
@@ -115,7 +127,7 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
             temperature=cfg.data.regen_temperature, batch_size=cfg.data.regen_batch_size, seed=cfg.data.seed,
             max_seq_len=cfg.data.max_seq_len, progress=progress and writer, group=target.generate_group(),
             gather=_gather_rows if dist_utils.world_size() > 1 else None, is_writer=writer,
-            samples_per_prompt=cfg.data.samples_per_prompt,
+            samples_per_prompt=cfg.data.samples_per_prompt, turns=turns,
         )
         if writer:
             output.finish()
@@ -183,6 +195,7 @@ def _regeneration_settings(cfg: RunConfig, target, train_prompts: list[str]) -> 
         "max_new_tokens": cfg.data.max_new_tokens, "max_seq_len": cfg.data.max_seq_len,
         "temperature": cfg.data.regen_temperature, "seed": cfg.data.seed,
         **({"samples_per_prompt": cfg.data.samples_per_prompt} if cfg.data.samples_per_prompt != 1 else {}),
+        **({"max_turns": cfg.data.max_turns} if cfg.data.max_turns != 1 else {}),
     }
 
 

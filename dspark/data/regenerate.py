@@ -106,7 +106,7 @@ CHUNK_BATCHES = 4
 def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: int, temperature: float,
                          batch_size: int, seed: int, max_seq_len: int, progress: bool = False,
                          group: tuple[int, int] = (0, 1), gather=None, is_writer: bool = True,
-                         samples_per_prompt: int = 1) -> None:
+                         samples_per_prompt: int = 1, turns: list[list[str]] | None = None) -> None:
     """``regenerate`` into ``output`` (a ``dspark.data.output.ResumableJsonl`` on the writing rank), chunk by chunk.
 
     The kept prompts are cut into fixed chunks of ``CHUNK_BATCHES * batch_size * group count`` prompts (in prompt
@@ -115,15 +115,16 @@ def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: 
     after the last whole chunk written (a torn chunk is cut back to its start, so the batches, and at T = 0 the
     bytes, are those of an uninterrupted run). ``output.rows`` must be the same on every rank (the caller
     broadcasts them). ``samples_per_prompt`` S > 1 writes S sampled answers per prompt (on-policy data; needs
-    T > 0), rows ``p<i>-s<k>``, each its own seeded unit.
+    T > 0), rows ``p<i>-s<k>``, each its own seeded unit. ``turns`` (the user turns of each prompt, first turn =
+    ``prompts[i]``) regenerates every turn (``dspark.data.multiturn``).
     """
     from tqdm import tqdm
 
     _check_settings(max_new_tokens, temperature, batch_size, max_seq_len)
     S = samples_per_prompt
-    if S < 1 or (S > 1 and temperature == 0):
-        raise ValueError(f"samples_per_prompt must be >= 1, and 1 at temperature 0 (greedy answers are identical), "
-                         f"got {S} at temperature {temperature:g}")
+    if S < 1 or (S > 1 and temperature == 0) or (S > 1 and turns is not None):
+        raise ValueError(f"samples_per_prompt must be >= 1, and 1 at temperature 0 (greedy answers are identical) "
+                         f"or with several turns, got {S} at temperature {temperature:g}")
     prefixes, kept = plan(target.tokenizer, prompts, max_seq_len)
     keep = [i * S + k for i in kept for k in range(S)]  # answer units
     chunk = CHUNK_BATCHES * batch_size * group[1]
@@ -141,9 +142,17 @@ def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: 
     starts = range(start, len(keep), chunk)
     for lo in tqdm(starts, desc="regenerate", disable=not progress, unit="chunk"):
         share = keep[lo : lo + chunk][group[0] :: group[1]]
-        rows = generate_rows(target, prompts, prefixes, share, max_new_tokens=max_new_tokens, temperature=temperature,
-                             batch_size=batch_size, seed=seed, max_seq_len=max_seq_len,
-                             samples_per_prompt=S) if share else []
+        if not share:
+            rows = []
+        elif turns is not None:
+            from dspark.data.multiturn import regenerate_turns
+
+            rows = regenerate_turns(target, turns, share, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    batch_size=batch_size, seed=seed, max_seq_len=max_seq_len)
+        else:
+            rows = generate_rows(target, prompts, prefixes, share, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, batch_size=batch_size, seed=seed, max_seq_len=max_seq_len,
+                                 samples_per_prompt=S)
         rows = gather(rows) if gather is not None else rows
         if is_writer:
             order = {unit_id(u, S): k for k, u in enumerate(keep[lo : lo + chunk])}
