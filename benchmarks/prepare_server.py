@@ -132,15 +132,20 @@ def main() -> None:
                 results[f"server_in_flight_{n}"] = row
                 print(f"server, {n} in flight: {row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.1f} tok/s "
                       f"({row['tokens_per_s_ratio']:.2f}x in-process), same rows: {row['same_rows_as_in_process']}")
+                _save(results, args.out)  # what is measured so far survives an interrupted run
         with tempfile.TemporaryDirectory() as tmp:
             results["resume"] = measure_resume(args.target, url, args, Path(tmp))
         print("resume:", json.dumps(results["resume"]))
     finally:
         proc.kill()
         proc.wait()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    _save(results, args.out)
     print(f"wrote {args.out}")
+
+
+def _save(results: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 _TOKENIZERS: dict = {}
