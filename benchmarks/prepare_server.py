@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare_server.json"))
     args = parser.parse_args()
     os.environ.update(_env())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the server (finally below)
 
     from dspark.config import TargetConfig
     from dspark.data.output import ResumableJsonl
