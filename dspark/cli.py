@@ -90,23 +90,61 @@ def recipes():
 
 @main.command()
 @_config_options
+@click.option("--restart", is_flag=True, help="Discard a partial regeneration made with other settings.")
+@click.option("--server", "servers", multiple=True, metavar="URL",
+              help="Regenerate through this OpenAI-compatible server (vLLM, SGLang, dspark serve); repeatable. "
+                   "Same as data.servers.")
 @_friendly_errors
-def prepare(recipe, overrides):
+def prepare(recipe, overrides, restart, servers):
     """Regenerate answers to the prompts with the target and hold out evaluation prompts.
 
     One process; with a target hosted across processes use `deepspeed launcher/prepare.py --config R --set ...`.
+    Rows are written in prompt order as they finish; after a crash or kill, rerun the same command to resume.
 
     \b
     Example:
       dspark prepare -c smollm2_dspark --set data.max_prompts=32
+      dspark prepare -c qwen3_8b_dspark --server http://node1:8000 --server http://node2:8000
     """
     cfg = _load(recipe, overrides)
+    if servers:
+        cfg.data.servers = list(servers)
     _quiet_libraries()
     from dspark import pipeline
 
-    out = pipeline.prepare(cfg)
+    out = pipeline.prepare(cfg, restart=restart)
     for name, path in out.items():
         click.echo(f"{name}: {path}")
+
+
+@main.command()
+@_config_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Requests batched into one generate.")
+@click.option("--fail-first", default=0, type=int, hidden=True, help="Testing: answer the first N requests with 503.")
+@_friendly_errors
+def serve(recipe, overrides, host, port, max_batch, fail_first):
+    """Serve the config's target as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions).
+
+    \b
+    Example:
+      dspark serve -c smollm2_dspark --port 8000 &
+      dspark prepare -c smollm2_dspark --server http://127.0.0.1:8000
+    """
+    cfg = _load(recipe, overrides)
+    if max_batch < 1:
+        raise click.BadParameter(f"must be >= 1, got {max_batch}", param_hint="--max-batch")
+    _quiet_libraries()
+    from dspark import distributed as dist_utils
+    from dspark.serve import TargetServer
+    from dspark.targets import load_target
+
+    target = load_target(cfg.target, device=dist_utils.local_device())
+    server = TargetServer(target, cfg.target.name_or_path, host=host, port=port, max_batch=max_batch,
+                          default_max_tokens=cfg.data.max_new_tokens, fail_first=fail_first)
+    click.echo(f"serving {cfg.target.name_or_path} on http://{host}:{server.port}", err=True)
+    server.serve_forever()
 
 
 @main.group()
@@ -116,8 +154,9 @@ def cache():
 
 @cache.command("build")
 @_config_options
+@click.option("--rebuild", is_flag=True, help="Delete an existing cache (e.g. one made from older data) first.")
 @_friendly_errors
-def cache_build(recipe, overrides):
+def cache_build(recipe, overrides, rebuild):
     """Capture the target's hidden states of the prepared conversations into a zstd cache.
 
     One process; for several (each writes its own shards, the cache is the same) use the launcher:
@@ -131,7 +170,7 @@ def cache_build(recipe, overrides):
     _quiet_libraries()
     from dspark import pipeline
 
-    click.echo(f"cache: {pipeline.build_cache(cfg)}")
+    click.echo(f"cache: {pipeline.build_cache(cfg, rebuild=rebuild)}")
 
 
 @cache.command("inspect")
@@ -326,7 +365,7 @@ def calibrate(recipe, overrides, drafter_dir, datasets, prompts_file, scheduler_
 
 @main.group()
 def data():
-    """Prompt data: fetch public benchmarks for `dspark eval --dataset`."""
+    """Prompt data: fetch training prompts, and public benchmarks for `dspark eval --dataset`."""
 
 
 @data.command("fetch-benchmarks")
@@ -348,6 +387,36 @@ def data_fetch_benchmarks(names, data_dir, force):
     from dspark.data.benchmarks import fetch_benchmarks
 
     for name, path in fetch_benchmarks(list(names) or None, data_dir, force=force).items():
+        click.echo(f"{name}: {path}")
+
+
+@data.command("fetch-prompts")
+@click.argument("source", default="mlabonne/open-perfectblend")
+@click.option("--out-dir", default="data/prompts", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write train.jsonl (and eval.jsonl).")
+@click.option("--num-eval", default=0, show_default=True, type=int, help="Conversations held out (seeded).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-rows", default=0, type=int, help="Read at most this many rows (0 = all).")
+@click.option("--split", default="train", show_default=True, help="Dataset split (hub sources).")
+@_friendly_errors
+def data_fetch_prompts(source, out_dir, num_eval, seed, max_rows, split):
+    """Training prompts from a Hugging Face dataset id or a local .jsonl/.parquet file, as {"turns": [...]} rows.
+
+    Normalises roles (ShareGPT human/gpt, OpenAI user/assistant), keeps conversations whose first turn is the
+    user's with no empty turn, drops duplicates, and holds --num-eval out with a seeded split.
+
+    \b
+    Example:
+      dspark data fetch-prompts mlabonne/open-perfectblend --max-rows 20000 --num-eval 200
+      dspark prepare -c qwen3_8b_dspark --set data.prompts=data/prompts/train.jsonl
+    """
+    from dspark.data.fetch_prompts import fetch_prompts
+
+    out = fetch_prompts(source, out_dir, num_eval=num_eval, seed=seed, max_rows=max_rows, split=split)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(out["skipped"].items())) or "none"
+    click.echo(f"read {out['read']} rows, kept {out['kept']} (skipped: {skipped}); "
+               f"{out['train']} train, {out['eval']} held out")
+    for name, path in out["paths"].items():
         click.echo(f"{name}: {path}")
 
 

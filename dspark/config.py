@@ -52,6 +52,24 @@ class DataConfig:
     regen_batch_size: int = 16
     regen_temperature: float = 0.0
     seed: int = 0
+    # Regeneration through OpenAI-compatible servers (vLLM, SGLang, `dspark serve`) instead of in-process; see
+    # dspark.data.server. Empty = in-process with the target.
+    servers: list[str] = field(default_factory=list)
+    server_endpoint: str = "chat"  # chat (/v1/chat/completions) | completions (/v1/completions, our prompt ids)
+    server_model: str = ""  # "" = the first model the server lists
+    server_max_in_flight: int = 8  # requests in flight per server
+    server_timeout_s: float = 600.0  # per request
+    server_max_retries: int = 5  # on connection errors, timeouts, 429 and 5xx (exponential backoff)
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off (vLLM and SGLang)
+    min_p: float = 0.0
+    thinking: str = "default"  # default | on | off: chat_template_kwargs.enable_thinking for models that have it
+    length_policy: str = "keep"  # answers cut by max_new_tokens: keep | drop | mark ("truncated": true)
+    # Sampled answers per prompt (on-policy data, needs regen_temperature > 0); rows p<i>-s<k> when > 1.
+    samples_per_prompt: int = 1
+    # User turns regenerated per conversation (1 = the first only); > 1 answers each turn after the regenerated
+    # history and masks every assistant turn (dspark.data.multiturn).
+    max_turns: int = 1
 
 
 @dataclass(kw_only=True)

@@ -36,34 +36,136 @@ class StageTimes:
         return _Timer()
 
 
-def prepare(cfg: RunConfig, target=None, progress: bool = True) -> dict[str, Path]:
+def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = False) -> dict[str, Path]:
     """Regenerate answers to the training prompts with the target; hold out evaluation prompts.
 
     Runs as one process, or on every rank of an initialised process group (``launcher/prepare.py``): the
     prompts are split over the target's generate groups (``TargetBackend.generate_group``), the rows gathered,
-    and rank 0 writes the files. Greedy regeneration gives the same files whatever the number of ranks.
+    and rank 0 writes them. Each prompt samples from (seed, its index) alone, so the files are the same whatever
+    the number of ranks or the batch size. Rows are written in prompt order as chunks finish, crash-safe
+    (``dspark.data.output``): rerunning after a kill resumes where it stopped, rerunning a finished job does
+    nothing, and ``restart`` discards a partial run made with other settings.
     """
-    from dspark.data.prompts import load_prompts, split_prompts
-    from dspark.data.regenerate import regenerate, write_jsonl
+    from dspark.data.output import ResumableJsonl
+    from dspark.data.prompts import load_prompts, load_turns, split_prompts
+    from dspark.data.regenerate import regenerate_resumable, write_jsonl
     from dspark.targets import load_target
 
     paths = RunPaths(Path(cfg.run_dir))
     prompts = load_prompts(cfg.data.prompts, cfg.data.max_prompts)
     train_prompts, eval_prompts = split_prompts(prompts, cfg.data.num_eval_prompts, cfg.data.seed)
+    turns = None
+    if cfg.data.max_turns > 1:
+        if cfg.data.servers:
+            raise ValueError("data.max_turns > 1 is regenerated in-process only for now; unset data.servers")
+        all_turns = load_turns(cfg.data.prompts, cfg.data.max_prompts, cfg.data.max_turns)
+        turns, _ = split_prompts(all_turns, cfg.data.num_eval_prompts, cfg.data.seed)
+    elif cfg.data.max_turns < 1:
+        raise ValueError(f"data.max_turns must be >= 1, got {cfg.data.max_turns}")
+    if cfg.data.servers:
+        _prepare_with_servers(cfg, paths, train_prompts, restart, progress)
+        write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])
+        cfg.save(paths.root / "config.json")
+        return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
     target = target or load_target(cfg.target, device=dist_utils.local_device())
-    conversations = regenerate(
-        target, train_prompts, max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.regen_temperature,
-        batch_size=cfg.data.regen_batch_size, seed=cfg.data.seed, max_seq_len=cfg.data.max_seq_len,
-        progress=progress and dist_utils.rank() == 0, group=target.generate_group(),
-    )
-    if dist_utils.world_size() > 1:
-        conversations = _gather_rows(conversations)
-    if dist_utils.rank() == 0:
-        write_jsonl(paths.train_data, conversations)
+    settings = _regeneration_settings(cfg, target, train_prompts)
+    if turns is not None:
+        import hashlib
+
+        settings["turns_sha"] = hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()[:16]
+    writer = dist_utils.rank() == 0
+    output, error = None, None
+    if writer:
+        try:
+            output = ResumableJsonl(paths.train_data, settings, restart=restart)
+        except ValueError as exc:
+            error = exc
+    if dist_utils.world_size() > 1:  # every rank resumes from rank 0's rows, or fails with its error
+        state = dist_utils.all_gather_objects((error, None if output is None else (output.complete, output.rows)))[0]
+        error, shared = state
+        if not writer and shared is not None:
+            output = _ReadOnlyRows(*shared)
+    if error is not None:
+        raise error
+    if output.complete:
+        if writer:
+            print(f"{paths.train_data} is already complete for these settings; nothing to regenerate")
+    else:
+        regenerate_resumable(
+            target, train_prompts, output, max_new_tokens=cfg.data.max_new_tokens,
+            temperature=cfg.data.regen_temperature, batch_size=cfg.data.regen_batch_size, seed=cfg.data.seed,
+            max_seq_len=cfg.data.max_seq_len, progress=progress and writer, group=target.generate_group(),
+            gather=_gather_rows if dist_utils.world_size() > 1 else None, is_writer=writer,
+            samples_per_prompt=cfg.data.samples_per_prompt, turns=turns,
+        )
+        if writer:
+            output.finish()
+    if writer:
         write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])
         cfg.save(paths.config)
     dist_utils.barrier()
     return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
+
+
+def _prepare_with_servers(cfg: RunConfig, paths: RunPaths, train_prompts: list[str], restart: bool,
+                          progress: bool) -> None:
+    """``prepare`` through OpenAI-compatible servers (``dspark.data.server``); this process only."""
+    import hashlib
+
+    from dspark.data.output import ResumableJsonl
+    from dspark.data.regenerate import plan
+    from dspark.data.server import ServerOptions, load_tokenizer, probe, regenerate_with_servers
+
+    if dist_utils.world_size() > 1:
+        raise ValueError("server regeneration runs in one process (`dspark prepare --server URL`), not under a "
+                         "launcher: the servers do the parallel work")
+    opts = ServerOptions.from_config(cfg.data)
+    opts.validate()
+    for url in opts.urls:  # an unreachable server fails before anything loads
+        probe(url)
+    tokenizer = load_tokenizer(cfg.target.name_or_path)
+    settings = {**opts.settings(), "tokenizer": cfg.target.name_or_path,
+                "prompts_sha": hashlib.sha256(json.dumps(train_prompts, ensure_ascii=False).encode()).hexdigest()[:16],
+                "num_prompts": len(train_prompts)}
+    output = ResumableJsonl(paths.train_data, settings, restart=restart)
+    errors = ResumableJsonl(paths.train_data.with_name("train.errors.jsonl"), settings, restart=restart)
+    if output.complete and errors.complete:
+        print(f"{paths.train_data} is already complete for these settings; nothing to regenerate")
+        return
+    prefixes, keep = plan(tokenizer, train_prompts, opts.max_seq_len)
+    counts = regenerate_with_servers(tokenizer, train_prompts, prefixes, keep, output, errors, opts, progress)
+    output.finish()
+    errors.finish()
+    failed = len(errors.rows)
+    print(f"server regeneration: {len(output.rows)} conversations in {paths.train_data} ({counts['written']} this "
+          f"run, {counts['truncated']} cut at max_new_tokens); {failed} failed or dropped"
+          + (f", listed in {errors.path}" if failed else ""))
+
+
+class _ReadOnlyRows:
+    """What a non-writing rank knows of the output: rank 0's completion flag and rows."""
+
+    def __init__(self, complete: bool, rows: list[dict]):
+        self.complete, self.rows = complete, rows
+
+
+def _regeneration_settings(cfg: RunConfig, target, train_prompts: list[str]) -> dict:
+    """Everything that changes the regenerated rows (never the batch size or the number of ranks)."""
+    import hashlib
+
+    identity = target.identity()
+    template = identity.chat_template or ""
+    return {
+        "source": "in-process",
+        "target": identity.name, "config_hash": identity.config_hash, "tokenizer_hash": identity.tokenizer_hash,
+        "chat_template_sha": hashlib.sha256(template.encode()).hexdigest()[:16],
+        "prompts_sha": hashlib.sha256(json.dumps(train_prompts, ensure_ascii=False).encode()).hexdigest()[:16],
+        "num_prompts": len(train_prompts),
+        "max_new_tokens": cfg.data.max_new_tokens, "max_seq_len": cfg.data.max_seq_len,
+        "temperature": cfg.data.regen_temperature, "seed": cfg.data.seed,
+        **({"samples_per_prompt": cfg.data.samples_per_prompt} if cfg.data.samples_per_prompt != 1 else {}),
+        **({"max_turns": cfg.data.max_turns} if cfg.data.max_turns != 1 else {}),
+    }
 
 
 def _gather_rows(rows: list[dict]) -> list[dict]:
@@ -78,12 +180,14 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
     return [merged[key] for key in sorted(merged, key=lambda k: (len(k), k))]  # p00009 < p00010 < p100000
 
 
-def build_cache(cfg: RunConfig, target=None, progress: bool = True) -> Path:
+def build_cache(cfg: RunConfig, target=None, progress: bool = True, rebuild: bool = False) -> Path:
     """Capture the target's hidden states for the prepared conversations into the zstd cache.
 
     Runs as one process, or on every rank of an initialised process group (``launcher/build_cache.py``):
     each rank captures a disjoint, fixed slice into its own shards, then rank 0 writes the manifest. The
-    cache is the same, sample for sample and bit for bit, whatever the number of ranks.
+    cache is the same, sample for sample and bit for bit, whatever the number of ranks. An existing cache is
+    resumed only if its samples are these conversations (per-sample content hashes); otherwise it is refused,
+    or with ``rebuild`` its files are deleted first.
     """
     from dspark.cache.build import build_cache as _build
     from dspark.cache.writer import finalize_cache
@@ -96,6 +200,11 @@ def build_cache(cfg: RunConfig, target=None, progress: bool = True) -> Path:
         raise ValueError(f"no prepared data at {paths.train_data}: run `dspark prepare` with this config first")
     conversations = read_conversations(paths.train_data)
     target = target or load_target(cfg.target, device=dist_utils.local_device())
+    if rebuild and rank == 0:
+        from dspark.cache.format import remove_cache_files
+
+        remove_cache_files(paths.cache)
+    dist_utils.barrier()
     _build(target, conversations, paths.cache, cfg.cache, progress=progress and rank == 0, rank=rank,
            world_size=world, finalize=False)
     dist_utils.barrier()  # every rank's shards are finished before the manifest lists them

@@ -15,7 +15,8 @@ def test_import_and_help_stay_light():
 
 
 @pytest.mark.parametrize("command", [[], ["prepare"], ["cache", "build"], ["cache", "inspect"], ["cache", "verify"],
-                                     ["train"], ["eval"], ["calibrate"], ["export"], ["demo"]])
+                                     ["train"], ["eval"], ["calibrate"], ["export"], ["demo"], ["serve"],
+                                     ["data", "fetch-prompts"]])
 def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output

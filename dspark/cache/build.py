@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dspark.cache.format import content_hash
 from dspark.cache.reader import inspect_cache
 from dspark.cache.writer import CacheWriter, finalize_cache
 from dspark.targets.base import collapse_streams
@@ -80,6 +81,34 @@ def capture_batch(target, batch: list[Item], pad_id: int) -> list[dict]:
     return samples
 
 
+def check_not_stale(out_dir, done: dict[str, str | None], items: list[Item]) -> None:
+    """Refuse to resume into a cache whose finished samples are not exactly these conversations.
+
+    Resume skips the ids already on disk, so a cache built from older conversations (another ``prepare``) would
+    otherwise be kept silently. Raises one line naming the first sample (in conversation order) whose stored
+    content differs, or a stored id the conversations no longer have.
+    """
+    if not done:
+        return
+    hint = "rebuild it with `dspark cache build --rebuild` (or delete it)"
+    ids = set()
+    for sample_id, input_ids, loss_mask in items:
+        ids.add(sample_id)
+        if sample_id not in done:
+            continue
+        stored = done[sample_id]
+        if stored is None:
+            raise ValueError(f"cache {out_dir} was written before samples carried content hashes (schema 1), so "
+                             f"resuming it cannot be checked against the conversations; {hint}")
+        if stored != content_hash(input_ids, loss_mask):
+            raise ValueError(f"cache {out_dir} is stale: sample {sample_id!r} differs from the conversations "
+                             f"(first differing sample; they changed since the cache was built); {hint}")
+    extra = sorted(set(done) - ids)
+    if extra:
+        raise ValueError(f"cache {out_dir} is stale: it holds sample {extra[0]!r}, which the conversations no longer "
+                         f"have ({len(extra)} such); {hint}")
+
+
 def pad_id_of(target) -> int:
     """Token used for right padding; padded positions are masked out of attention and cut off afterwards."""
     pad_id = getattr(target.tokenizer, "pad_token_id", None)
@@ -112,6 +141,7 @@ def build_cache(target, conversations: Iterable[dict], out_dir, cfg, *, batch_si
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)][rank::world_size]
     pad_id = pad_id_of(target)
     with CacheWriter.from_config(out_dir, identity, cfg, rank=rank) as writer:
+        check_not_stale(out_dir, writer.done_contents, items)
         bar = tqdm(total=sum(map(len, batches)), desc="cache build", unit="conv", disable=not progress)
         # A collective backend needs every rank in every forward: all ranks take the same number of turns, and a
         # rank whose batch is done (or that has none left) joins with a one-token dummy batch.

@@ -22,7 +22,10 @@ import os
 import re
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+# 2: index entries carry ``content`` (``content_hash`` of the sample's token ids and loss mask), so a resumed
+# build refuses a cache made from other conversations. Schema 1 caches stay readable for training.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 FORMAT_NAME = "dspark-hidden-state-cache"
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHM = "blake2b-128"
@@ -133,11 +136,32 @@ def read_shard_index(cache_dir: Path, shard: str) -> dict:
 
 
 def check_schema_version(found, where: Path) -> None:
-    if found != SCHEMA_VERSION:
+    if found not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(
             f"{where} has cache schema_version {found!r}, but this dspark reads schema_version "
-            f"{SCHEMA_VERSION}; rebuild the cache or use the dspark version that wrote it"
+            f"{' or '.join(map(str, READABLE_SCHEMA_VERSIONS))}; rebuild the cache or use the dspark version that "
+            f"wrote it"
         )
+
+
+def content_hash(input_ids: list[int], loss_mask: list[int]) -> str:
+    """Hash of a sample's content (token ids and loss mask), kept per sample in the shard index: a resumed build
+    compares it with the conversations it is given, so a cache is never reused for changed data."""
+    h = new_hasher()
+    h.update(json.dumps([list(map(int, input_ids)), list(map(int, loss_mask))], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def remove_cache_files(cache_dir: Path) -> int:
+    """Delete the cache files in ``cache_dir`` (manifest, shards, indexes, temp files; nothing else); returns
+    how many."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return 0
+    names = [n for n in os.listdir(cache_dir) if n == MANIFEST_NAME or n.startswith(("shard-", ".shard-"))]
+    for name in names:
+        os.remove(cache_dir / name)
+    return len(names)
 
 
 def read_manifest(cache_dir: Path) -> dict:

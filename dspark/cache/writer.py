@@ -31,6 +31,7 @@ from dspark.cache.format import (
     SCHEMA_VERSION,
     CacheCorruptError,
     checksum,
+    content_hash,
     finished_shards,
     fsync_dir,
     index_name,
@@ -50,6 +51,7 @@ class _Record:
     sample_id: str
     num_tokens: int
     blobs: list[bytes]  # one per FIELDS entry
+    content: str  # content_hash of the ids and mask
 
 
 def _field_codecs(codec: str) -> dict[str, str]:
@@ -85,7 +87,8 @@ class CacheWriter:
         self._num_layers = len(identity.layer_ids)
 
         self._remove_own_temp_files()
-        self.done_ids, next_index = self._scan_finished()
+        self.done_contents, next_index = self._scan_finished()
+        self.done_ids = set(self.done_contents)
         self._next_index = next_index
         self._written_ids: set[str] = set()  # ids added by this writer (pending or written)
         self._current: list[Future] = []
@@ -109,9 +112,10 @@ class CacheWriter:
             if name.startswith(prefix) and name.endswith(".tmp"):
                 os.remove(self.out_dir / name)
 
-    def _scan_finished(self) -> tuple[set[str], int]:
-        """Ids in finished shards of every rank, and this rank's next shard index."""
-        done: set[str] = set()
+    def _scan_finished(self) -> tuple[dict[str, str | None], int]:
+        """{id: content hash (None in a schema-1 shard)} of finished shards of every rank, and this rank's next
+        shard index."""
+        done: dict[str, str | None] = {}
         next_index = 0
         for rank, index, name in finished_shards(self.out_dir):
             shard_index = read_shard_index(self.out_dir, name)
@@ -127,7 +131,7 @@ class CacheWriter:
                         f"{_field_codecs(self.codec.name)}; resume with the same cache.codec"
                     )
                 next_index = max(next_index, index + 1)
-            done.update(entry["id"] for entry in shard_index["samples"])
+            done.update((entry["id"], entry.get("content")) for entry in shard_index["samples"])
         return done, next_index
 
     # -- writing --------------------------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class CacheWriter:
                 blobs.append(self.codec.encode(value, self.zstd_level))
             except ValueError as exc:
                 raise ValueError(f"cache sample {sample_id!r}: {key}: {exc}") from exc
-        return _Record(sample_id, ids_T.shape[0], blobs)
+        return _Record(sample_id, ids_T.shape[0], blobs, content_hash(ids_T.tolist(), mask_T.int().tolist()))
 
     def _flush_shard(self) -> None:
         if not self._current:
@@ -223,6 +227,7 @@ class CacheWriter:
                     "num_tokens": record.num_tokens,
                     "checksum": checksum(payload),
                     "field_lengths": [len(blob) for blob in record.blobs],
+                    "content": record.content,
                 })
                 offset += len(payload)
             f.flush()

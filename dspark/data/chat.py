@@ -27,13 +27,15 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(FALLBACK_TEMPLATE.format(prompt=prompt))["input_ids"])
 
 
-def conversation_ids(tokenizer, prompt: str, answer_ids: list[int]) -> tuple[list[int], list[int]]:
+def conversation_ids(tokenizer, prompt: str, answer_ids: list[int],
+                     prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
     """``(input_ids, loss_mask)`` of a prompt followed by the answer ids exactly as generated.
 
     ``loss_mask`` is 1 on every answer token (the end-of-turn token too, when the answer ends with it, so the
-    drafter learns to predict the stop) and 0 on the prompt and template tokens.
+    drafter learns to predict the stop) and 0 on the prompt and template tokens. ``prefix`` = the prompt's
+    ``prompt_ids`` when the caller already has them.
     """
     if not all(isinstance(t, int) and t >= 0 for t in answer_ids):
         raise ValueError(f"answer_ids must be a list of non-negative token ids, got {answer_ids!r:.80}")
-    prefix = prompt_ids(tokenizer, prompt)
+    prefix = prompt_ids(tokenizer, prompt) if prefix is None else list(prefix)
     return prefix + list(answer_ids), [0] * len(prefix) + [1] * len(answer_ids)

@@ -59,6 +59,26 @@ def _parse_row(line: str, path: Path, line_no: int) -> str:
     return prompt
 
 
+def load_turns(spec: str, max_prompts: int = 0, max_turns: int = 1) -> list[list[str]]:
+    """The user turns of every prompt row (at most ``max_turns``), in the order of ``load_prompts``; a
+    ``{"prompt": ...}`` row has one turn. Every turn must be a non-empty string."""
+    path = BUILTIN_PROMPTS if spec == "builtin" else Path(spec).expanduser()
+    load_prompts(spec, max_prompts)  # the same validation and errors
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = parse_object(line, f"{path}:{line_no}")
+            turns = row["turns"] if "turns" in row else [row["prompt"]]
+            if not all(isinstance(t, str) and t.strip() for t in turns):
+                raise ValueError(f"{path}:{line_no}: every turn must be a non-empty string")
+            out.append(turns[:max_turns])
+            if max_prompts and len(out) == max_prompts:
+                break
+    return out
+
+
 def split_prompts(prompts: list[str], num_eval: int, seed: int) -> tuple[list[str], list[str]]:
     """Hold out ``num_eval`` prompts for evaluation; returns ``(train, eval)``.
 

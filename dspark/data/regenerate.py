@@ -27,41 +27,136 @@ def regenerate(target, prompts: list[str], *, max_new_tokens: int, temperature: 
                max_seq_len: int, progress: bool = False, group: tuple[int, int] = (0, 1)) -> list[dict]:
     """Answer every prompt with ``target`` and return conversation rows (truncated to ``max_seq_len`` tokens).
 
-    ``temperature`` 0 is greedy. A prompt whose template alone fills ``max_seq_len`` would leave no answer token
-    to train on: it is skipped (not generated) with one warning giving the count. ``group`` = (index, count)
+    ``temperature`` 0 is greedy; at T > 0 prompt i samples from (``seed``, i) alone, so its answer is the same
+    whatever ``batch_size`` or ``group``. A prompt whose template alone fills ``max_seq_len`` would leave no answer
+    token to train on: it is skipped (not generated) with one warning giving the count. ``group`` = (index, count)
     answers only every count-th kept prompt from ``index`` on (the share of one generate group, see
     ``TargetBackend.generate_group``); row ids are the prompts' indices in ``prompts`` either way.
     """
+    _check_settings(max_new_tokens, temperature, batch_size, max_seq_len)
+    prefixes, keep = plan(target.tokenizer, prompts, max_seq_len)
+    return generate_rows(target, prompts, prefixes, keep[group[0]::group[1]], max_new_tokens=max_new_tokens,
+                         temperature=temperature, batch_size=batch_size, seed=seed, max_seq_len=max_seq_len,
+                         progress=progress)
+
+
+def _check_settings(max_new_tokens: int, temperature: float, batch_size: int, max_seq_len: int) -> None:
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    tokenizer = target.tokenizer
+
+
+def plan(tokenizer, prompts: list[str], max_seq_len: int) -> tuple[list[list[int]], list[int]]:
+    """Chat-formatted prompt ids of every prompt and the indices of those short enough to answer (one warning
+    counts the others)."""
     prefixes = [prompt_ids(tokenizer, p) for p in prompts]
     keep = [i for i, prefix in enumerate(prefixes) if len(prefix) < max_seq_len]
     if len(keep) < len(prompts):
         warnings.warn(
             f"skipped {len(prompts) - len(keep)} of {len(prompts)} prompts whose chat-formatted prompt alone has "
             f">= max_seq_len={max_seq_len} tokens",
-            stacklevel=2,
+            stacklevel=3,
         )
-    keep = keep[group[0]::group[1]]
-    answers = target.generate([prefixes[i] for i in keep], max_new_tokens=max_new_tokens, temperature=temperature,
-                              batch_size=batch_size, seed=seed, progress=progress)
-    rows = []
-    for i, answer in zip(keep, answers):
-        input_ids, loss_mask = conversation_ids(tokenizer, prompts[i], answer)
-        input_ids, loss_mask = input_ids[:max_seq_len], loss_mask[:max_seq_len]
-        kept_answer = input_ids[len(prefixes[i]):]
-        rows.append({
-            "id": f"p{i:05d}",
-            "prompt": prompts[i],
-            "input_ids": input_ids,
-            "loss_mask": loss_mask,
-            "answer": tokenizer.decode(kept_answer, skip_special_tokens=True),
-        })
-    return rows
+    return prefixes, keep
+
+
+def unit_id(unit: int, samples_per_prompt: int = 1) -> str:
+    """Row id of answer unit ``unit``: prompt ``unit // S``, sample ``unit % S`` ("p00012", or "p00012-s1" when
+    every prompt has S > 1 answers)."""
+    if samples_per_prompt == 1:
+        return f"p{unit:05d}"
+    return f"p{unit // samples_per_prompt:05d}-s{unit % samples_per_prompt}"
+
+
+def generate_rows(target, prompts: list[str], prefixes: list[list[int]], indices: list[int], *, max_new_tokens: int,
+                  temperature: float, batch_size: int, seed: int, max_seq_len: int,
+                  progress: bool = False, samples_per_prompt: int = 1) -> list[dict]:
+    """Conversation rows of the answer units at ``indices`` (in that order; unit u answers prompt u // S), each
+    sampled from (seed, u): prompt i's k-th answer is the same whatever else is generated."""
+    tokenizer = target.tokenizer
+    S = samples_per_prompt
+    answers = target.generate([prefixes[u // S] for u in indices], max_new_tokens=max_new_tokens,
+                              temperature=temperature, batch_size=batch_size, seed=seed, progress=progress,
+                              indices=indices)
+    return [conversation_row(tokenizer, unit_id(u, S), prompts[u // S], prefixes[u // S], answer, max_seq_len)
+            for u, answer in zip(indices, answers)]
+
+
+def conversation_row(tokenizer, row_id: str, prompt: str, prefix: list[int], answer: list[int],
+                     max_seq_len: int) -> dict:
+    """One conversations.jsonl row: the prompt ids then the answer ids as generated, cut at ``max_seq_len``."""
+    input_ids, loss_mask = conversation_ids(tokenizer, prompt, answer, prefix=prefix)
+    input_ids, loss_mask = input_ids[:max_seq_len], loss_mask[:max_seq_len]
+    return {
+        "id": row_id,
+        "prompt": prompt,
+        "input_ids": input_ids,
+        "loss_mask": loss_mask,
+        "answer": tokenizer.decode(input_ids[len(prefix):], skip_special_tokens=True),
+    }
+
+
+# Batches per generate group in one written chunk: enough to keep a pipeline's stages busy, few enough that a
+# kill loses little work.
+CHUNK_BATCHES = 4
+
+
+def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: int, temperature: float,
+                         batch_size: int, seed: int, max_seq_len: int, progress: bool = False,
+                         group: tuple[int, int] = (0, 1), gather=None, is_writer: bool = True,
+                         samples_per_prompt: int = 1, turns: list[list[str]] | None = None) -> None:
+    """``regenerate`` into ``output`` (a ``dspark.data.output.ResumableJsonl`` on the writing rank), chunk by chunk.
+
+    The kept prompts are cut into fixed chunks of ``CHUNK_BATCHES * batch_size * group count`` prompts (in prompt
+    order); each group answers its share of a chunk, ``gather`` (rows of every rank, merged by id; identity for
+    one process) brings them to the writer, which appends the chunk in prompt order and fsyncs. A rerun resumes
+    after the last whole chunk written (a torn chunk is cut back to its start, so the batches, and at T = 0 the
+    bytes, are those of an uninterrupted run). ``output.rows`` must be the same on every rank (the caller
+    broadcasts them). ``samples_per_prompt`` S > 1 writes S sampled answers per prompt (on-policy data; needs
+    T > 0), rows ``p<i>-s<k>``, each its own seeded unit. ``turns`` (the user turns of each prompt, first turn =
+    ``prompts[i]``) regenerates every turn (``dspark.data.multiturn``).
+    """
+    from tqdm import tqdm
+
+    _check_settings(max_new_tokens, temperature, batch_size, max_seq_len)
+    S = samples_per_prompt
+    if S < 1 or (S > 1 and temperature == 0) or (S > 1 and turns is not None):
+        raise ValueError(f"samples_per_prompt must be >= 1, and 1 at temperature 0 (greedy answers are identical) "
+                         f"or with several turns, got {S} at temperature {temperature:g}")
+    prefixes, kept = plan(target.tokenizer, prompts, max_seq_len)
+    keep = [i * S + k for i in kept for k in range(S)]  # answer units
+    chunk = CHUNK_BATCHES * batch_size * group[1]
+    done = [row["id"] for row in output.rows]
+    expected = [unit_id(u, S) for u in keep]
+    if done != expected[: len(done)]:
+        first = next(k for k, (a, b) in enumerate(zip(done + [None], expected + [None])) if a != b)
+        raise ValueError(f"{getattr(output, 'partial', 'the partial output')}: row {first + 1} is "
+                         f"{done[first] if first < len(done) else 'missing'!r}, expected "
+                         f"{expected[first] if first < len(expected) else 'no more rows'!r} for these prompts; "
+                         "pass --restart to discard it")
+    start = len(done) - len(done) % chunk  # back to the start of a torn chunk
+    if is_writer:
+        output.truncate(start)
+    starts = range(start, len(keep), chunk)
+    for lo in tqdm(starts, desc="regenerate", disable=not progress, unit="chunk"):
+        share = keep[lo : lo + chunk][group[0] :: group[1]]
+        if not share:
+            rows = []
+        elif turns is not None:
+            from dspark.data.multiturn import regenerate_turns
+
+            rows = regenerate_turns(target, turns, share, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    batch_size=batch_size, seed=seed, max_seq_len=max_seq_len)
+        else:
+            rows = generate_rows(target, prompts, prefixes, share, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, batch_size=batch_size, seed=seed, max_seq_len=max_seq_len,
+                                 samples_per_prompt=S)
+        rows = gather(rows) if gather is not None else rows
+        if is_writer:
+            order = {unit_id(u, S): k for k, u in enumerate(keep[lo : lo + chunk])}
+            output.append(sorted(rows, key=lambda r: order[r["id"]]))
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -130,8 +130,12 @@ class TargetBackend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, batch_size: int,
-                 seed: int, progress: bool = False) -> list[list[int]]:
-        """Batched generation with a KV cache; returns the new tokens of each prompt (stop token included)."""
+                 seed: int, progress: bool = False, indices: list[int] | None = None) -> list[list[int]]:
+        """Batched generation with a KV cache; returns the new tokens of each prompt (stop token included).
+
+        Prompt k samples from its own generator seeded by ``(seed, indices[k])`` (default ``indices`` = 0..n-1;
+        ``dspark.targets.sampling``), so its answer does not depend on the batch, rank or group it lands in.
+        """
 
 
 class DecodeSession(abc.ABC):

@@ -241,9 +241,12 @@ class HFTarget(TargetBackend):
         return HFBatchDecodeSession(self, num_rows)
 
     @torch.no_grad()
-    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
+    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
         from tqdm import tqdm
 
+        from dspark.targets.sampling import RowSampler, batch_indices, row_sampling_processor
+
+        indices = batch_indices(indices, len(prompts))
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         outputs: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
@@ -257,11 +260,12 @@ class HFTarget(TargetBackend):
             for row, i in enumerate(batch_idx):  # left padding for generation
                 ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]) :] = 1
-            torch.manual_seed(seed + batch_idx[0])
+            # greedy over the per-prompt draws of the processor (see dspark.targets.sampling)
+            processors = [row_sampling_processor(RowSampler(seed, [indices[i] for i in batch_idx]), temperature)]
             gen = self.model.generate(
                 input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
+                logits_processor=processors if temperature > 0 else None,
                 pad_token_id=pad_id, eos_token_id=tok.eos_token_id,
             )
             for row, i in enumerate(batch_idx):

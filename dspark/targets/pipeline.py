@@ -431,12 +431,12 @@ class PipelineTarget(TargetBackend):
 
         return PipelineDecodeSession(self)
 
-    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
+    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
         """Left-padded batched generation; every member of this rank's pipeline passes the same prompts."""
         from dspark.targets.pipeline_decode import generate
 
         return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        batch_size=batch_size, seed=seed, progress=progress)
+                        batch_size=batch_size, seed=seed, progress=progress, indices=indices)
 
     # -- features ----------------------------------------------------------------------------------------
 

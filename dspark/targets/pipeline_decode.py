@@ -135,9 +135,9 @@ _PREFILL, _STEP, _END = 0, 1, 2  # item kinds: a new batch in a slot, one more t
 
 
 class _Slot:
-    """One batch in flight: its cache and inputs on every stage, its generator on the last, its tokens on stage 0."""
+    """One batch in flight: its cache and inputs on every stage, its sampler on the last, its tokens on stage 0."""
 
-    def __init__(self, target: PipelineTarget, batch: int, prompts: list[list[int]], pad_id: int, seed: int):
+    def __init__(self, target: PipelineTarget, batch: int, prompts: list[list[int]], pad_id: int, sampler):
         from transformers import DynamicCache
 
         device = target.device
@@ -151,7 +151,7 @@ class _Slot:
         # As HF generate: positions count real tokens only; pad slots are masked keys.
         self.positions_BN = (self.mask_BS.cumsum(-1) - 1).masked_fill(self.mask_BS == 0, 1)
         self.cache = DynamicCache(config=target.config)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.sampler = sampler  # per-prompt seeded draws (dspark.targets.sampling)
         self.done_B = torch.zeros(B, dtype=torch.bool, device=device)
         self.tokens: list[torch.Tensor] = []
 
@@ -166,19 +166,16 @@ class _Slot:
 def _sample(target: PipelineTarget, slot: _Slot, final_BNH: torch.Tensor, temperature: float, pad_id: int):
     """Last stage: the next token of every row (pad for rows already done)."""
     logits_BV = _logits(target, final_BNH[:, -1])
-    if temperature > 0:
-        next_B = torch.multinomial(torch.softmax(logits_BV / temperature, dim=-1), 1, generator=slot.generator)
-        next_B = next_B.view(-1)
-    else:
-        next_B = logits_BV.argmax(-1)
+    next_B = slot.sampler.sample(logits_BV, temperature)
     return torch.where(slot.done_B, torch.full_like(next_B, pad_id), next_B)
 
 
 @torch.no_grad()
 def generate(target: PipelineTarget, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-             batch_size: int, seed: int, progress: bool = False) -> list[list[int]]:
-    """``PipelineTarget.generate``: batches of prompts sorted by length, left-padded, seed ``seed + first index``
-    per batch; up to one batch per stage in flight. The tokens are broadcast from stage 0 at the end."""
+             batch_size: int, seed: int, progress: bool = False, indices: list[int] | None = None) -> list[list[int]]:
+    """``PipelineTarget.generate``: batches of prompts sorted by length, left-padded, each prompt sampled from
+    (seed, its index) (``dspark.targets.sampling``); up to one batch per stage in flight. The tokens are
+    broadcast from stage 0 at the end."""
     tok = target.tokenizer
     if tok is None:
         raise ValueError(f"generate needs the tokenizer of target {target.name} (stop and pad ids), and "
@@ -191,12 +188,16 @@ def generate(target: PipelineTarget, prompts: list[list[int]], *, max_new_tokens
         raise ValueError(f"generate got empty prompts at indices {empty[:5]}; every prompt needs a token")
     if not prompts:
         return []
+    from dspark.targets.sampling import RowSampler, batch_indices
+
+    indices = batch_indices(indices, len(prompts))
     eos, pad_id = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
-    def new_slot(b: int) -> _Slot:  # the same seed for a batch on every member, whatever is in flight beside it
-        return _Slot(target, b, [prompts[i] for i in batches[b]], pad_id, seed + batches[b][0])
+    def new_slot(b: int) -> _Slot:  # the same seeds for a batch on every member, whatever is in flight beside it
+        return _Slot(target, b, [prompts[i] for i in batches[b]], pad_id,
+                     RowSampler(seed, [indices[i] for i in batches[b]]))
 
     if target.stage == 0:
         rows = _drive(target, batches, new_slot, max_new_tokens, temperature, eos, pad_id, progress)

@@ -304,13 +304,16 @@ class ZeRO3Target(TargetBackend):
         return ZeRO3DecodeSession(self)
 
     @torch.no_grad()
-    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
+    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
         """Batched generation of this rank's prompts. Ranks may hold different numbers of prompts: a rank out of
         batches runs a one-token dummy batch, and transformers' ``synced_gpus`` keeps every rank stepping until
         all are done, so all ranks run the same forwards."""
         import torch.distributed as dist
         from tqdm import tqdm
 
+        from dspark.targets.sampling import RowSampler, batch_indices, row_sampling_processor
+
+        indices = batch_indices(indices, len(prompts))
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         outputs: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
@@ -329,12 +332,13 @@ class ZeRO3Target(TargetBackend):
             for row, prompt in enumerate(rows):  # left padding for generation
                 ids[row, width - len(prompt) :] = torch.tensor(prompt)
                 mask[row, width - len(prompt) :] = 1
-            torch.manual_seed(seed + (batch_idx[0] if batch_idx else 0))
+            # per-prompt draws (dspark.targets.sampling); the idle rank's dummy row draws as index 0
+            sampler = RowSampler(seed, [indices[i] for i in batch_idx] or [0])
             with self._gather.call():
                 gen = self.model.generate(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                    max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                    temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                    max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
+                    logits_processor=[row_sampling_processor(sampler, temperature)] if temperature > 0 else None,
                     pad_token_id=pad_id, eos_token_id=tok.eos_token_id, synced_gpus=world > 1,
                 )
             for row, i in enumerate(batch_idx):

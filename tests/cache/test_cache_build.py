@@ -89,3 +89,37 @@ def test_byte_planes_beat_raw_on_real_features(target, tmp_path):
     assert planes["bytes_per_token"] < raw["bytes_per_token"]
     assert planes["ratio_vs_raw_bf16"] > 1.0
     assert planes["target"] == target.identity().name and planes["codec"] == "bf16"
+
+
+def test_stale_cache_is_refused_naming_the_first_differing_sample(target, tmp_path):
+    """Resume matches ids; the per-sample content hash catches a cache built from other conversations."""
+    from dspark.cache.format import remove_cache_files
+
+    convs = make_conversations(5, seed=3)
+    out = build_cache(target, convs, tmp_path / "c", CacheConfig(samples_per_shard=2), batch_size=2)
+    build_cache(target, convs, out, CacheConfig(samples_per_shard=2), batch_size=2)  # same data: resumes
+    changed = [dict(c) for c in convs]
+    changed[3]["loss_mask"] = [1 - m for m in changed[3]["loss_mask"]]  # only the mask of one sample differs
+    with pytest.raises(ValueError, match=r"^cache .* is stale: sample 'conv-3' differs from the conversations "
+                                         r"\(first differing sample.*dspark cache build --rebuild"):
+        build_cache(target, changed, out, CacheConfig(samples_per_shard=2), batch_size=2)
+    with pytest.raises(ValueError, match=r"is stale: it holds sample 'conv-4', which the conversations no longer"):
+        build_cache(target, convs[:4], out, CacheConfig(samples_per_shard=2), batch_size=2)
+    assert remove_cache_files(out) == 7  # 3 shards + 3 indexes + manifest
+    build_cache(target, changed, out, CacheConfig(samples_per_shard=2), batch_size=2)
+    assert CacheReader(out).get("conv-3")["loss_mask"].tolist() == [bool(m) for m in changed[3]["loss_mask"]]
+
+
+def test_schema_1_cache_stays_readable_but_is_not_resumed(target, tmp_path):
+    convs = make_conversations(3, seed=4)
+    out = build_cache(target, convs, tmp_path / "c", CacheConfig(samples_per_shard=2), batch_size=2)
+    for path in out.iterdir():  # rewrite as the previous version wrote it: schema 1, no content hashes
+        if path.name.endswith(".json"):
+            meta = json.loads(path.read_text())
+            meta["schema_version"] = 1
+            for entry in meta.get("samples", []):
+                del entry["content"]
+            path.write_text(json.dumps(meta))
+    assert CacheReader(out).get("conv-1")["input_ids"].tolist() == convs[1]["input_ids"]
+    with pytest.raises(ValueError, match=r"written before samples carried content hashes \(schema 1\)"):
+        build_cache(target, convs, out, CacheConfig(samples_per_shard=2), batch_size=2)

@@ -63,7 +63,7 @@ def assert_same_sample(got: dict, i: int) -> None:
 def test_round_trip_manifest_and_random_access(tmp_path, codec):
     path = write_cache(tmp_path / "c", range(10), codec=codec, zstd_level=5)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and manifest["target"] == make_identity().to_dict()
+    assert manifest["schema_version"] == 2 and manifest["target"] == make_identity().to_dict()
     assert manifest["codecs"] == {"input_ids": "int32", "loss_mask": "uint8", "features_TLH": codec, "final_TH": codec}
     assert manifest["zstd_level"] == 5
     assert [s["num_samples"] for s in manifest["shards"]] == [3, 3, 3, 1]
@@ -210,7 +210,7 @@ def test_unknown_schema_version_is_refused(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["schema_version"] = 99
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="has cache schema_version 99, but this dspark reads schema_version 1"):
+    with pytest.raises(ValueError, match="has cache schema_version 99, but this dspark reads schema_version 1 or 2"):
         CacheReader(path)
     with pytest.raises(ValueError, match="manifest.json is missing"):
         CacheReader(tmp_path / "nothing")

@@ -167,10 +167,11 @@ class MegatronTarget(TargetBackend):
     def decode_session(self) -> MegatronDecodeSession:
         return MegatronDecodeSession(self)
 
-    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False):
-        """transformers' generation, as the hf backend runs it; every rank of the group passes the same prompts."""
+    def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
+        """transformers' generation, as the hf backend runs it (per-prompt seeds from ``indices``); every rank of
+        the group passes the same prompts."""
         return HFTarget.generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
-                                 batch_size=batch_size, seed=seed, progress=progress)
+                                 batch_size=batch_size, seed=seed, progress=progress, indices=indices)
 
 
 class MegatronDecodeSession(HFDecodeSession):
