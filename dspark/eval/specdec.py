@@ -22,8 +22,8 @@ import torch
 from dspark.eval.metrics import EvalReport, format_table
 
 __all__ = ["DecodeStats", "EvalReport", "GenerationResult", "NoDrafts", "confident_length", "decode_prompts",
-           "evaluate", "format_table", "prompt_seed", "speculative_generate", "speculative_generate_batch", "target_generate",
-           "verify_drafts"]
+           "evaluate", "format_table", "prompt_seed", "speculative_generate", "speculative_generate_batch",
+           "target_generate", "verify_drafts"]
 
 
 @dataclass
