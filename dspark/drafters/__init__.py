@@ -32,7 +32,11 @@ def build_drafter(cfg: DrafterConfig, target_config, layer_ids: list[int], embed
         from dspark.drafters.eagle3 import Eagle3Drafter
 
         return Eagle3Drafter(cfg, target_config, layer_ids, embed_weight, lm_head_weight)
-    raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark, dflash or eagle3")
+    if cfg.algorithm == "dspark_v4":
+        from dspark.drafters.v4 import DSparkV4Drafter
+
+        return DSparkV4Drafter(cfg, target_config, layer_ids, embed_weight, lm_head_weight)
+    raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark, dflash, eagle3 or dspark_v4")
 
 
 def load_drafter(export_dir: str | Path, apply_calibration: bool = True) -> Drafter:
@@ -50,10 +54,16 @@ def load_drafter(export_dir: str | Path, apply_calibration: bool = True) -> Draf
 
     config_path = Path(export_dir) / "config.json"
     try:
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
+        config = json.loads(config_path.read_text())
+        architectures = config.get("architectures") or []
     except (OSError, ValueError, AttributeError):
-        architectures = []  # load_deepspec reports the missing or broken file
-    if "LlamaForCausalLMEagle3" in architectures:
+        config, architectures = {}, []  # load_deepspec reports the missing or broken file
+    if isinstance(config, dict) and config.get("model_type") == "deepseek_v4":
+        # DeepSeek-V4's mtp.* draft: a deepseek-v4-mtp export or a whole V4 checkpoint that ships one.
+        from dspark.export.deepseek_v4 import load_deepseek_v4_mtp
+
+        drafter = load_deepseek_v4_mtp(export_dir)
+    elif "LlamaForCausalLMEagle3" in architectures:
         from dspark.export.eagle3 import load_eagle3
 
         drafter = load_eagle3(export_dir)
