@@ -30,7 +30,7 @@ def run_demo(cfg: RunConfig) -> dict:
         report = pipeline.evaluate(cfg, target=target)
     with times.timed("export"):
         # The drafter is exported in the layout it was trained into (Eagle3 has its own; see load_drafter).
-        fmt = "eagle3" if cfg.drafter.algorithm == "eagle3" else "deepspec"
+        fmt = {"eagle3": "eagle3", "dspark_v4": "deepseek-v4-mtp"}.get(cfg.drafter.algorithm, "deepspec")
         exported = pipeline.export(paths.drafter, paths.export(fmt), fmt)
 
     summary = {"stage_seconds": {k: round(v, 1) for k, v in times.seconds.items()},
@@ -45,7 +45,7 @@ def run_demo(cfg: RunConfig) -> dict:
                        ("held-out prompts", paths.eval_prompts), ("hidden-state cache", paths.cache),
                        ("checkpoints", result.checkpoint_dir), ("trained drafter", paths.drafter),
                        ("tensorboard", paths.tensorboard), ("eval report", paths.eval_dir / "report.json"),
-                       ("acceptance plots", paths.eval_dir), ("export (deepspec)", exported),
+                       ("acceptance plots", paths.eval_dir), (f"export ({fmt})", exported),
                        ("summary", paths.root / "demo_summary.json")]:
         print(f"  {name:<20} {path}")
     print(f"\nwatch training: tensorboard --logdir {paths.tensorboard}")

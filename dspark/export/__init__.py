@@ -13,7 +13,9 @@ from pathlib import Path
 # Format name -> (module, export function). Modules are imported lazily: safetensors only when exporting.
 FORMATS = {"deepspec": ("dspark.export.deepspec", "export_deepspec"),
            "eagle3": ("dspark.export.eagle3", "export_eagle3"),
-           "speculators": ("dspark.export.speculators", "export_speculators")}
+           "speculators": ("dspark.export.speculators", "export_speculators"),
+           "deepseek-v4-mtp": ("dspark.export.deepseek_v4", "export_mtp_bf16"),
+           "deepseek-v4-mtp-fp8": ("dspark.export.deepseek_v4", "export_mtp_fp8")}
 
 __all__ = ["FORMATS", "export_deepspec", "export_drafter", "load_deepspec"]
 
@@ -22,6 +24,11 @@ def export_drafter(drafter, out_dir: str | os.PathLike, fmt: str = "deepspec", t
     """Write ``drafter`` to ``out_dir`` in layout ``fmt``; ``target_config`` (optional) is cross-checked."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} unknown; expected one of: {', '.join(sorted(FORMATS))}")
+    # A drafter that only one family of layouts can hold (DeepSeek-V4's mtp.* draft) lists them.
+    allowed = getattr(drafter, "export_formats", None)
+    if allowed is not None and fmt not in allowed:
+        raise ValueError(f"export format {fmt!r} cannot hold drafter {drafter.algorithm!r}; expected one of: "
+                         f"{', '.join(allowed)}")
     module, function = FORMATS[fmt]
     return getattr(importlib.import_module(module), function)(drafter, target_config, out_dir)
 

@@ -105,6 +105,9 @@ def train(cfg: RunConfig, *, cache_dir: Path | None = None, conversations_path: 
         from dspark.data.regenerate import read_conversations
 
         drafter.fit_draft_vocab(read_conversations(conversations_path))
+    from dspark.train.drafter_hooks import prepare_drafter
+
+    prepare_drafter(drafter, cfg, world)
     from dspark.train.ds_config import make_ds_config
 
     ds_config = make_ds_config(cfg.train, world_size=world, total_steps=total_steps)

@@ -197,6 +197,34 @@ class DSparkV4Drafter(Drafter):
         logits = h_MKH.float() @ self.lm_head.weight.float().T + self.markov_head.markov_w2(e_MKR).float()
         return logits.view(B, A, self.block_size, -1)
 
+    @torch.no_grad()
+    def init_from_target(self, model_dir) -> list[str]:
+        """Copy each stage's attention, mHC, norms and MoE (router and selection bias included) from the target's
+        own decoder layer ``layer_ids[s]`` (the last id for stages beyond the list), read through ``WeightIndex``
+        (sharded, dequantising, per-expert or fused experts). The draft's window attention has no compressor, so a
+        compressed layer's compressor is not read. Returns the names copied."""
+        from dspark.targets.weights import WeightIndex, expert_parts, fuse_expert_pieces
+
+        index = WeightIndex(model_dir)
+        copied = []
+        for s, stage in enumerate(self.stages):
+            prefix = f"model.layers.{self.layer_ids[min(s, len(self.layer_ids) - 1)]}."
+            for name, tensor in stage.state_dict().items():
+                source = prefix + name
+                pieces = expert_parts(index, source, tuple(tensor.shape))
+                if pieces is not None:
+                    value = fuse_expert_pieces({n: index.load(n, torch.float32) for n in pieces})[source]
+                elif source in index:
+                    value = index.load(source, torch.float32)
+                else:
+                    raise ValueError(f"{model_dir} has no {source} (nor its per-expert pieces) for draft stage {s}")
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{source} has shape {tuple(value.shape)} in {model_dir}; draft stage {s} "
+                                     f"expects {tuple(tensor.shape)}")
+                tensor.copy_(value.to(tensor.dtype))
+                copied.append(f"stages.{s}.{name}")
+        return copied
+
     # -- training --------------------------------------------------------------------------------------------
 
     def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
