@@ -112,7 +112,7 @@ def test_v4_flash_drafter_has_the_released_shapes_on_the_meta_device():
 
 def test_round_trips_give_identical_draft_logits(tmp_path, one_thread):
     """none: exact; bf16: equal to the drafter with DeepSeek's BF16 tensors rounded; fp8: what the dequantisers
-    read back re-exports to the same bytes, and its logits stay close."""
+    read back re-exports to the same values, and its distributions stay close."""
     import copy
 
     from dspark.drafters import load_drafter
@@ -140,10 +140,10 @@ def test_round_trips_give_identical_draft_logits(tmp_path, one_thread):
     assert not torch.equal(logits(rounded), want)
 
     fp8 = load_drafter(export_drafter(drafter, tmp_path / "fp8", "deepseek-v4-mtp-fp8")).eval()
-    again = read(export_drafter(fp8, tmp_path / "fp8_again", "deepseek-v4-mtp-fp8"))
-    first = read(tmp_path / "fp8")
-    assert all(torch.equal(first[n].view(torch.uint8) if first[n].element_size() == 1 else first[n],
-                           again[n].view(torch.uint8) if again[n].element_size() == 1 else again[n]) for n in first)
+    # Values already on the FP8 / MXFP4 grids survive another quantisation (scales may come out smaller, the values
+    # they encode do not change).
+    again = load_drafter(export_drafter(fp8, tmp_path / "fp8_again", "deepseek-v4-mtp-fp8")).eval()
+    assert torch.equal(logits(again), logits(fp8))
     probs_fp8, probs = logits(fp8).softmax(-1), want.softmax(-1)
     assert (probs_fp8 - probs).abs().sum(-1).max() < 0.2
 

@@ -82,8 +82,11 @@ def test_export_attached_to_the_v4_checkpoint_loads_back(hf_v4, v4_dir, tmp_path
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids_BT": ids, "features_BTLH": torch.randn(1, 20, 3, 2, 64)}
     anchors = torch.tensor([[4, 13]])
+    # The attached directory serves the target's own embedding and LM head (fp32 here), not the export's BF16 copies.
+    reference = load_drafter(export)
+    reference.embed_tokens.weight, reference.lm_head.weight = hf_v4.embed_weight, hf_v4.lm_head_weight
     with torch.no_grad():
-        want = load_drafter(export).teacher_forced_logits(batch, anchors)
+        want = reference.teacher_forced_logits(batch, anchors)
         assert torch.equal(load_drafter(out).teacher_forced_logits(batch, anchors), want)
     attached = load_target(TargetConfig(backend="hf", name_or_path=str(out), dtype="float32", layer_ids=LAYER_IDS))
     with torch.no_grad():
