@@ -89,8 +89,10 @@ def test_export_attached_to_the_v4_checkpoint_loads_back(hf_v4, v4_dir, tmp_path
         want = reference.teacher_forced_logits(batch, anchors)
         assert torch.equal(load_drafter(out).teacher_forced_logits(batch, anchors), want)
     attached = load_target(TargetConfig(backend="hf", name_or_path=str(out), dtype="float32", layer_ids=LAYER_IDS))
-    with torch.no_grad():
-        torch.testing.assert_close(attached.model(ids).logits, hf_v4.model(ids).logits, rtol=0, atol=0)
+    # The target loads unchanged from the attached directory (its loader skips the mtp.* tensors).
+    want_state, got_state = hf_v4.model.state_dict(), attached.model.state_dict()
+    assert got_state.keys() == want_state.keys()
+    assert all(torch.equal(got_state[n], want_state[n]) for n in want_state)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "attach_drafter.py"), str(v4_dir), str(v4_dir),
                            str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not a deepseek-v4-mtp export" in proc.stderr
