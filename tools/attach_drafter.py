@@ -4,8 +4,8 @@ DeepSeek ships V4-Flash/Pro: one directory whose index names the target's tensor
     python tools/attach_drafter.py V4_DIR EXPORT OUT
 
 ``EXPORT`` is ``dspark export --format deepseek-v4-mtp`` (or ``deepseek-v4-mtp-fp8``) output. ``OUT`` gets symbolic
-links to ``V4_DIR``'s shards and other files (nothing of the target is copied), a link to the export's weights
-file as ``mtp-dspark.safetensors``, a new ``model.safetensors.index.json`` mapping every target tensor to its
+links to ``V4_DIR``'s shards and other files (nothing of the target is copied), the export's ``mtp.*`` tensors
+alone in ``mtp-dspark.safetensors``, a new ``model.safetensors.index.json`` mapping every target tensor to its
 shard and every ``mtp.*`` tensor of the export to that file (the export's own embed/head copies are left out: the
 target's are the ones served), and ``config.json`` = the target's config plus DeepSeek's DSpark keys. Any ``mtp.*``
 tensors the target already had are replaced by the export's (a warning says so).
@@ -72,7 +72,13 @@ def attach(v4_dir, export_dir, out_dir) -> Path:
     for item in v4_dir.iterdir():
         if item.name not in ("config.json", INDEX_FILE) and not item.name.startswith("."):
             os.symlink(item.resolve(), out_dir / item.name)
-    os.symlink((export_dir / SINGLE_FILE).resolve(), out_dir / DRAFT_FILE)
+    # The draft's mtp.* tensors are written to their own file (not linked): loaders such as transformers' read every
+    # tensor of a listed file and rename DeepSeek's embed/head, so the export's BF16 copies would replace the
+    # target's own.
+    from safetensors.torch import load_file, save_file
+
+    draft_tensors = load_file(str(export_dir / SINGLE_FILE))
+    save_file({n: draft_tensors[n] for n in draft_names}, str(out_dir / DRAFT_FILE), metadata={"format": "pt"})
     (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
     config = {**target, **{k: draft[k] for k in DSPARK_KEYS}}
     if "quantization_config" in draft and "quantization_config" not in target:

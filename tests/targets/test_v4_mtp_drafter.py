@@ -1,7 +1,7 @@
 """DeepSeek-V4's mtp.* DSpark draft next to a tiny V4 target: greedy speculative decoding with it equals target
 decoding (hf), `init_from_target` copies the target's own layers through the weight loader, and an export attached
 to the V4 checkpoint (tools/attach_drafter.py: a new index, the target's shards linked, not copied) loads back as
-the same draft."""
+the same draft while the target loads unchanged from that directory."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def test_export_attached_to_the_v4_checkpoint_loads_back(hf_v4, v4_dir, tmp_path
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "attach_drafter.py"), str(v4_dir), str(export),
                            str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert all((out / f).is_symlink() for f in json.loads((out / "model.safetensors.index.json").read_text())
-               ["weight_map"].values())
+    files = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert all((out / f).is_symlink() for f in files - {"mtp-dspark.safetensors"})  # target shards: linked
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids_BT": ids, "features_BTLH": torch.randn(1, 20, 3, 2, 64)}
     anchors = torch.tensor([[4, 13]])
@@ -88,6 +88,11 @@ def test_export_attached_to_the_v4_checkpoint_loads_back(hf_v4, v4_dir, tmp_path
     with torch.no_grad():
         want = reference.teacher_forced_logits(batch, anchors)
         assert torch.equal(load_drafter(out).teacher_forced_logits(batch, anchors), want)
+    # The target loads unchanged from the attached directory (the export's BF16 embed/head copies are left out).
+    attached = load_target(TargetConfig(backend="hf", name_or_path=str(out), dtype="float32", layer_ids=LAYER_IDS))
+    want_state, got_state = hf_v4.model.state_dict(), attached.model.state_dict()
+    assert got_state.keys() == want_state.keys()
+    assert [n for n in want_state if not torch.equal(got_state[n], want_state[n])] == []
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "attach_drafter.py"), str(v4_dir), str(v4_dir),
                            str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not a deepseek-v4-mtp export" in proc.stderr
