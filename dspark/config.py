@@ -105,6 +105,10 @@ class DrafterConfig:
     ttt_length: int = 7
     ttt_decay: float = 0.8
     draft_vocab_size: int = 0
+    # dspark_v4 (DeepSeek-V4's mtp.* draft): per-micro-batch sign step of the routers' selection biases
+    # (aux-loss-free balancing; 0 = frozen biases), and whether to copy the stages from the target's layer_ids.
+    moe_bias_update_rate: float = 1e-3
+    init_from_target: bool = False
 
 
 @dataclass(kw_only=True)
@@ -431,6 +435,7 @@ RANGES: dict[str, _Range] = {
     "drafter.ttt_length": _AT_LEAST_1,
     "drafter.ttt_decay": _Range(lo=0, hi=1, lo_open=True),
     "drafter.draft_vocab_size": _Range(lo=0, note="0 = the target's vocabulary"),
+    "drafter.moe_bias_update_rate": _AT_LEAST_0,
     "train.num_epochs": _AT_LEAST_1,
     "train.max_steps": _Range(lo=0, note="0 = run num_epochs"),
     "train.micro_batch_size": _AT_LEAST_1,
@@ -488,8 +493,9 @@ def validate(cfg: RunConfig) -> None:
                           "expected one of: hf, zero3, pipeline, megatron")
     if cfg.target.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"target.dtype must be float32 or bfloat16, got {cfg.target.dtype!r}")
-    if cfg.drafter.algorithm not in ("dspark", "dflash", "eagle3"):
-        raise ConfigError(f"drafter.algorithm {cfg.drafter.algorithm!r} unknown; expected dspark, dflash or eagle3")
+    if cfg.drafter.algorithm not in ("dspark", "dflash", "eagle3", "dspark_v4"):
+        raise ConfigError(f"drafter.algorithm {cfg.drafter.algorithm!r} unknown; expected dspark, dflash, eagle3 "
+                          "or dspark_v4")
     if cfg.drafter.algorithm == "eagle3" and (cfg.drafter.num_layers != 1 or cfg.drafter.ttt_length < 1
                                               or not 0 < cfg.drafter.ttt_decay <= 1
                                               or cfg.drafter.draft_vocab_size < 0):

@@ -29,9 +29,10 @@ def run_demo(cfg: RunConfig) -> dict:
     with times.timed("eval"):
         report = pipeline.evaluate(cfg, target=target)
     with times.timed("export"):
-        # The drafter is exported in the layout it was trained into (Eagle3 has its own; see load_drafter), or as
-        # speculators when SGLang/vLLM's Eagle3 layout cannot hold its feature layers (it takes exactly 3).
-        fmt = "deepspec"
+        # The drafter is exported in the layout it was trained into (Eagle3 and the V4 draft have their own; see
+        # load_drafter), or as speculators when SGLang/vLLM's Eagle3 layout cannot hold its feature layers (it takes
+        # exactly 3).
+        fmt = {"dspark_v4": "deepseek-v4-mtp"}.get(cfg.drafter.algorithm, "deepspec")
         if cfg.drafter.algorithm == "eagle3":
             fmt = "eagle3" if len(cfg.target.layer_ids) == 3 else "speculators"
         exported = pipeline.export(paths.drafter, paths.export(fmt), fmt, overwrite=True)

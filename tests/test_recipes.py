@@ -12,7 +12,8 @@ QWEN3_LAYERS = {"4b": [1, 9, 17, 25, 33], "8b": [1, 9, 17, 25, 33], "14b": [1, 1
 def test_every_recipe_loads_and_validates(name):
     cfg = load_config(name)
     if name.endswith(("_dspark", "_dflash", "_eagle3")):
-        assert cfg.drafter.algorithm == name.rsplit("_", 1)[1]
+        # DeepSeek-V4's recipes train its own mtp.* DSpark draft (algorithm dspark_v4).
+        assert cfg.drafter.algorithm == name.rsplit("_", 1)[1] + ("_v4" if "deepseek_v4" in name else "")
     if cfg.drafter.algorithm == "eagle3":
         assert cfg.drafter.num_layers == 1 and cfg.drafter.markov_rank == 0
         assert not cfg.drafter.enable_confidence_head
@@ -44,3 +45,14 @@ def test_gemma4_12b_recipes(algorithm):
     for section in ("train", "cache", "data"):
         assert getattr(cfg, section) == getattr(ref, section)
     assert {**vars(cfg.drafter), "mask_token_id": ref.drafter.mask_token_id} == vars(ref.drafter)
+
+
+@pytest.mark.parametrize(("size", "layers", "rank"), [("flash", [40, 41, 42], 256), ("pro", [58, 59, 60], 512)])
+def test_deepseek_v4_recipes_carry_the_released_draft_settings(size, layers, rank):
+    cfg = load_config(f"deepseek_v4_{size}_dspark")
+    assert cfg.target.name_or_path == f"deepseek-ai/DeepSeek-V4-{size.capitalize()}"
+    assert cfg.target.layer_ids == layers and cfg.drafter.markov_rank == rank
+    d = cfg.drafter
+    assert (d.num_layers, d.block_size, d.mask_token_id, d.markov_head_type) == (3, 5, 128799, "vanilla")
+    assert (d.ce_weight, d.l1_weight, d.bce_weight, d.loss_decay) == (0.1, 0.9, 1.0, 4.0)
+    assert d.enable_confidence_head and d.init_from_target

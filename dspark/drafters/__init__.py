@@ -32,7 +32,11 @@ def build_drafter(cfg: DrafterConfig, target_config, layer_ids: list[int], embed
         from dspark.drafters.eagle3 import Eagle3Drafter
 
         return Eagle3Drafter(cfg, target_config, layer_ids, embed_weight, lm_head_weight)
-    raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark, dflash or eagle3")
+    if cfg.algorithm == "dspark_v4":
+        from dspark.drafters.v4 import DSparkV4Drafter
+
+        return DSparkV4Drafter(cfg, target_config, layer_ids, embed_weight, lm_head_weight)
+    raise ValueError(f"drafter.algorithm {cfg.algorithm!r} unknown; expected dspark, dflash, eagle3 or dspark_v4")
 
 
 def load_drafter(export_dir: str | Path, apply_calibration: bool = True, verifier=None) -> Drafter:

@@ -15,13 +15,17 @@ from pathlib import Path
 # Format name -> (module, export function). Modules are imported lazily: safetensors only when exporting.
 FORMATS = {"deepspec": ("dspark.export.deepspec", "export_deepspec"),
            "eagle3": ("dspark.export.eagle3", "export_eagle3"),
-           "speculators": ("dspark.export.speculators", "export_speculators")}
+           "speculators": ("dspark.export.speculators", "export_speculators"),
+           "deepseek-v4-mtp": ("dspark.export.deepseek_v4", "export_mtp_bf16"),
+           "deepseek-v4-mtp-fp8": ("dspark.export.deepseek_v4", "export_mtp_fp8")}
 
 # How a drafter directory's config.json is recognised, tried in order: (format, a top-level key only that format
-# writes, or None, an ``architectures`` entry that marks it, or None, loader module, loader function). Loaders that
-# take ``verifier=`` get the caller's target (formats that do not store the frozen embedding / LM head). Extend
-# here for new layouts.
+# writes, or a (key, value) pair it must hold, or None; an ``architectures`` entry that marks it, or None; loader
+# module, loader function). Loaders that take ``verifier=`` get the caller's target (formats that do not store the
+# frozen embedding / LM head). Extend here for new layouts.
 DRAFTER_FORMATS = (
+    # DeepSeek-V4's mtp.* draft: a deepseek-v4-mtp export, or a whole V4 checkpoint that ships one.
+    ("deepseek-v4-mtp", ("model_type", "deepseek_v4"), None, "dspark.export.deepseek_v4", "load_deepseek_v4_mtp"),
     ("speculators", "speculators_model_type", None, "dspark.export.speculators", "load_speculators"),
     ("eagle3", None, "LlamaForCausalLMEagle3", "dspark.export.eagle3", "load_eagle3"),
     ("deepspec", "target_layer_ids", None, "dspark.export.deepspec", "load_deepspec"),
@@ -52,10 +56,14 @@ def detect_format(export_dir: str | os.PathLike) -> str:
     path = Path(export_dir)
     config = _read_config(path)
     for fmt, key, architecture, _, _ in DRAFTER_FORMATS:
-        if (key is not None and key in config) or (architecture is not None
-                                                     and architecture in (config.get("architectures") or [])):
+        if isinstance(key, tuple):
+            marked = config.get(key[0]) == key[1]
+        else:
+            marked = key is not None and key in config
+        if marked or (architecture is not None and architecture in (config.get("architectures") or [])):
             return fmt
-    marks = ", ".join(f"{fmt} ({key or 'architectures ' + repr(arch)})" for fmt, key, arch, _, _ in DRAFTER_FORMATS)
+    marks = ", ".join(f"{fmt} ({'='.join(key) if isinstance(key, tuple) else key or 'architectures ' + repr(arch)})"
+                      for fmt, key, arch, _, _ in DRAFTER_FORMATS)
     raise ValueError(f"{path} is not a drafter directory: its config.json (architectures "
                      f"{config.get('architectures')}) matches no drafter format; expected one of: {marks}")
 
@@ -82,6 +90,11 @@ def export_drafter(drafter, out_dir: str | os.PathLike, fmt: str = "deepspec", t
 
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} unknown; expected one of: {', '.join(sorted(FORMATS))}")
+    # A drafter that only one family of layouts can hold (DeepSeek-V4's mtp.* draft) lists them.
+    allowed = getattr(drafter, "export_formats", None)
+    if allowed is not None and fmt not in allowed:
+        raise ValueError(f"export format {fmt!r} cannot hold drafter {drafter.algorithm!r}; expected one of: "
+                         f"{', '.join(allowed)}")
     out = Path(out_dir)
     check_target_dir(out, overwrite)
     module, function = FORMATS[fmt]

@@ -1,6 +1,7 @@
 """Tiny random targets built from real HF configs (llama = SmolLM2's architecture shrunk; qwen3), carrying
-SmolLM2's real tokenizer, and a tiny Gemma4 with a Gemma-style tokenizer (``tiny_gemma4``). For tests and quick
-tries: ``target.name_or_path=builtin:tiny-llama`` (or ``tiny-qwen3``, ``tiny-gemma4``)."""
+SmolLM2's real tokenizer (and a tiny DeepSeek-V4), and a tiny Gemma4 with a Gemma-style tokenizer (``tiny_gemma4``).
+For tests and quick tries: ``target.name_or_path=builtin:tiny-llama`` (or ``tiny-qwen3``, ``tiny-deepseek_v4``,
+``tiny-gemma4``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("llama", "qwen3", "gemma4")
+TINY_FAMILIES = ("llama", "qwen3", "gemma4", "deepseek_v4")
 
 
 def smollm2_tokenizer(out: Path) -> Path:
@@ -54,6 +55,15 @@ def make_tiny_target(out: Path, family: str, tokenizer_dir: Path, seed: int = 0,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if family == "llama":
         cfg = AutoConfig.for_model("llama", rms_norm_eps=1e-5, tie_word_embeddings=True, **common)
+    elif family == "deepseek_v4":
+        # Sliding-window layers with score-routed MoE (what the mtp.* draft copies with init_from_target), mHC with 2
+        # streams, window 16; hidden 64 as the others.
+        common.update(intermediate_size=None, num_key_value_heads=1, head_dim=32)
+        cfg = AutoConfig.for_model(
+            "deepseek_v4", **{k: v for k, v in common.items() if v is not None}, moe_intermediate_size=32,
+            q_lora_rank=32, partial_rotary_factor=0.25, n_routed_experts=4, num_experts_per_tok=2, hc_mult=2,
+            hc_sinkhorn_iters=3, sliding_window=16, o_groups=2, o_lora_rank=16,
+            layer_types=["sliding_attention"] * num_layers, mlp_layer_types=["moe"] * num_layers)
     elif family == "qwen3":
         cfg = AutoConfig.for_model("qwen3", rms_norm_eps=1e-6, tie_word_embeddings=False, **common)
     else:

@@ -68,6 +68,8 @@ def _mtp_layers(config: dict) -> range:
     """Layer ids of DeepSeek's multi-token-prediction layers declared by a raw ``config.json`` dict (empty range
     without ``num_nextn_predict_layers > 0``; transformers 5 also spells it ``num_mtp_layers``)."""
     num_mtp = config.get("num_nextn_predict_layers", config.get("num_mtp_layers")) or 0
+    # DeepSeek-V4 with a DSpark draft: the root config says 1 but n_mtp_layers stages ship (V4_DSPARK.md 6.1).
+    num_mtp = max(num_mtp, config.get("n_mtp_layers") or 0)
     num_layers = config.get("num_hidden_layers")
     if num_mtp <= 0 or num_layers is None:
         return range(0)

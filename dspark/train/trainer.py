@@ -163,6 +163,7 @@ def _build_engine(cfg: RunConfig, frozen, conversations_path: Path, total_steps:
     import deepspeed
 
     from dspark.drafters import build_drafter
+    from dspark.train.drafter_hooks import prepare_drafter
     from dspark.train.ds_config import make_ds_config
 
     torch.manual_seed(cfg.train.seed)
@@ -171,6 +172,7 @@ def _build_engine(cfg: RunConfig, frozen, conversations_path: Path, total_steps:
         from dspark.data.regenerate import read_conversations
 
         drafter.fit_draft_vocab(read_conversations(conversations_path))
+    prepare_drafter(drafter, cfg, world)  # options applied from outside the model (init from target, MoE load sums)
     ds_config = make_ds_config(cfg.train, world_size=world, total_steps=total_steps)
     engine, _, _, _ = deepspeed.initialize(model=drafter, model_parameters=drafter.trainable_parameters(),
                                            config=ds_config)
