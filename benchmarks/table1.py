@@ -57,12 +57,13 @@ def main() -> None:
 
     import torch
 
-    from dspark import pipeline
+    from dspark import stages
     from dspark.data.benchmarks import load_benchmark
     from dspark.data.chat import prompt_ids
     from dspark.drafters import build_drafter, load_drafter
     from dspark.eval.plots import plot_acceptance
     from dspark.eval.specdec import evaluate
+    from dspark.paths import RunPaths
     from dspark.targets import load_target
 
     algorithms = [a for a in args.algorithms.split(",") if a]
@@ -76,27 +77,27 @@ def main() -> None:
 
     seconds: dict[str, float] = {}
     shared_cfg = _config(ALGORITHMS["dspark"], root / "shared", args.steps, args.overrides)
-    shared = pipeline.RunPaths(root / "shared")
+    shared = RunPaths(root / "shared")
     target = load_target(shared_cfg.target)
     if not shared.train_data.is_file():
         start = time.perf_counter()
-        pipeline.prepare(shared_cfg, target=target)
+        stages.prepare(shared_cfg, target=target)
         seconds["prepare"] = time.perf_counter() - start
     if not (shared.cache / "manifest.json").is_file():
         start = time.perf_counter()
-        pipeline.build_cache(shared_cfg, target=target)
+        stages.build_cache(shared_cfg, target=target)
         seconds["cache build"] = time.perf_counter() - start
 
     drafters = {}
     train_info = {}
     for algorithm in algorithms:
         cfg = _config(ALGORITHMS[algorithm], root / algorithm, args.steps, args.overrides)
-        paths = pipeline.RunPaths(root / algorithm)
+        paths = RunPaths(root / algorithm)
         _link(shared.train_data, paths.train_data)
         _link(shared.cache, paths.cache)
         if not (paths.drafter / "config.json").is_file():
             start = time.perf_counter()
-            result = pipeline.train(cfg)
+            result = stages.train(cfg)
             seconds[f"train {algorithm}"] = time.perf_counter() - start
             train_info[algorithm] = {"steps": result.steps, "final_loss": result.final_loss,
                                      "block_tokens_per_s": result.tokens_per_s}

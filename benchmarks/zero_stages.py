@@ -74,7 +74,7 @@ def _run_stage(work: Path, cache_dir: Path, target_dir: Path, stage: int, epochs
 def _prepare(work: Path) -> tuple[Path, Path]:
     """A tiny llama target and its cache (20 training conversations of <= 32 answer tokens)."""
     from dspark.config import load_config
-    from dspark.pipeline import build_cache, prepare
+    from dspark.stages import build_cache, prepare
     from dspark.targets import load_target
     from dspark.targets.tiny import make_tiny_target, smollm2_tokenizer
 

@@ -110,9 +110,9 @@ def prepare(recipe, overrides, restart, servers):
     if servers:
         cfg.data.servers = list(servers)
     _quiet_libraries()
-    from dspark import pipeline
+    from dspark import stages
 
-    out = pipeline.prepare(cfg, restart=restart)
+    out = stages.prepare(cfg, restart=restart)
     for name, path in out.items():
         click.echo(f"{name}: {path}")
 
@@ -168,9 +168,9 @@ def cache_build(recipe, overrides, rebuild):
     """
     cfg = _load(recipe, overrides)
     _quiet_libraries()
-    from dspark import pipeline
+    from dspark import stages
 
-    click.echo(f"cache: {pipeline.build_cache(cfg, rebuild=rebuild)}")
+    click.echo(f"cache: {stages.build_cache(cfg, rebuild=rebuild)}")
 
 
 @cache.command("inspect")
@@ -269,9 +269,9 @@ def train(recipe, overrides):
     """
     cfg = _load(recipe, overrides)
     _quiet_libraries()
-    from dspark import pipeline
+    from dspark import stages
 
-    result = pipeline.train(cfg)
+    result = stages.train(cfg)
     click.echo(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
                f"{result.tokens_per_s:.0f} block tokens/s")
     click.echo(f"drafter: {result.drafter_dir}\ncheckpoints: {result.checkpoint_dir}\n"
@@ -321,9 +321,9 @@ def eval_cmd(recipe, overrides, drafter_specs, datasets, prompts_file):
     cfg = _load(recipe, overrides)
     drafters = _drafter_specs(drafter_specs)
     _quiet_libraries()
-    from dspark import pipeline
+    from dspark import stages
 
-    pipeline.evaluate(cfg, drafter_dirs=drafters or None, datasets=list(datasets) if datasets else None,
+    stages.evaluate(cfg, drafter_dirs=drafters or None, datasets=list(datasets) if datasets else None,
                       prompts_file=prompts_file)
     click.echo(f"report: {Path(cfg.run_dir) / 'eval' / 'report.json'}")
 
@@ -355,9 +355,9 @@ def calibrate(recipe, overrides, drafter_dir, datasets, prompts_file, scheduler_
     """
     cfg = _load(recipe, overrides)
     _quiet_libraries()
-    from dspark import pipeline
+    from dspark import stages
 
-    out = pipeline.calibrate(cfg, drafter_dir=Path(drafter_dir) if drafter_dir else None,
+    out = stages.calibrate(cfg, drafter_dir=Path(drafter_dir) if drafter_dir else None,
                              datasets=list(datasets) if datasets else None, prompts_file=prompts_file,
                              scheduler_sps=scheduler_sps)
     click.echo(f"calibration: {out['calibration_json']}")
@@ -440,14 +440,14 @@ def export(drafter_dir, out_dir, fmt, verifier, overwrite):
       dspark export runs/smollm2_dspark/drafter exported/ --format deepspec
       dspark export runs/smollm2_eagle3_serve/drafter e3/ --format eagle3 --verifier builtin:smollm2
     """
-    from dspark import pipeline
+    from dspark import stages
     from dspark.export.serve import serve_commands
 
-    out = pipeline.export(Path(drafter_dir), Path(out_dir), fmt, verifier=verifier, overwrite=overwrite)
+    out = stages.export(Path(drafter_dir), Path(out_dir), fmt, verifier=verifier, overwrite=overwrite)
     click.echo(f"exported: {out}")
     spec = json.loads((out / "config.json").read_text())
     named = (spec.get("speculators_config") or {}).get("verifier", {}).get("name_or_path")
-    for command in serve_commands(fmt, out, named or pipeline.verifier_name(Path(drafter_dir), verifier, fmt)):
+    for command in serve_commands(fmt, out, named or stages.verifier_name(Path(drafter_dir), verifier, fmt)):
         click.echo(f"serve: {command}")
 
 

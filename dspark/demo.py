@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dspark import pipeline
+from dspark import stages
 from dspark.config import RunConfig
+from dspark.paths import RunPaths
 
 
 def run_demo(cfg: RunConfig) -> dict:
@@ -14,20 +15,20 @@ def run_demo(cfg: RunConfig) -> dict:
     from dspark.distributed import local_device
     from dspark.targets import load_target
 
-    paths = pipeline.RunPaths(Path(cfg.run_dir))
-    times = pipeline.StageTimes()
+    paths = RunPaths(Path(cfg.run_dir))
+    times = stages.StageTimes()
     with times.timed("load target"):
         target = load_target(cfg.target, device=local_device())
     print(f"target: {target.name} ({sum(p.numel() for p in target.model.parameters()) / 1e6:.0f}M parameters), "
           f"feature layers {cfg.target.layer_ids}")
     with times.timed("prepare (regenerate answers)"):
-        pipeline.prepare(cfg, target=target)
+        stages.prepare(cfg, target=target)
     with times.timed("cache build"):
-        pipeline.build_cache(cfg, target=target)
+        stages.build_cache(cfg, target=target)
     with times.timed("train"):
-        result = pipeline.train(cfg)
+        result = stages.train(cfg)
     with times.timed("eval"):
-        report = pipeline.evaluate(cfg, target=target)
+        report = stages.evaluate(cfg, target=target)
     with times.timed("export"):
         # The drafter is exported in the layout it was trained into (Eagle3 and the V4 draft have their own; see
         # load_drafter), or as speculators when SGLang/vLLM's Eagle3 layout cannot hold its feature layers (it takes
@@ -35,7 +36,7 @@ def run_demo(cfg: RunConfig) -> dict:
         fmt = {"dspark_v4": "deepseek-v4-mtp"}.get(cfg.drafter.algorithm, "deepspec")
         if cfg.drafter.algorithm == "eagle3":
             fmt = "eagle3" if len(cfg.target.layer_ids) == 3 else "speculators"
-        exported = pipeline.export(paths.drafter, paths.export(fmt), fmt, overwrite=True)
+        exported = stages.export(paths.drafter, paths.export(fmt), fmt, overwrite=True)
 
     summary = {"stage_seconds": {k: round(v, 1) for k, v in times.seconds.items()},
                "train_steps": result.steps, "final_loss": result.final_loss,

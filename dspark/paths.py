@@ -1,4 +1,4 @@
-"""The layout of a run directory, in one place for the CLI stages (``dspark.pipeline``) and the trainer.
+"""The layout of a run directory, in one place for the CLI stages (``dspark.stages``) and the trainer.
 
     <run>/config.json             the resolved config of the last stage that ran (``RunConfig.save``)
     <run>/data/train.jsonl        prepared conversations          <run>/data/eval_prompts.jsonl  held-out prompts

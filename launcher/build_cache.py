@@ -9,7 +9,7 @@ import sys
 
 
 def _build(cfg, rank: int, world: int, args) -> None:
-    from dspark.pipeline import build_cache
+    from dspark.stages import build_cache
 
     out = build_cache(cfg, progress=True)
     if rank == 0:

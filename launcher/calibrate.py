@@ -21,7 +21,7 @@ def _options(parser) -> None:
 
 
 def _calibrate(cfg, rank: int, world: int, args) -> None:
-    from dspark.pipeline import calibrate
+    from dspark.stages import calibrate
 
     out = calibrate(cfg, drafter_dir=args.drafter_dir, datasets=args.datasets or None,
                     prompts_file=args.prompts_file, scheduler_sps=args.scheduler_sps)

@@ -22,7 +22,7 @@ def _options(parser) -> None:
 
 def _eval(cfg, rank: int, world: int, args) -> None:
     from dspark.cli import _drafter_specs
-    from dspark.pipeline import evaluate
+    from dspark.stages import evaluate
 
     drafters = _drafter_specs(tuple(args.drafters))
     evaluate(cfg, drafter_dirs=drafters or None, datasets=args.datasets or None, prompts_file=args.prompts_file,

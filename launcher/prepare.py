@@ -9,7 +9,7 @@ import sys
 
 
 def _prepare(cfg, rank: int, world: int, args) -> None:
-    from dspark.pipeline import prepare
+    from dspark.stages import prepare
 
     out = prepare(cfg, progress=True)
     if rank == 0:

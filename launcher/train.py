@@ -7,9 +7,9 @@ import sys
 
 
 def _train(cfg, rank: int, world: int, args) -> None:
-    from dspark import pipeline
+    from dspark import stages
 
-    result = pipeline.train(cfg, progress=True)  # the `dspark train` stage, on every rank
+    result = stages.train(cfg, progress=True)  # the `dspark train` stage, on every rank
     if rank == 0:
         print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}; drafter: {result.drafter_dir}")
 

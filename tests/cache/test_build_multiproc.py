@@ -15,7 +15,7 @@ from conftest import free_port, run_cli
 from dspark.cache import CacheReader
 from dspark.config import load_config
 from dspark.data.regenerate import write_jsonl
-from dspark.pipeline import build_cache
+from dspark.stages import build_cache
 
 NUM_CONVERSATIONS = 11  # capture batches of 4: rank 0 of 2 takes batches 0 and 2 (7 samples), rank 1 batch 1
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import DIST_ENV, REPO
 
-from dspark import pipeline
+from dspark import stages
 from dspark.config import load_config
 from dspark.data.server import ServerOptions, post_with_retries, request_body
 
@@ -62,8 +62,8 @@ def test_server_regeneration_equals_in_process_at_t0_and_t1(server, tiny_llama_d
     for temperature, samples in ((0.0, 1), (1.0, 2)):  # at T=1 two sampled answers per prompt
         local, remote = tmp_path / f"local{temperature}", tmp_path / f"remote{temperature}"
         sampling = {"regen_temperature": temperature, "samples_per_prompt": samples}
-        pipeline.prepare(_cfg(local, tiny_llama_dir, **sampling), progress=False)
-        pipeline.prepare(_cfg(remote, tiny_llama_dir, servers=f"[{server}]", server_max_in_flight=3, **sampling),
+        stages.prepare(_cfg(local, tiny_llama_dir, **sampling), progress=False)
+        stages.prepare(_cfg(remote, tiny_llama_dir, servers=f"[{server}]", server_max_in_flight=3, **sampling),
                          progress=False)
         ours = (remote / "data" / "train.jsonl").read_bytes()
         assert ours == (local / "data" / "train.jsonl").read_bytes(), temperature
@@ -78,9 +78,9 @@ def test_retries_on_503_and_permanent_failures_go_to_the_error_file(tiny_llama_d
                                                                      capsys):
     proc, flaky = _start_server(tiny_llama_dir, "--fail-first", "4")
     try:
-        pipeline.prepare(_cfg(tmp_path / "retried", tiny_llama_dir, servers=f"[{flaky}]", server_max_in_flight=2),
+        stages.prepare(_cfg(tmp_path / "retried", tiny_llama_dir, servers=f"[{flaky}]", server_max_in_flight=2),
                          progress=False)  # 4 x 503 then success: retried with backoff, nothing lost
-        pipeline.prepare(_cfg(tmp_path / "clean", tiny_llama_dir, servers=f"[{server}]"), progress=False)
+        stages.prepare(_cfg(tmp_path / "clean", tiny_llama_dir, servers=f"[{server}]"), progress=False)
         assert _rows(tmp_path / "retried") == _rows(tmp_path / "clean")
     finally:
         proc.kill()
@@ -88,7 +88,7 @@ def test_retries_on_503_and_permanent_failures_go_to_the_error_file(tiny_llama_d
     proc, flaky = _start_server(tiny_llama_dir, "--fail-first", "3")
     try:
         run = tmp_path / "no_retries"
-        pipeline.prepare(_cfg(run, tiny_llama_dir, servers=f"[{flaky}]", server_max_in_flight=1,
+        stages.prepare(_cfg(run, tiny_llama_dir, servers=f"[{flaky}]", server_max_in_flight=1,
                               server_max_retries=0), progress=False)
     finally:
         proc.kill()
@@ -109,11 +109,11 @@ def test_bad_requests_are_not_retried_and_length_policy(server, tiny_llama_dir, 
                           threading.Event())
     assert time.monotonic() - start < 5.0  # no backoff wait: a 400 fails at once
     short = {"servers": f"[{server}]", "max_new_tokens": 3, "regen_temperature": 1.0}
-    pipeline.prepare(_cfg(tmp_path / "mark", tiny_llama_dir, length_policy="mark", **short), progress=False)
+    stages.prepare(_cfg(tmp_path / "mark", tiny_llama_dir, length_policy="mark", **short), progress=False)
     marked = _rows(tmp_path / "mark")
     cut = [r["id"] for r in marked if r.get("truncated")]
     assert cut and len(cut) < len(marked) or len(cut) == len(marked) == 10
-    pipeline.prepare(_cfg(tmp_path / "drop", tiny_llama_dir, length_policy="drop", **short), progress=False)
+    stages.prepare(_cfg(tmp_path / "drop", tiny_llama_dir, length_policy="drop", **short), progress=False)
     assert [r["id"] for r in _rows(tmp_path / "drop")] == [r["id"] for r in marked if not r.get("truncated")]
     dropped = _rows(tmp_path / "drop", "train.errors.jsonl")
     assert [e["id"] for e in dropped] == cut and dropped[0]["reason"] == "dropped: finish_reason=length"

@@ -20,7 +20,7 @@ MARGIN = 0.5  # tau counts the bonus token: 1.0 = no draft ever accepted
 
 
 def test_short_training_raises_tau_on_the_builtin_target(tmp_path):
-    from dspark import pipeline
+    from dspark import stages
     from dspark.config import load_config
     from dspark.data.chat import prompt_ids
     from dspark.drafters import build_drafter, load_drafter
@@ -34,9 +34,9 @@ def test_short_training_raises_tau_on_the_builtin_target(tmp_path):
         f"train.num_epochs={STEPS}", "train.micro_batch_size=1", "train.lr=1e-2", "train.min_lr_ratio=1.0",
         "train.warmup_ratio=0.0", "train.num_threads=2"])
     target = load_target(cfg.target)
-    pipeline.prepare(cfg, target=target, progress=False)
-    pipeline.build_cache(cfg, target=target, progress=False)
-    assert pipeline.train(cfg, progress=False).steps == STEPS
+    stages.prepare(cfg, target=target, progress=False)
+    stages.build_cache(cfg, target=target, progress=False)
+    assert stages.train(cfg, progress=False).steps == STEPS
 
     (row,) = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
     trained = load_drafter(tmp_path / "drafter").eval()

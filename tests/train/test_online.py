@@ -110,7 +110,7 @@ def test_online_with_padded_captures_stays_within_rounding(target, tmp_path, tin
     # The cache build pads batches of 4, the live source micro batches of 2: padding changes the attention
     # kernel's fp32 rounding, so a few features land one bf16 ulp (2**-8 relative) apart. That moves the
     # losses by far less than 1e-3 relative over a few steps.
-    from dspark.pipeline import build_cache as pipeline_build
+    from dspark.stages import build_cache as pipeline_build
 
     cached = _new_run(tmp_path / "cached")
     pipeline_build(_cfg(cached, tiny_llama_dir), target=target, progress=False)

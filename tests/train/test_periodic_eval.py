@@ -30,7 +30,7 @@ def _cfg(run_dir: Path, tiny_llama_dir: Path, *extra: str):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_llama_dir) -> Path:
     """A run directory with prepared data (train + held-out prompts) and its cache."""
-    from dspark.pipeline import build_cache, prepare
+    from dspark.stages import build_cache, prepare
     from dspark.targets import load_target
 
     run_dir = tmp_path_factory.mktemp("eval_cache")

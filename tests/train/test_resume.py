@@ -24,7 +24,7 @@ def _cfg(run_dir: Path, tiny_llama_dir: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    from dspark.pipeline import build_cache, prepare
+    from dspark.stages import build_cache, prepare
     from dspark.targets import load_target
 
     run_dir = tmp_path_factory.mktemp("resume_cache")

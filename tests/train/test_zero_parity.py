@@ -44,7 +44,7 @@ def _worker(rank: int, port: int, cache_dir: str, root: str, target_dir: str) ->
 def build_tiny_cache(run_dir: Path, target_dir: Path) -> Path:
     """Prepare + cache the tiny llama recipe (20 training conversations) into ``run_dir/cache``."""
     from dspark.config import load_config
-    from dspark.pipeline import build_cache, prepare
+    from dspark.stages import build_cache, prepare
     from dspark.targets import load_target
 
     # Short answers (16 tokens) keep the regeneration and the training cheap; 5 blocks of 4 still fit.
