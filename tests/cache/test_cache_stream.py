@@ -178,9 +178,9 @@ def test_unknown_shard_index_schema_and_codec_are_refused_naming_both(tmp_path):
     path = write_cache(tmp_path / "a", range(4))
     index_path = path / "shard-00000-00001.idx.json"
     index = json.loads(index_path.read_text())
-    index_path.write_text(json.dumps({**index, "schema_version": 2}))
-    with pytest.raises(ValueError, match=r"shard-00000-00001.idx.json has cache schema_version 2, but this dspark "
-                                         r"reads schema_version 1"):
+    index_path.write_text(json.dumps({**index, "schema_version": 3}))
+    with pytest.raises(ValueError, match=r"shard-00000-00001.idx.json has cache schema_version 3, but this dspark "
+                                         r"reads schema_version 1 or 2"):
         CacheReader(path)
 
     path = write_cache(tmp_path / "b", range(4))
