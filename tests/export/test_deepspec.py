@@ -84,7 +84,8 @@ def test_export_drafter_dispatches_by_format(tmp_path):
     assert (out / "config.json").read_text() == (tmp_path / "a" / "config.json").read_text()
     again, first = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "a" / "model.safetensors"))
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
-    with pytest.raises(ValueError, match="export format 'onnx' unknown; expected one of: deepspec"):
+    with pytest.raises(ValueError, match="export format 'onnx' unknown; expected one of: deepseek-v4-mtp, "
+                                         "deepseek-v4-mtp-fp8, deepspec, eagle3, speculators$"):
         export_drafter(d, tmp_path / "c", "onnx")
 
 
