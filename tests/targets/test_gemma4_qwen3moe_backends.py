@@ -80,8 +80,13 @@ def _worker(rank: int, port: int, jobs: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     results = {}
     for (model_type, backend), path in jobs.items():
-        target = load_target(TargetConfig(name_or_path=path, backend=backend, layer_ids=LAYER_IDS))
+        tp = WORLD if backend == "megatron" else 1  # megatron: one TP group of both ranks
+        target = load_target(TargetConfig(name_or_path=path, backend=backend, layer_ids=LAYER_IDS, tensor_parallel=tp))
         results[model_type, backend] = run_target(target, rank_inputs(rank))
+        if backend == "megatron":  # sdpa repeats KV heads by shape; eager by the attention's num_key_value_groups
+            target.model.set_attn_implementation("eager")
+            inputs = rank_inputs(rank)
+            results[model_type, backend]["layers_eager"] = target.features(inputs["ids"], inputs["mask"]).layers_BTLH
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -130,11 +135,17 @@ def test_backends_match_hf(model_type, checkpoints, parallel_results, one_thread
         for backend in BACKENDS_OF[model_type]:
             ours = parallel_results[rank][model_type, backend]
             for key in ("layers", "final", "decode_logits", "decode_feats"):
-                torch.testing.assert_close(ours[key], ref[key], atol=1e-5, rtol=1e-5,
+                # TP 2 sums the row-parallel partial products in another order: Gemma4's hidden states (|h| up to
+                # ~7 here) then differ from hf's by up to 3e-5 in fp32, as much as hf's own fp32 features differ
+                # from its fp64 ones (1.4e-5); the softcapped logits stay within 1e-5
+                atol = 5e-5 if backend == "megatron" and key != "decode_logits" else 1e-5
+                torch.testing.assert_close(ours[key], ref[key], atol=atol, rtol=1e-5,
                                            msg=f"{model_type} {backend} rank {rank} {key}")
             assert ours["identity"] == ref["identity"]
             assert torch.equal(ours["embed"], ref["embed"]) and torch.equal(ours["lm_head"], ref["lm_head"])
             assert ours["generated"] == ref["generated"]
+            if "layers_eager" in ours:  # a global layer's replicated KV head, repeated over this rank's query heads
+                torch.testing.assert_close(ours["layers_eager"], ref["layers"], atol=5e-5, rtol=1e-5)
 
 
 def test_gemma4_settings_the_backends_refuse(checkpoints, tmp_path):
