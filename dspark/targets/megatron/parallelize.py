@@ -17,8 +17,8 @@ to ``model.layers.<i>.``); the kind says what happens to them:
 ``local`` divides attributes that count heads or groups by the TP size (a dotted name copies the shared object
 first: V4's attention reads ``config.o_groups``). ``divisible`` names the config fields that must split whole,
 ``kv_heads`` the KV head counts (per layer where the config varies them) that must split whole or divide the
-TP size. A multimodal checkpoint (Gemma4) is
-planned by its text config's ``model_type``; its decoder layers live under ``model.language_model.layers``.
+TP size. A multimodal checkpoint (Gemma4) reads those fields from its text config; its decoder layers live under
+``model.language_model.layers``.
 Every other parameter (norms, routers, low-rank down projections, mHC mixers) is replicated; the embedding and the
 LM head are split by vocabulary in every family (a scaled embedding, Gemma4's sqrt(H), keeps its scale).
 """
@@ -69,18 +69,18 @@ TP_PLANS = {
                           divisible=("num_attention_heads", "o_groups")),
     # Sliding and global layers differ in head dim and KV head count (a global layer may hold fewer KV heads than
     # ranks: replicated; with attention_k_eq_v it has no v_proj). q/k/v norms act per head: replicated.
-    **{text_type: TPPlan({r"self_attn\.q_proj": COLUMN, r"self_attn\.(k|v)_proj": KV_HEADS, r"self_attn\.o_proj": ROW,
+    **{model_type: TPPlan({r"self_attn\.q_proj": COLUMN, r"self_attn\.(k|v)_proj": KV_HEADS, r"self_attn\.o_proj": ROW,
                           **_MLP}, divisible=("num_attention_heads",),
                          kv_heads=("num_key_value_heads",))
-       for text_type in ("gemma4_text", "gemma4_unified_text")},
+       for model_type in ("gemma4", "gemma4_text", "gemma4_unified")},
 }
 _IN_LAYER = re.compile(r"model\.(?:language_model\.)?layers\.\d+\.(.+)")
 
 
 def check_divisible(config, size: int) -> None:
     """Refuse a TP size that cannot split whole heads (or groups), before anything is built or read."""
-    config = text_config(config)
     plan = TP_PLANS[config.model_type]
+    config = text_config(config)  # a multimodal Gemma4 keeps its decoder's fields in text_config
     for name in plan.divisible:
         n = getattr(config, name)
         if n % size:
@@ -115,7 +115,7 @@ def parallelize(model: nn.Module, rank: int, size: int) -> dict[str, tuple[int, 
     Returns how each split parameter maps onto the full one: name -> ``(dim, start, stop)``; parameters not listed
     are replicated. Names stay transformers' (= the checkpoint's), so the loader reads a parameter under its own name.
     """
-    plan = TP_PLANS[text_config(model.config).model_type]
+    plan = TP_PLANS[model.config.model_type]
     splits: dict[str, tuple[int, int, int]] = {}
     regrouped: set[int] = set()
     for name, module in list(model.named_modules()):
@@ -229,9 +229,9 @@ def _split_vocabulary(model: nn.Module, rank: int, size: int, splits: dict) -> N
     scale = getattr(embed, "embed_scale", None)
     with torch.device("meta"):
         model.set_input_embeddings(parallel.VocabEmbedding(vocab, hidden, embed.weight.dtype))
+        model.set_output_embeddings(parallel.VocabHead(hidden, vocab, head.weight.dtype))
     if scale is not None:
         model.get_input_embeddings().register_buffer("embed_scale", scale.clone(), persistent=False)
-        model.set_output_embeddings(parallel.VocabHead(hidden, vocab, head.weight.dtype))
     rows = parallel.padded_vocab_size(vocab, size) // size
     names = {id(p): n for n, p in model.named_parameters()}  # a tied head is listed once, as the embedding
     new_embed, new_head = model.get_input_embeddings(), model.get_output_embeddings()
