@@ -38,16 +38,15 @@ FAMILIES: dict[str, dict[str, str]] = {
     **{model_type: {"zero3": "features (sliding and global layers, softcapped logits); decoding in lockstep "
                              "(rollback by snapshot and replay: sliding-window caches cannot crop); generate",
                     "pipeline": "features (a mask and rotary table per layer type on every stage); decoding in "
-                                "lockstep; generate"}
+                                "lockstep; generate",
+                    "megatron": "tensor parallel by heads (a global layer's KV heads replicated when fewer than the "
+                                "ranks), sqrt(H)-scaled vocab-parallel embedding; features; decoding in lockstep "
+                                "(rollback by snapshot and replay); generate"}
        for model_type in ("gemma4", "gemma4_text", "gemma4_unified")},
 }
 
 # Families a backend does not host yet, with the reason (named in the refusal).
-PENDING: dict[tuple[str, str], str] = {
-    **{(model_type, "megatron"): "pending: the megatron backend needs a TP_PLANS entry for Gemma4 "
-                                 "(parallelize.py) that keeps its sqrt(H)-scaled embedding and a parity test"
-       for model_type in ("gemma4", "gemma4_text", "gemma4_unified")},
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 # Decoder families users ask for that transformers 5.24 has but no sharded backend lists yet, with the reason
 # (``hf`` hosts them all in one process). Named in the refusal of any sharded backend.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, text_config
 from dspark.targets.hf import HFDecodeSession, HFTarget
 from dspark.targets.megatron import adapter, parallel, parallelize
 
@@ -63,7 +63,7 @@ class MegatronTarget(TargetBackend):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from dspark.targets.families import require_family
+        from dspark.targets.families import require_hostable
         from dspark.targets.weights import WeightIndex, checkpoint_layout
         from dspark.targets.zero3 import expected_tensors
 
@@ -72,8 +72,8 @@ class MegatronTarget(TargetBackend):
         model_dir = Path(model_dir)
         name = name or model_dir.name
         config = AutoConfig.from_pretrained(model_dir)
-        require_family(config.model_type, "megatron", str(model_dir))
-        num_layers = config.num_hidden_layers
+        require_hostable(config, "megatron", str(model_dir))  # Gemma4: dense text decoders only
+        num_layers = text_config(config).num_hidden_layers
         bad = [i for i in layer_ids if i < -1 or i >= num_layers - 1]
         if bad:
             raise ValueError(f"target.layer_ids {bad} out of range for {name}: it has {num_layers} decoder layers, "
@@ -99,7 +99,8 @@ class MegatronTarget(TargetBackend):
 
     @property
     def config(self):
-        return self.model.config
+        """The decoder's config (a multimodal Gemma4's ``text_config``), as the hf backend's."""
+        return text_config(self.model.config)
 
     def parameter_bytes(self) -> int:
         """Bytes of the parameters this rank holds (tied weights counted once)."""

@@ -118,11 +118,18 @@ class RowLinear(RowParallelLinear):
 
 
 class VocabEmbedding(VocabParallelEmbedding):
-    """The token embedding with the (padded) vocabulary rows split over the group."""
+    """The token embedding with the (padded) vocabulary rows split over the group. ``embed_scale`` (a buffer,
+    None unless the family scales its embedding: Gemma4's sqrt(H)) multiplies the looked-up rows in the weight's
+    dtype after the reduce, as the family's own embedding module does."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
         super().__init__(padded_vocab_size(vocab_size, tp_size()), hidden_size, init_method=_no_init,
                          config=_config(dtype))
+        self.register_buffer("embed_scale", None, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids)
+        return out if self.embed_scale is None else out * self.embed_scale.to(self.weight.dtype)
 
 
 class VocabHead(ColumnLinear):
