@@ -128,6 +128,9 @@ class TrainConfig:
     zero_stage: int = 0  # 0 | 1 | 2 | 3
     # Keep the optimizer states (and the fp32 master step) in CPU memory; needs zero_stage >= 1.
     offload_optimizer: bool = False
+    # Expert parallelism for MoE drafters (dspark_v4): each group of this many ranks splits the routed experts of
+    # every MoE (dspark.train.expert_parallel); must divide the routed experts and the world size.
+    expert_parallel: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only: make_ds_config refuses it on CPU)
     seed: int = 0
     log_every: int = 1
@@ -447,6 +450,7 @@ RANGES: dict[str, _Range] = {
     "train.weight_decay": _AT_LEAST_0,
     "train.grad_clip": _Range(lo=0, note="0 = no clipping"),
     "train.zero_stage": _Range(lo=0, hi=3),
+    "train.expert_parallel": _AT_LEAST_1,
     "train.seed": _AT_LEAST_0,
     "train.log_every": _AT_LEAST_1,
     "train.num_threads": _Range(lo=0, note="0 = torch's default"),
