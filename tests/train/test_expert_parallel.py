@@ -40,13 +40,17 @@ def _reference() -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss), {n: p.grad.clone() for n, p in drafter.named_parameters() if p.requires_grad}
 
 
-def _engine(stage: int, seed: int = 0):
+def _engine(stage: int, scramble: bool = False):
     import deepspeed
     from tiny_v4 import make_drafter
 
     from dspark.train.expert_parallel import apply_expert_parallel
 
-    drafter = make_drafter(seed=seed, moe_bias_update_rate=0.0).train()
+    drafter = make_drafter(moe_bias_update_rate=0.0).train()
+    if scramble:  # other trained weights and selection biases (the frozen embedding and head stay the target's)
+        with torch.no_grad():
+            for p in [*drafter.trainable_parameters(), *(s.mlp.gate.e_score_correction_bias for s in drafter.stages)]:
+                p.add_(torch.randn_like(p) * 0.1)
     apply_expert_parallel(drafter, WORLD, WORLD)
     engine, *_ = deepspeed.initialize(model=drafter, model_parameters=drafter.trainable_parameters(),
                                       config=_ds_config(stage))
@@ -95,15 +99,17 @@ def _worker(rank: int, port: int, root: str) -> None:
             else:
                 want = ref_grads[n]
             diffs[n] = (float((g - want).abs().max()), float(want.abs().max()))
+        saved = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         engine.save_checkpoint(f"{root}/ckpt{stage}", tag="t")
         next_loss, _ = _step(engine, rank)
         after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-        resumed = _engine(stage, seed=5)  # other initial weights: the load must replace every one
+        resumed = _engine(stage, scramble=True)  # the load must replace every trained weight
         resumed.load_checkpoint(f"{root}/ckpt{stage}", tag="t")
+        load_mismatch = [n for n, p in resumed.module.named_parameters() if not torch.equal(p, saved[n])]
         resumed_loss, _ = _step(resumed, rank)
         resumed_after = dict(resumed.module.named_parameters())
         result["stages"][stage] = {
-            "loss": loss, "grad_rel_err": diffs, "next_loss": next_loss, "resumed_loss": resumed_loss,
+            "load_mismatch": load_mismatch, "loss": loss, "grad_rel_err": diffs, "next_loss": next_loss, "resumed_loss": resumed_loss,
             "resume_max_diff": max(float((after[n] - resumed_after[n]).abs().max()) for n in after),
             "expert_numel": sum(p.numel() for p in expert.values()),
             "expert_numel_full": sum(ref_grads[n].numel() for n in ref_grads if n.endswith(("gate_up_proj",
@@ -126,6 +132,7 @@ def test_expert_parallel_equals_one_process_and_resumes(tmp_path):
             bad = {n: d for n, d in got["grad_rel_err"].items() if d[0] > 1e-5 * max(1.0, d[1])}
             assert not bad, (rank, stage, bad)
             assert got["expert_numel"] * WORLD == got["expert_numel_full"] > 0
+            assert got["load_mismatch"] == [], (rank, stage)
             assert got["resumed_loss"] == got["next_loss"] and got["resume_max_diff"] == 0.0, (rank, stage)
     # Both ranks hold different experts: their slices sum to the full set, the dense part is the same.
     assert results[0]["stages"][0]["n_params"] == results[1]["stages"][0]["n_params"]
