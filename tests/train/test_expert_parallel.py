@@ -89,7 +89,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         expert = {n: p for n, p in names.items() if "deepspeed_experts" in n}
         loss, grads = _step(engine, rank, grads=True)
         # The expert slice of the one-process gradient: stages.S.mlp.experts.gate_up_proj[first + local id].
-        diffs = {}
+        diffs = {}  # name -> (max |EP - one process|, max |one process|)
         for n, g in grads.items():
             if n in expert:
                 stage_moe, local = n.split(".deepspeed_moe.experts.deepspeed_experts.")
@@ -109,13 +109,16 @@ def _worker(rank: int, port: int, root: str) -> None:
         resumed_loss, _ = _step(resumed, rank)
         resumed_after = dict(resumed.module.named_parameters())
         result["stages"][stage] = {
-            "load_mismatch": load_mismatch, "loss": loss, "grad_rel_err": diffs, "next_loss": next_loss, "resumed_loss": resumed_loss,
+            "load_mismatch": load_mismatch, "loss": loss, "grad_diffs": diffs, "next_loss": next_loss,
+            "resumed_loss": resumed_loss,
             "resume_max_diff": max(float((after[n] - resumed_after[n]).abs().max()) for n in after),
             "expert_numel": sum(p.numel() for p in expert.values()),
             "expert_numel_full": sum(ref_grads[n].numel() for n in ref_grads if n.endswith(("gate_up_proj",
                                                                                           "down_proj"))
                                      and ".experts." in n),
-            "n_params": len(names)}
+            "n_params": len(names),
+            "expert_ids": sorted({m.first + e for m in engine.module.modules() if hasattr(m, "first")
+                                  for e in range(m.num_local_experts)})}
     torch.save(result, f"{root}/rank{rank}.pt")
 
 
@@ -127,22 +130,25 @@ def test_expert_parallel_equals_one_process_and_resumes(tmp_path):
     for rank, res in enumerate(results):
         for stage, got in res["stages"].items():
             assert got["loss"] == pytest.approx(res["ref_loss"], rel=1e-5, abs=1e-6), (rank, stage)
-            print(stage, sorted(got["grad_rel_err"].items(), key=lambda kv: -kv[1][0])[:5])
             # fp32, 1e-5: only the summation order of the expert terms and of the all-reduces differs.
-            bad = {n: d for n, d in got["grad_rel_err"].items() if d[0] > 1e-5 * max(1.0, d[1])}
+            bad = {n: d for n, d in got["grad_diffs"].items() if d[0] > 1e-5 * max(1.0, d[1])}
             assert not bad, (rank, stage, bad)
             assert got["expert_numel"] * WORLD == got["expert_numel_full"] > 0
             assert got["load_mismatch"] == [], (rank, stage)
             assert got["resumed_loss"] == got["next_loss"] and got["resume_max_diff"] == 0.0, (rank, stage)
-    # Both ranks hold different experts: their slices sum to the full set, the dense part is the same.
+    # The two ranks hold disjoint halves of the 4 experts, and the same number of tensors.
+    assert [res["stages"][0]["expert_ids"] for res in results] == [[0, 1], [2, 3]]
     assert results[0]["stages"][0]["n_params"] == results[1]["stages"][0]["n_params"]
 
 
-def test_bad_expert_parallel_size_is_refused(tmp_path):
+def test_bad_expert_parallel_size_is_refused():
+    """Through the trainer's hook and the recipe field: 3 divides neither the 4 experts nor the world of 2."""
     from tiny_v4 import make_drafter
 
-    from dspark.train.expert_parallel import apply_expert_parallel
+    from dspark.config import load_config
+    from dspark.train.drafter_hooks import prepare_drafter
 
-    with pytest.raises(ValueError, match=r"train.expert_parallel=3 must divide the routed experts \(4\) and the world"
-                                         r" size \(3\)"):
-        apply_expert_parallel(make_drafter(), 3, 3)
+    cfg = load_config("tiny_deepseek_v4_dspark", ["train.expert_parallel=3"])
+    with pytest.raises(ValueError, match=r"^train.expert_parallel=3 must divide the routed experts \(4\) and the "
+                                         r"world size \(2\)$"):
+        prepare_drafter(make_drafter(), cfg, world=2)
