@@ -109,6 +109,10 @@ class ExpertParallelExperts(MoE):
             _OneExpert(full.gate_up_proj.data[e], full.down_proj.data[e], self.expert_group_name)
             for e in range(self.first, self.first + self.num_local_experts))
         self.act_fn, self.limit, self._gate_fn = full.act_fn, full.limit, type(full)._apply_gate
+        # The emptied single-device module, kept unregistered for ``gather_experts`` to refill at export.
+        full.register_parameter("gate_up_proj", None)
+        full.register_parameter("down_proj", None)
+        self._full = [full]
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by DeepSpeed's engine; the groups already exist (``apply_expert_parallel`` made them)."""
@@ -167,3 +171,24 @@ def apply_expert_parallel(drafter, ep: int, world: int) -> int:
     for moe in moes:
         moe.experts = ExpertParallelExperts(moe.experts, ep, ep_rank)
     return len(moes)
+
+
+def gather_experts(drafter) -> int:
+    """Collective over every expert-parallel group: swap each ``ExpertParallelExperts`` back for the full
+    single-device module with all experts (in global order), e.g. before exporting; returns how many."""
+    swapped = 0
+    for moe in drafter.modules():
+        ep_experts = getattr(moe, "experts", None)
+        if not isinstance(ep_experts, ExpertParallelExperts):
+            continue
+        group = groups._get_expert_parallel_group(ep_experts.expert_group_name)
+        full = ep_experts._full[0]
+        for name in ("gate_up_proj", "down_proj"):
+            local = ep_experts.deepspeed_moe.experts.deepspeed_experts
+            local_EAB = torch.stack([getattr(x, name).detach() for x in local])
+            pieces = [torch.empty_like(local_EAB) for _ in range(ep_experts.ep_size)]
+            dist.all_gather(pieces, local_EAB.contiguous(), group=group)
+            setattr(full, name, nn.Parameter(torch.cat(pieces)))
+        moe.experts = full
+        swapped += 1
+    return swapped

@@ -1,6 +1,7 @@
 """Expert parallelism for the V4 drafter (dspark.train.expert_parallel): 2 gloo processes with EP=2 inside a real
 DeepSpeed engine give the losses and gradients of one process on the same data (fp32, 1e-5), each rank holds half
-of the routed-expert parameters, and a checkpoint saved with EP=2 resumes exactly. Bad EP sizes are refused."""
+of the routed-expert parameters, a checkpoint saved with EP=2 resumes exactly, and gathering the experts for export
+gives the single-device drafter back. Bad EP sizes are refused."""
 
 from __future__ import annotations
 
@@ -119,6 +120,17 @@ def _worker(rank: int, port: int, root: str) -> None:
             "n_params": len(names),
             "expert_ids": sorted({m.first + e for m in engine.module.modules() if hasattr(m, "first")
                                   for e in range(m.num_local_experts)})}
+    # Export path: gathering the experts back gives the single-device drafter's state dict (names and values).
+    from tiny_v4 import make_drafter
+
+    from dspark.train.expert_parallel import gather_experts
+
+    gathered = _engine(0).module
+    result["gathered"] = gather_experts(gathered)
+    want = make_drafter(moe_bias_update_rate=0.0).state_dict()
+    got = gathered.state_dict()
+    result["gather_mismatch"] = sorted(set(want) ^ set(got)) + [n for n in want if n in got
+                                                                  and not torch.equal(want[n], got[n])]
     torch.save(result, f"{root}/rank{rank}.pt")
 
 
@@ -136,6 +148,7 @@ def test_expert_parallel_equals_one_process_and_resumes(tmp_path):
             assert got["expert_numel"] * WORLD == got["expert_numel_full"] > 0
             assert got["load_mismatch"] == [], (rank, stage)
             assert got["resumed_loss"] == got["next_loss"] and got["resume_max_diff"] == 0.0, (rank, stage)
+    assert [(res["gathered"], res["gather_mismatch"]) for res in results] == [(3, [])] * WORLD
     # The two ranks hold disjoint halves of the 4 experts, and the same number of tensors.
     assert [res["stages"][0]["expert_ids"] for res in results] == [[0, 1], [2, 3]]
     assert results[0]["stages"][0]["n_params"] == results[1]["stages"][0]["n_params"]
