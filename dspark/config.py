@@ -514,5 +514,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16 (GPU only), got {cfg.train.precision!r}")
     if cfg.train.offload_optimizer and cfg.train.zero_stage < 1:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed ignores it at stage 0)")
+    if cfg.train.expert_parallel > 1 and (cfg.train.eval_every or cfg.train.zero_stage == 3):
+        raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} needs train.eval_every=0 and "
+                          f"train.zero_stage 0, 1 or 2 (got {cfg.train.eval_every} and {cfg.train.zero_stage}): "
+                          "periodic eval decodes on rank 0 alone, and ZeRO-3 with split experts is untested")
     if cfg.cache.codec not in ("bf16", "fp8", "raw"):
         raise ConfigError(f"cache.codec must be bf16, fp8 or raw, got {cfg.cache.codec!r}")

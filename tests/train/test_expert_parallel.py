@@ -158,10 +158,13 @@ def test_bad_expert_parallel_size_is_refused():
     """Through the trainer's hook and the recipe field: 3 divides neither the 4 experts nor the world of 2."""
     from tiny_v4 import make_drafter
 
-    from dspark.config import load_config
+    from dspark.config import ConfigError, load_config
     from dspark.train.drafter_hooks import prepare_drafter
 
     cfg = load_config("tiny_deepseek_v4_dspark", ["train.expert_parallel=3"])
     with pytest.raises(ValueError, match=r"^train.expert_parallel=3 must divide the routed experts \(4\) and the "
                                          r"world size \(2\)$"):
         prepare_drafter(make_drafter(), cfg, world=2)
+    with pytest.raises(ConfigError, match=r"^train.expert_parallel=2 needs train.eval_every=0 and train.zero_stage 0, 1"
+                                          r" or 2 \(got 5 and 0\)"):
+        load_config("tiny_deepseek_v4_dspark", ["train.expert_parallel=2", "train.eval_every=5"])
