@@ -11,7 +11,7 @@ outputs; each rank keeps its own rows. We chose this over an ``all_to_all_single
 token dropping, needs only ``all_gather``/``all_reduce`` (which every backend, gloo included, differentiates
 cleanly through the two autograd functions below), and its backward is the same two collectives. Its cost is
 ``ep`` times the MoE activations per rank and a dense all-reduce of them: fine for a drafter's few thousand
-block tokens per step; an all-to-all dispatch is the scaling step left (see README).
+block tokens per step; an ``all_to_all_single`` dispatch is the scaling step left.
 
 Gradients: the expert parameters are marked the way DeepSpeed-MoE marks its own (``allreduce=False``,
 ``group_name="ep_size_<ep>"``) and the wrapper is a ``deepspeed.moe.layer.MoE``, so DeepSpeed's engine finds an
@@ -19,7 +19,9 @@ MoE model, builds its expert-parallel and expert-data-parallel groups, splits th
 (``configure_moe_param_groups``), broadcasts and all-reduces those parameters only over the expert-data-parallel
 group (ranks holding the same experts), and divides by the full data-parallel size. The local expert gradient
 already sums every rank's tokens of the group (the gather's backward), so the result is the gradient of the mean
-loss, as with one process. The model code (dspark/drafters/v4) never imports torch.distributed.
+loss, as with one process. Checkpoints go through DeepSpeed-MoE's per-expert files (see ``ExpertParallelExperts``);
+``gather_experts`` restores the single-device module for export. Tested with ZeRO 0 and 2 (the config refuses
+ZeRO-3). The model code (dspark/drafters/v4) never imports torch.distributed.
 """
 
 from __future__ import annotations
