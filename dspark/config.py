@@ -128,6 +128,9 @@ class TrainConfig:
     zero_stage: int = 0  # 0 | 1 | 2 | 3
     # Keep the optimizer states (and the fp32 master step) in CPU memory; needs zero_stage >= 1.
     offload_optimizer: bool = False
+    # Expert parallelism for MoE drafters (dspark_v4): each group of this many ranks splits the routed experts of
+    # every MoE (dspark.train.expert_parallel); must divide the routed experts and the world size.
+    expert_parallel: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only: make_ds_config refuses it on CPU)
     seed: int = 0
     log_every: int = 1
@@ -447,6 +450,7 @@ RANGES: dict[str, _Range] = {
     "train.weight_decay": _AT_LEAST_0,
     "train.grad_clip": _Range(lo=0, note="0 = no clipping"),
     "train.zero_stage": _Range(lo=0, hi=3),
+    "train.expert_parallel": _AT_LEAST_1,
     "train.seed": _AT_LEAST_0,
     "train.log_every": _AT_LEAST_1,
     "train.num_threads": _Range(lo=0, note="0 = torch's default"),
@@ -510,5 +514,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16 (GPU only), got {cfg.train.precision!r}")
     if cfg.train.offload_optimizer and cfg.train.zero_stage < 1:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed ignores it at stage 0)")
+    if cfg.train.expert_parallel > 1 and (cfg.train.eval_every or cfg.train.zero_stage == 3):
+        raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} needs train.eval_every=0 and "
+                          f"train.zero_stage 0, 1 or 2 (got {cfg.train.eval_every} and {cfg.train.zero_stage}): "
+                          "periodic eval decodes on rank 0 alone, and ZeRO-3 with split experts is untested")
     if cfg.cache.codec not in ("bf16", "fp8", "raw"):
         raise ConfigError(f"cache.codec must be bf16, fp8 or raw, got {cfg.cache.codec!r}")

@@ -4,6 +4,8 @@
   copies its stages from the target's own layers; every rank reads the same tensors, so replicas start equal.
 - Aux-loss-free MoE balancing across data ranks: a drafter with a ``reduce_expert_counts`` hook gets an all-reduce
   (sum) of its routers' expert loads, so every rank moves the selection biases by the same step.
+- ``train.expert_parallel > 1``: the routed experts are split over expert-parallel groups
+  (``dspark.train.expert_parallel``), after init from target so each rank keeps its slice of the copied experts.
 """
 
 from __future__ import annotations
@@ -36,3 +38,8 @@ def prepare_drafter(drafter, cfg, world: int) -> None:
             return counts
 
         drafter.reduce_expert_counts = all_ranks_sum
+    if cfg.train.expert_parallel > 1:
+        from dspark.train.expert_parallel import apply_expert_parallel
+
+        moes = apply_expert_parallel(drafter, cfg.train.expert_parallel, world)
+        log.info("train.expert_parallel=%d: routed experts of %d MoEs split", cfg.train.expert_parallel, moes)

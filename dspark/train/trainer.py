@@ -311,6 +311,10 @@ def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int) -> None:
 
     export_fn = getattr(engine.module, "export_native", export_deepspec)
 
+    if engine.has_moe_layers:  # expert-parallel drafter: every rank gathers the full experts (collective)
+        from dspark.train.expert_parallel import gather_experts
+
+        gather_experts(engine.module)
     params = list(engine.module.parameters())
     zero3 = engine.zero_optimization_stage() == 3
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):
