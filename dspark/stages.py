@@ -424,8 +424,8 @@ def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec", verifier: st
     ``drafter_dir`` is ``<run>/drafter``) is what the export names as its target: built-in targets are written as
     HF directories first (``dspark.export.verifier``), so an engine can load export and verifier as they are. A
     non-empty ``out_dir`` is refused unless ``overwrite`` (replaced whole). A ``calibration.json`` (``dspark
-    calibrate``) travels with the ``deepspec`` layout, whose loader applies it; the other formats have no
-    confidence head, so it is left behind with a warning.
+    calibrate``) travels with the ``deepspec`` and ``deepseek-v4-mtp`` layouts, whose loader applies it; the other
+    formats have no confidence head, so it is left behind with a warning.
     """
     import warnings
 
@@ -440,14 +440,17 @@ def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec", verifier: st
     check_target_dir(Path(out_dir), overwrite)
     detect_format(drafter_dir)  # "not a drafter directory" before the verifier is built
     verifier = verifier or _run_target_name(Path(drafter_dir))
+    # deepspec and DeepSeek's mtp.* layout only cross-check dims (the mtp.* draft is attached inside the V4
+    # checkpoint); the other engine formats name an HF directory an engine loads as their verifier.
+    plain = fmt == "deepspec" or fmt.startswith("deepseek-v4-mtp")
     target_config = None
-    if verifier:  # engine formats name an HF directory an engine loads; deepspec only cross-checks dims
-        target_config = plain_target_config(verifier) if fmt == "deepspec" else verifier_config(verifier)
+    if verifier:
+        target_config = plain_target_config(verifier) if plain else verifier_config(verifier)
     drafter = load_drafter(drafter_dir, verifier=verifier)
     extra = {}
     calibration = Path(drafter_dir) / CALIBRATION_FILE
     if calibration.is_file():
-        if fmt == "deepspec":
+        if plain:  # the formats that keep the confidence head; load_drafter applies the file
             extra[CALIBRATION_FILE] = calibration
         else:
             warnings.warn(f"{calibration} is not exported: format {fmt} carries no confidence head", stacklevel=2)

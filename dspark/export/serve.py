@@ -12,6 +12,8 @@ def _speculative_tokens(fmt: str, config: dict) -> int:
         return int(config["speculators_config"]["proposal_methods"][0]["speculative_tokens"])
     if fmt == "eagle3":
         return int(config["dspark"]["block_size"])
+    if fmt.startswith("deepseek-v4-mtp"):
+        return int(config["dspark_block_size"])
     return int(config["block_size"])
 
 
@@ -32,5 +34,12 @@ def serve_commands(fmt: str, export_dir: str | Path, verifier: str | None) -> li
                 f"python -m sglang.launch_server --model-path {q(target)} --speculative-algorithm EAGLE3 "
                 f"--speculative-draft-model-path {q(export_dir)} --speculative-num-steps {k} "
                 f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}"]
+    if fmt.startswith("deepseek-v4-mtp"):
+        # The draft is served from inside the V4 checkpoint: attach it first (no copy of the target's shards).
+        attached = export_dir.rstrip("/") + "-attached"
+        spec = json.dumps({"method": "dspark", "num_speculative_tokens": k})
+        return [f"python tools/attach_drafter.py {q(target)} {q(export_dir)} {q(attached)}",
+                f"vllm serve {q(attached)} --speculative-config {q(spec)}",
+                f"python -m sglang.launch_server --model-path {q(attached)} --speculative-algorithm DSPARK"]
     # deepspec: the reference implementation's layout; dspark's own speculative-decoding eval reads it as is.
     return [f"dspark eval -c RECIPE --set target.name_or_path={q(target)} --drafter {q(export_dir)}"]

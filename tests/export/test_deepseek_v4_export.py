@@ -4,6 +4,7 @@ export -> import round trips, the FP8 / MXFP4 quantisers against the dequantiser
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -177,3 +178,18 @@ def test_formats_that_cannot_hold_the_drafter_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="export format 'deepspec' cannot hold drafter 'dspark_v4'"):
         export_drafter(make_drafter(), tmp_path / "x", "deepspec")
+
+
+def test_serve_commands_attach_then_serve_the_checkpoint(tmp_path):
+    """The mtp.* draft is served from inside the V4 checkpoint: attach first, then vLLM's "dspark" method and
+    SGLang's DSPARK algorithm on the attached directory, with the draft's block size as the proposal length."""
+    from dspark.export.serve import serve_commands
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "dspark_block_size": 5}))
+    attach, vllm, sglang = serve_commands("deepseek-v4-mtp", tmp_path / "export", "/models/v4")
+    attached = f"{tmp_path / 'export'}-attached"
+    assert attach == f"python tools/attach_drafter.py /models/v4 {tmp_path / 'export'} {attached}"
+    spec = '{"method": "dspark", "num_speculative_tokens": 5}'
+    assert vllm == f"vllm serve {attached} --speculative-config '{spec}'"
+    assert sglang == f"python -m sglang.launch_server --model-path {attached} --speculative-algorithm DSPARK"
