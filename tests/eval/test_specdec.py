@@ -123,4 +123,6 @@ def test_untrained_dspark_drafter_is_lossless_under_greedy_decoding(tiny_llama_d
         assert result.tokens == target_generate(target, prompt, max_new_tokens=16, temperature=0.0)
         assert max(result.proposed) == 4 and len(result.confidences) == len(result.accepted)
     report = evaluate(target, drafter, PROMPTS, max_new_tokens=12, temperature=1.0, seed=0)
-    assert report.generated_tokens == 36 and report.tau >= 1.0 and len(report.acceptance_K) == 4
+    assert report.generated_tokens == 36 and len(report.acceptance_K) == 4
+    # a round emits its accepted drafts plus one target token: never more than its proposal plus one
+    assert report.tau <= 1 + report.mean_proposal_len and report.num_rounds >= 36 / (4 + 1)
