@@ -382,44 +382,23 @@ class DSparkDrafter(Drafter):
         return state
 
     def drafter_config(self) -> dict:
-        """The deepspec ``config.json`` contents (DESIGN section 8) plus a versioned ``dspark`` section."""
-        cfg = self.cfg
+        """The deepspec ``config.json`` contents (DESIGN section 8) plus a versioned ``dspark`` section: the
+        reference's ``Qwen3DSparkModel`` or, on a Gemma4 target, its ``Gemma4DSparkModel`` (DESIGN 8.2: the target's
+        text config + the draft fields)."""
         n = len(self.layers)
         if self.variant.gemma4:
-            return self._gemma4_drafter_config()
-        out = {"architectures": ["Qwen3DSparkModel"], "model_type": "qwen3"}
-        out.update({k: v for k, v in self.target_fields.items() if v is not None})
+            out = {"architectures": ["Gemma4DSparkModel"], **self.gemma4_config}
+            out.update({"intermediate_size": self.intermediate_size, "num_hidden_layers": n,
+                        "layer_types": ["full_attention"] * n})
+        else:
+            out = {"architectures": ["Qwen3DSparkModel"], "model_type": "qwen3"}
+            out.update({k: v for k, v in self.target_fields.items() if v is not None})
+            out.update({"intermediate_size": self.intermediate_size, "num_hidden_layers": n,
+                        "layer_types": ["full_attention"] * n, "max_window_layers": n, "use_sliding_window": False,
+                        "sliding_window": None, "attention_bias": False, "attention_dropout": 0.0,
+                        "hidden_act": "silu"})
         out.update({
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": n,
-            "layer_types": ["full_attention"] * n,
-            "max_window_layers": n,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "hidden_act": "silu",
             # In the DFlash layout the block fed to the model holds the anchor plus K masks (DFlash convention).
-            "block_size": self.block_len,
-            "mask_token_id": self.mask_token_id,
-            "target_layer_ids": list(self.layer_ids),
-            "num_anchors": cfg.num_anchors,
-            "num_target_layers": self.num_target_layers,
-            "enable_confidence_head": self.confidence_head is not None,
-            "markov_rank": self.markov_rank,
-            "tie_word_embeddings": False,
-            "dtype": str(self.fc.weight.dtype).removeprefix("torch."),
-        })
-        return self._with_heads_and_section(out)
-
-    def _gemma4_drafter_config(self) -> dict:
-        """The reference's ``Gemma4DSparkModel`` config (DESIGN 8.2): the target's text config + the draft fields."""
-        n = len(self.layers)
-        out = {"architectures": ["Gemma4DSparkModel"], **self.gemma4_config}
-        out.update({
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": n,
-            "layer_types": ["full_attention"] * n,
             "block_size": self.block_len,
             "mask_token_id": self.mask_token_id,
             "target_layer_ids": list(self.layer_ids),
