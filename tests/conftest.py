@@ -101,6 +101,17 @@ def tiny_gemma4_dir(tmp_path_factory, gemma4_tokenizer_dir) -> Path:
     return make_tiny_target(tmp_path_factory.mktemp("tiny") / "gemma4", "gemma4", gemma4_tokenizer_dir)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_in_process():
+    """Every test computes in this process on one thread (the CLI children keep OMP_NUM_THREADS=2, see
+    ``run_cli``). The models here are tiny: measured on the lossless tests, two threads took 3.5x as long on a
+    2-core machine with one other job, and 9x on a single call; a test that wants more sets it itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: OpenMP start-up dominates, and on a loaded 2-core machine two threads run ~20x slower."""

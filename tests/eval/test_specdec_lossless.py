@@ -24,6 +24,8 @@ PROMPT = [1, 9690, 28, 44]
 NUM_NEW = 3  # tokens per run: the prefill's, then drafted slots (3 drafts cut to the budget of 2)
 NUM_RUNS = 400
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # a few thousand tiny forwards: threads only add overhead
+
 
 def _chi2_pvalue(statistic: float, dof: int) -> float:
     # chi-square survival function = regularised upper incomplete gamma Q(dof/2, x/2).
