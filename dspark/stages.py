@@ -338,11 +338,7 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
 
 
 def _check_verify_policies(ev) -> None:
-    from dspark.eval.scheduler import VERIFY_POLICIES
-
     for key, policy in [("verify_policy", ev.verify_policy)] + [("policy_sweep", p) for p in ev.policy_sweep]:
-        if policy not in VERIFY_POLICIES:
-            raise ValueError(f"eval.{key}: {policy!r} is not one of {', '.join(VERIFY_POLICIES)}")
         if policy == "threshold" and ev.confidence_threshold <= 0:
             raise ValueError(f"eval.{key}=threshold needs eval.confidence_threshold > 0, got {ev.confidence_threshold}")
     if ev.policy_sweep and (not ev.sweep_batch_sizes or any(b < 1 for b in ev.sweep_batch_sizes)):

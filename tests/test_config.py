@@ -31,7 +31,9 @@ def test_overrides_are_typed():
         ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
         ("train.zero_stage=1.5", "train.zero_stage: expected an integer"),
         ("target.layer_ids=[3, 2]", "strictly increasing"),
-        ("train.precision=fp8", "train.precision must be fp32, bf16 or fp16"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
+        ("target.backend=tp", "target.backend: 'tp' is not one of hf, zero3, pipeline, megatron"),
+        ("eval.policy_sweep=[full, greedy]", r"eval.policy_sweep\[1\]: 'greedy' is not one of full, threshold"),
         ("train.offload_optimizer=true", "offload_optimizer needs train.zero_stage 1, 2 or 3"),
         ("train.lr", "not of the form key.path=value"),
         ("train.keep_last=0", r"train.keep_last must be >= 1, got 0"),
@@ -123,3 +125,9 @@ def test_cli_zero_micro_batch_is_one_line(tmp_path):
     assert result.exit_code == 1 and result.exception is not None
     assert result.output.strip() == "Error: train.micro_batch_size must be >= 1, got 0"
     assert not (tmp_path / "config.json").exists()
+
+
+def test_enumerated_overrides_keep_their_text():
+    # YAML would read `off` as false and `on` as true: an enumerated field keeps what was typed.
+    assert load_config("smollm2_dspark", ["data.thinking=off"]).data.thinking == "off"
+    assert load_config("smollm2_dspark", ["data.thinking=on"]).data.thinking == "on"

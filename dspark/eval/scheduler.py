@@ -45,8 +45,10 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dspark.config import VerifyPolicy, choices
+
 SPS_VERSION = 1
-VERIFY_POLICIES = ("full", "threshold", "scheduler", "scheduler_async")
+VERIFY_POLICIES = choices(VerifyPolicy)
 
 
 class SPSTable:

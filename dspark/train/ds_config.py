@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dspark.config import ConfigError, TrainConfig
+from dspark.config import ConfigError, Precision, TrainConfig, choices
 
 DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 ZERO_STAGES = (0, 1, 2, 3)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = choices(Precision)
 ACCELERATORS = ("cpu", "cuda")
 # Fields only make_ds_config may set: a template that sets one would silently disagree with the recipe.
 DERIVED_FIELDS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

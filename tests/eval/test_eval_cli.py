@@ -128,4 +128,4 @@ def test_eval_verify_policies_sweep_and_missing_sps_table(tmp_path, tiny_llama_d
 
     proc = run_cli(_eval_args(run_dir, tiny_llama_dir, "--set", "eval.policy_sweep=[full,greedy]"))
     assert proc.returncode != 0
-    assert "eval.policy_sweep: 'greedy' is not one of full, threshold, scheduler, scheduler_async" in proc.stderr
+    assert "eval.policy_sweep[1]: 'greedy' is not one of full, threshold, scheduler, scheduler_async" in proc.stderr
