@@ -70,6 +70,11 @@ class DataConfig:
     # User turns regenerated per conversation (1 = the first only); > 1 answers each turn after the regenerated
     # history and masks every assistant turn (dspark.data.multiturn).
     max_turns: int = 1
+    # Corpus growth from the target itself (dspark.data.grow), at regen_temperature with per-task seeds: prompts it
+    # writes from built-in seed topics (added to the training prompts, kept in data/self_prompts.jsonl), and
+    # follow-up user turns it writes after its answer, each then answered (multi-turn rows).
+    self_prompts: int = 0
+    followup_turns: int = 0
 
 
 @dataclass(kw_only=True)
