@@ -426,6 +426,8 @@ RANGES: dict[str, _Range] = {
     "data.min_p": _Range(lo=0, hi=1, hi_open=True, note="0 = off"),
     "data.samples_per_prompt": _AT_LEAST_1,
     "data.max_turns": _AT_LEAST_1,
+    "data.self_prompts": _Range(lo=0, note="0 = off"),
+    "data.followup_turns": _Range(lo=0, note="0 = off"),
     "cache.zstd_level": _Range(lo=1, hi=22),
     "cache.samples_per_shard": _AT_LEAST_1,
     "cache.compress_threads": _AT_LEAST_1,

@@ -60,9 +60,6 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
         turns, _ = split_prompts(all_turns, cfg.data.num_eval_prompts, cfg.data.seed)
     elif cfg.data.max_turns < 1:
         raise ValueError(f"data.max_turns must be >= 1, got {cfg.data.max_turns}")
-    for name in ("self_prompts", "followup_turns"):
-        if getattr(cfg.data, name) < 0:
-            raise ValueError(f"data.{name} must be >= 0, got {getattr(cfg.data, name)}")
     if cfg.data.servers:
         _prepare_with_servers(cfg, paths, train_prompts, turns, restart, progress)
         write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])

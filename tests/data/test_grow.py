@@ -110,7 +110,3 @@ def test_a_crash_mid_run_resumes_to_the_same_bytes(grown, tmp_path, one_thread, 
     stages.prepare(_cfg(run, **GROW), progress=False)
     assert _files(run) == _files(grown)
 
-
-def test_bad_counts_are_refused_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match=r"data\.followup_turns must be >= 0, got -1"):
-        stages.prepare(_cfg(tmp_path, followup_turns=-1), progress=False)
