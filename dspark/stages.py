@@ -70,8 +70,8 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
         from dspark.data.grow import LocalGenerate
 
         if dist_utils.world_size() > 1:
-            raise ValueError("data.self_prompts runs in one process (`dspark prepare`); prepare it once there, then "
-                             "the launcher resumes the answers")
+            raise ValueError("data.self_prompts runs in one process (`dspark prepare --set data.self_prompts=N`) or "
+                             "through servers, not under a launcher")
         gen = LocalGenerate(target, max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.regen_temperature,
                             batch_size=cfg.data.regen_batch_size)
         train_prompts, turns = _add_self_prompts(cfg, paths, gen, target.tokenizer, train_prompts, turns,
