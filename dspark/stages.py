@@ -67,15 +67,15 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
         return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
     target = target or load_target(cfg.target, device=dist_utils.local_device())
     if cfg.data.self_prompts:
-        from dspark.data.grow import LocalGenerate
+        from dspark.data.grow import LocalGenerate, add_self_prompts
 
         if dist_utils.world_size() > 1:
             raise ValueError("data.self_prompts runs in one process (`dspark prepare --set data.self_prompts=N`) or "
                              "through servers, not under a launcher")
         gen = LocalGenerate(target, max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.regen_temperature,
                             batch_size=cfg.data.regen_batch_size)
-        train_prompts, turns = _add_self_prompts(cfg, paths, gen, target.tokenizer, train_prompts, turns,
-                                                 target.identity().name, restart, progress)
+        train_prompts, turns = add_self_prompts(cfg.data, paths.train_data.parent, gen, target.tokenizer,
+                                                train_prompts, turns, target.identity().name, restart, progress)
     if cfg.data.followup_turns and turns is None:
         turns = [[p] for p in train_prompts]
     settings = _regeneration_settings(cfg, target, train_prompts)
@@ -117,25 +117,12 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
     return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
 
 
-def _add_self_prompts(cfg: RunConfig, paths: RunPaths, gen, tokenizer, train_prompts: list[str], turns,
-                      target_name: str, restart: bool, progress: bool):
-    """``data.self_prompts`` prompts the target writes from seed topics (``dspark.data.grow``), resumable in
-    ``data/self_prompts.jsonl``, appended to the training prompts (and turns)."""
-    from dspark.data.grow import self_prompt_settings, synthesize_prompts
-    from dspark.data.output import ResumableJsonl
-
-    settings = self_prompt_settings(cfg.data.self_prompts, cfg.data.seed, cfg.data.regen_temperature, target_name)
-    out = ResumableJsonl(paths.train_data.with_name("self_prompts.jsonl"), settings, restart=restart)
-    written = synthesize_prompts(gen, tokenizer, out, cfg.data.self_prompts, cfg.data.seed,
-                                 chunk=4 * cfg.data.regen_batch_size, progress=progress)
-    return train_prompts + written, None if turns is None else turns + [[p] for p in written]
-
-
 def _prepare_with_servers(cfg: RunConfig, paths: RunPaths, train_prompts: list[str], turns, restart: bool,
                           progress: bool) -> None:
     """``prepare`` through OpenAI-compatible servers (``dspark.data.server``); this process only."""
     import hashlib
 
+    from dspark.data.grow import add_self_prompts
     from dspark.data.output import ResumableJsonl
     from dspark.data.regenerate import plan
     from dspark.data.server import (
@@ -159,8 +146,8 @@ def _prepare_with_servers(cfg: RunConfig, paths: RunPaths, train_prompts: list[s
     if cfg.data.self_prompts:
         gen = ServerGenerate(tokenizer, opts, served_model(opts))
         try:
-            train_prompts, turns = _add_self_prompts(cfg, paths, gen, tokenizer, train_prompts, turns,
-                                                     cfg.target.name_or_path, restart, progress)
+            train_prompts, turns = add_self_prompts(cfg.data, paths.train_data.parent, gen, tokenizer, train_prompts,
+                                                    turns, cfg.target.name_or_path, restart, progress)
         finally:
             gen.close()
     if cfg.data.followup_turns and turns is None:

@@ -108,3 +108,18 @@ def synthesize_prompts(gen, tokenizer, output, n: int, seed: int, chunk: int = 1
 
         rows = [json.loads(line) for line in output.path.read_text(encoding="utf-8").splitlines()]
     return [r["prompt"] for r in rows if r["prompt"]]
+
+
+def add_self_prompts(data, data_dir, gen, tokenizer, train_prompts: list[str], turns, target_name: str,
+                     restart: bool, progress: bool):
+    """``(prompts, turns)`` with the ``data.self_prompts`` prompts the target writes appended (resumable in
+    ``<data_dir>/self_prompts.jsonl``); ``turns`` stays None when there are none."""
+    from pathlib import Path
+
+    from dspark.data.output import ResumableJsonl
+
+    settings = self_prompt_settings(data.self_prompts, data.seed, data.regen_temperature, target_name)
+    out = ResumableJsonl(Path(data_dir) / "self_prompts.jsonl", settings, restart=restart)
+    written = synthesize_prompts(gen, tokenizer, out, data.self_prompts, data.seed, chunk=4 * data.regen_batch_size,
+                                 progress=progress)
+    return train_prompts + written, None if turns is None else turns + [[p] for p in written]
