@@ -77,8 +77,11 @@ def measure_resume(target: str, url: str, args, tmp: Path) -> dict:
     resume_s = time.perf_counter() - start
     same = (tmp / "killed" / "data" / "train.jsonl").read_bytes() == \
         (tmp / "whole" / "data" / "train.jsonl").read_bytes()
+    # the rerun redoes only the rows missing at the kill: its time against that share of the uninterrupted run
+    left = 1 - rows_before / args.num_prompts
     return {"uninterrupted_s": whole_s, "killed_after_s": killed_s, "rows_before_kill": rows_before,
-            "resumed_s": resume_s, "overhead_s": killed_s + resume_s - whole_s,
+            "rows_total": args.num_prompts, "resumed_s": resume_s, "resumed_vs_uninterrupted": resume_s / whole_s,
+            "share_left_at_kill": left, "overhead_s": killed_s + resume_s - whole_s,
             "overhead_ratio": (killed_s + resume_s) / whole_s, "resumed_equals_uninterrupted": same}
 
 
@@ -104,7 +107,11 @@ def main() -> None:
     prompts = load_prompts("builtin")[: args.num_prompts]
     proc, url = _start_server(args.target, args.batch_size)
     results: dict = {"target": args.target, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                     "temperature": 1.0, "batch_size": args.batch_size, "cpu_threads": os.cpu_count()}
+                     "temperature": 1.0, "batch_size": args.batch_size, "cpu_threads": os.cpu_count(),
+                     "command": "python " + " ".join([Path(sys.argv[0]).relative_to(REPO).as_posix()
+                                                      if Path(sys.argv[0]).is_absolute() else sys.argv[0],
+                                                      *sys.argv[1:]]),
+                     "date": time.strftime("%Y-%m-%d")}
     try:
         target = load_target(TargetConfig(name_or_path=args.target, layer_ids=[0]))
         start = time.perf_counter()

@@ -89,6 +89,11 @@ class DataConfig:
     # User turns regenerated per conversation (1 = the first only); > 1 answers each turn after the regenerated
     # history and masks every assistant turn (dspark.data.multiturn).
     max_turns: int = 1
+    # Corpus growth from the target itself (dspark.data.grow), at regen_temperature with per-task seeds: prompts it
+    # writes from built-in seed topics (added to the training prompts, kept in data/self_prompts.jsonl), and
+    # follow-up user turns it writes after its answer, each then answered (multi-turn rows).
+    self_prompts: int = 0
+    followup_turns: int = 0
 
 
 @dataclass(kw_only=True)
@@ -446,6 +451,8 @@ RANGES: dict[str, _Range] = {
     "data.min_p": _Range(lo=0, hi=1, hi_open=True, note="0 = off"),
     "data.samples_per_prompt": _AT_LEAST_1,
     "data.max_turns": _AT_LEAST_1,
+    "data.self_prompts": _Range(lo=0, note="0 = off"),
+    "data.followup_turns": _Range(lo=0, note="0 = off"),
     "cache.zstd_level": _Range(lo=1, hi=22),
     "cache.samples_per_shard": _AT_LEAST_1,
     "cache.compress_threads": _AT_LEAST_1,

@@ -131,13 +131,9 @@ def shutdown() -> None:
         deepspeed.comm.destroy_process_group()
 
 
-def launcher_main(description: str, run, add_arguments=None) -> int:
-    """The body every DeepSpeed entry script in ``launcher/`` shares: parse ``--config R --set k=v`` (and the
-    ``--local_rank`` the deepspeed launcher adds, plus the script's own options from ``add_arguments(parser)``),
-    load the config (a config error is one line and exit code 2), set up the process group, then
-    ``run(cfg, rank, world, args)``."""
+def launcher_parser(description: str, add_arguments=None):
+    """The argument parser of a ``launcher/`` script: ``--config R --set k=v --local_rank N`` and its own options."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smollm2_dspark", help="recipe file or shipped recipe name")
@@ -145,7 +141,17 @@ def launcher_main(description: str, run, add_arguments=None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     if add_arguments is not None:
         add_arguments(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def launcher_main(description: str, run, add_arguments=None) -> int:
+    """The body every DeepSpeed entry script in ``launcher/`` shares: parse ``--config R --set k=v`` (and the
+    ``--local_rank`` the deepspeed launcher adds, plus the script's own options from ``add_arguments(parser)``),
+    load the config (a config error is one line and exit code 2), set up the process group, then
+    ``run(cfg, rank, world, args)``."""
+    import sys
+
+    args = launcher_parser(description, add_arguments).parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from dspark.config import ConfigError, load_config

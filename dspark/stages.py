@@ -56,18 +56,28 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
     train_prompts, eval_prompts = split_prompts(prompts, cfg.data.num_eval_prompts, cfg.data.seed)
     turns = None
     if cfg.data.max_turns > 1:
-        if cfg.data.servers:
-            raise ValueError("data.max_turns > 1 is regenerated in-process only for now; unset data.servers")
         all_turns = load_turns(cfg.data.prompts, cfg.data.max_prompts, cfg.data.max_turns)
         turns, _ = split_prompts(all_turns, cfg.data.num_eval_prompts, cfg.data.seed)
     elif cfg.data.max_turns < 1:
         raise ValueError(f"data.max_turns must be >= 1, got {cfg.data.max_turns}")
     if cfg.data.servers:
-        _prepare_with_servers(cfg, paths, train_prompts, restart, progress)
+        _prepare_with_servers(cfg, paths, train_prompts, turns, restart, progress)
         write_jsonl(paths.eval_prompts, [{"turns": [p]} for p in eval_prompts])
         cfg.save(paths.root / "config.json")
         return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
     target = target or load_target(cfg.target, device=dist_utils.local_device())
+    if cfg.data.self_prompts:
+        from dspark.data.grow import LocalGenerate, add_self_prompts
+
+        if dist_utils.world_size() > 1:
+            raise ValueError("data.self_prompts runs in one process (`dspark prepare --set data.self_prompts=N`) or "
+                             "through servers, not under a launcher")
+        gen = LocalGenerate(target, max_new_tokens=cfg.data.max_new_tokens, temperature=cfg.data.regen_temperature,
+                            batch_size=cfg.data.regen_batch_size)
+        train_prompts, turns = add_self_prompts(cfg.data, paths.train_data.parent, gen, target.tokenizer,
+                                                train_prompts, turns, target.identity().name, restart, progress)
+    if cfg.data.followup_turns and turns is None:
+        turns = [[p] for p in train_prompts]
     settings = _regeneration_settings(cfg, target, train_prompts)
     if turns is not None:
         import hashlib
@@ -96,7 +106,7 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
             temperature=cfg.data.regen_temperature, batch_size=cfg.data.regen_batch_size, seed=cfg.data.seed,
             max_seq_len=cfg.data.max_seq_len, progress=progress and writer, group=target.generate_group(),
             gather=_gather_rows if dist_utils.world_size() > 1 else None, is_writer=writer,
-            samples_per_prompt=cfg.data.samples_per_prompt, turns=turns,
+            samples_per_prompt=cfg.data.samples_per_prompt, turns=turns, followups=cfg.data.followup_turns,
         )
         if writer:
             output.finish()
@@ -107,14 +117,23 @@ def prepare(cfg: RunConfig, target=None, progress: bool = True, restart: bool = 
     return {"train_data": paths.train_data, "eval_prompts": paths.eval_prompts}
 
 
-def _prepare_with_servers(cfg: RunConfig, paths: RunPaths, train_prompts: list[str], restart: bool,
+def _prepare_with_servers(cfg: RunConfig, paths: RunPaths, train_prompts: list[str], turns, restart: bool,
                           progress: bool) -> None:
     """``prepare`` through OpenAI-compatible servers (``dspark.data.server``); this process only."""
     import hashlib
 
+    from dspark.data.grow import add_self_prompts
     from dspark.data.output import ResumableJsonl
     from dspark.data.regenerate import plan
-    from dspark.data.server import ServerOptions, load_tokenizer, probe, regenerate_with_servers
+    from dspark.data.server import (
+        ServerGenerate,
+        ServerOptions,
+        load_tokenizer,
+        probe,
+        regenerate_turns_with_servers,
+        regenerate_with_servers,
+        served_model,
+    )
 
     if dist_utils.world_size() > 1:
         raise ValueError("server regeneration runs in one process (`dspark prepare --server URL`), not under a "
@@ -124,16 +143,35 @@ def _prepare_with_servers(cfg: RunConfig, paths: RunPaths, train_prompts: list[s
     for url in opts.urls:  # an unreachable server fails before anything loads
         probe(url)
     tokenizer = load_tokenizer(cfg.target.name_or_path)
+    if cfg.data.self_prompts:
+        gen = ServerGenerate(tokenizer, opts, served_model(opts))
+        try:
+            train_prompts, turns = add_self_prompts(cfg.data, paths.train_data.parent, gen, tokenizer, train_prompts,
+                                                    turns, cfg.target.name_or_path, restart, progress)
+        finally:
+            gen.close()
+    if cfg.data.followup_turns and turns is None:
+        turns = [[p] for p in train_prompts]
+    if turns is not None and opts.samples_per_prompt != 1:
+        raise ValueError("data.samples_per_prompt must be 1 with several turns (data.max_turns or "
+                         "data.followup_turns)")
     settings = {**opts.settings(), "tokenizer": cfg.target.name_or_path,
                 "prompts_sha": hashlib.sha256(json.dumps(train_prompts, ensure_ascii=False).encode()).hexdigest()[:16],
                 "num_prompts": len(train_prompts)}
+    if turns is not None:
+        settings.update(max_turns=cfg.data.max_turns, followup_turns=cfg.data.followup_turns,
+                        turns_sha=hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()[:16])
     output = ResumableJsonl(paths.train_data, settings, restart=restart)
     errors = ResumableJsonl(paths.train_data.with_name("train.errors.jsonl"), settings, restart=restart)
     if output.complete and errors.complete:
         print(f"{paths.train_data} is already complete for these settings; nothing to regenerate")
         return
     prefixes, keep = plan(tokenizer, train_prompts, opts.max_seq_len)
-    counts = regenerate_with_servers(tokenizer, train_prompts, prefixes, keep, output, errors, opts, progress)
+    if turns is not None:
+        counts = regenerate_turns_with_servers(tokenizer, turns, keep, output, errors, opts,
+                                               cfg.data.followup_turns, progress)
+    else:
+        counts = regenerate_with_servers(tokenizer, train_prompts, prefixes, keep, output, errors, opts, progress)
     output.finish()
     errors.finish()
     failed = len(errors.rows)
@@ -165,6 +203,7 @@ def _regeneration_settings(cfg: RunConfig, target, train_prompts: list[str]) -> 
         "temperature": cfg.data.regen_temperature, "seed": cfg.data.seed,
         **({"samples_per_prompt": cfg.data.samples_per_prompt} if cfg.data.samples_per_prompt != 1 else {}),
         **({"max_turns": cfg.data.max_turns} if cfg.data.max_turns != 1 else {}),
+        **({"followup_turns": cfg.data.followup_turns} if cfg.data.followup_turns else {}),
     }
 
 

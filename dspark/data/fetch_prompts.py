@@ -2,8 +2,9 @@
 
 Sources: a dataset id on the hub (default ``mlabonne/open-perfectblend``, the reference's Open-PerfectBlend:
 ``conversations`` of ``{"from": "human"|"gpt", "value": ...}``), read page by page through the datasets server
-(no ``datasets`` package needed), or a local ``.jsonl`` / ``.parquet`` file (parquet needs ``pyarrow``). Rows
-may hold ``conversations`` (ShareGPT: from/value), ``messages`` (OpenAI: role/content), ``turns`` (user turns) or
+(no ``datasets`` package needed), or a local ``.jsonl`` / ``.parquet`` file or a directory of them (a downloaded
+dataset's shards; parquet is read with ``pyarrow``, streamed, only the prompt columns). Rows may hold
+``conversations`` (ShareGPT: from/value), ``messages`` (OpenAI: role/content), ``turns`` (user turns) or
 ``prompt``. Roles are normalised (human/user -> user; gpt/assistant/model/chatgpt/bard/bing -> assistant; system
 dropped: the target answers with its own template). A conversation is kept when its first turn is the user's,
 no turn is empty and roles alternate; the answers are dropped (``prepare`` regenerates them) and the user turns
@@ -70,13 +71,46 @@ def normalise(row: dict) -> tuple[list[str] | None, str]:
     return None, "no conversations, messages, turns or prompt"
 
 
-def _read_local(path: Path) -> list[dict]:
+PROMPT_COLUMNS = ("conversations", "messages", "turns", "prompt")
+
+
+def _read_parquet(path: Path, max_rows: int) -> list[dict]:
+    """Rows of a parquet file (pyarrow), streamed batch by batch: only the prompt columns are decoded (a corpus
+    file often carries large answer or metadata columns) and reading stops at ``max_rows``."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow), or convert it to .jsonl") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow's ArrowInvalid & co: not a parquet file, truncated footer
+        raise ValueError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]:.120})") from None
+    columns = [c for c in PROMPT_COLUMNS if c in parquet.schema_arrow.names]
+    if not columns:
+        raise ValueError(f"{path} has none of the columns {', '.join(PROMPT_COLUMNS)} (it has "
+                         f"{', '.join(parquet.schema_arrow.names[:8]) or 'none'})")
+    rows: list[dict] = []
+    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+        # a typed table fills the columns a row does not use with nulls: drop them, as a jsonl row omits them
+        rows.extend({k: v for k, v in row.items() if v is not None} for row in batch.to_pylist())
+        if max_rows and len(rows) >= max_rows:
+            break
+    return rows[:max_rows] if max_rows else rows
+
+
+def _read_local(path: Path, max_rows: int = 0) -> list[dict]:
+    if path.is_dir():  # a downloaded dataset: its parquet (or jsonl) shards in name order
+        shards = sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.jsonl"))
+        if not shards:
+            raise ValueError(f"prompt source {path} is a directory without .parquet or .jsonl files")
+        rows: list[dict] = []
+        for shard in shards:
+            rows.extend(_read_local(shard, max_rows - len(rows) if max_rows else 0))
+            if max_rows and len(rows) >= max_rows:
+                break
+        return rows
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow), or convert it to .jsonl") from None
-        return pq.read_table(path).to_pylist()
+        return _read_parquet(path, max_rows)
     if path.suffix != ".jsonl":
         raise ValueError(f"prompt source {path} must be a .jsonl or .parquet file")
     rows = []
@@ -116,9 +150,10 @@ def fetch_prompts(source: str = DEFAULT_DATASET, out_dir: str | os.PathLike = "d
     """
     path = Path(source).expanduser()
     local = path.suffix in (".jsonl", ".parquet") or path.exists()
-    if local and not path.is_file():
-        raise ValueError(f"prompt source {source} not found (expected a .jsonl/.parquet file or a dataset id)")
-    rows = _read_local(path) if local else _read_hub(source, split, max_rows)
+    if local and not path.exists():
+        raise ValueError(f"prompt source {source} not found (expected a .jsonl/.parquet file, a directory of them, "
+                         f"or a dataset id)")
+    rows = _read_local(path, max_rows) if local else _read_hub(source, split, max_rows)
     if max_rows:
         rows = rows[:max_rows]
     skipped: Counter = Counter()

@@ -45,42 +45,70 @@ def multi_turn_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int
     return full, mask
 
 
-def regenerate_turns(target, conversations: list[list[str]], units: list[int], *, max_new_tokens: int,
-                     temperature: float, batch_size: int, seed: int, max_seq_len: int) -> list[dict]:
-    """Rows for the conversations at ``units`` (indices into ``conversations``), every user turn answered in turn.
+def regenerate_turns(gen, tokenizer, conversations: list[list[str]], units: list[int], *, seed: int,
+                     max_seq_len: int, followups: int = 0,
+                     length_policy: str = "keep") -> tuple[list[dict], dict[int, str]]:
+    """(rows, {conversation: reason}) for the conversations at ``units`` (indices into ``conversations``), every
+    user turn answered in turn by ``gen`` (``dspark.data.grow``: the in-process target or servers).
 
-    Turn t of conversation c samples from (seed, c * 1000 + t) (``generate``'s per-prompt seeding), so answers
-    do not depend on batching. A conversation stops at the first turn whose rendered history reaches
-    ``max_seq_len``; the row is cut at ``max_seq_len`` tokens.
+    Turn t of conversation c samples from ``prompt_seed(seed, c * 1000 + t)``, so answers do not depend on
+    batching. With ``followups`` = K the target then writes the user's next message K times
+    (``dspark.data.grow.followup_request``, seeded by ``task_seed("followup", seed, c * 1000 + t)``) and answers
+    it; an empty follow-up ends the conversation. A conversation stops at the first turn whose rendered request
+    reaches ``max_seq_len``; the row is cut at ``max_seq_len`` tokens. A conversation whose request failed for good
+    (servers), or with ``length_policy="drop"`` an answer cut by ``max_new_tokens``, has no row but a reason.
     """
-    tokenizer = target.tokenizer
-    messages = {c: [] for c in units}
-    live = list(units)
-    for turn in range(max(len(conversations[c]) for c in units)):
-        asking, prefixes = [], []
+    from dspark.data.grow import followup_request, task_seed
+    from dspark.targets.sampling import prompt_seed
+
+    messages: dict[int, list[dict]] = {c: [] for c in units}
+    failed: dict[int, str] = {}
+    truncated: set[int] = set()
+    live, turn = list(units), 0
+    while live:
+        users = {c: conversations[c][turn] for c in live if turn < len(conversations[c])}
+        writing = [c for c in live if len(conversations[c]) <= turn < len(conversations[c]) + followups]
+        requests = [followup_request(messages[c]) for c in writing]
+        prefixes = [render_ids(tokenizer, r, generation_prompt=True) for r in requests]
+        fits = [k for k, prefix in enumerate(prefixes) if len(prefix) < max_seq_len]
+        seeds = [task_seed("followup", seed, writing[k] * 1000 + turn) for k in fits]
+        results = gen([requests[k] for k in fits], seeds, prefixes=[prefixes[k] for k in fits])
+        for k, result in zip(fits, results):
+            if isinstance(result, str):
+                failed[writing[k]] = f"follow-up before turn {turn + 1}: {result}"
+            elif text := tokenizer.decode(result[0], skip_special_tokens=True).strip():
+                users[writing[k]] = text
+        asking, requests, prefixes = [], [], []
         for c in live:
-            if turn >= len(conversations[c]):
+            if c not in users or c in failed:
                 continue
-            prefix = render_ids(tokenizer, messages[c] + [{"role": "user", "content": conversations[c][turn]}],
-                                generation_prompt=True)
+            request = messages[c] + [{"role": "user", "content": users[c]}]
+            prefix = render_ids(tokenizer, request, generation_prompt=True)
             if len(prefix) >= max_seq_len:
                 continue
             asking.append(c)
+            requests.append(request)
             prefixes.append(prefix)
-        if not asking:
-            break
-        answers = target.generate(prefixes, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  batch_size=batch_size, seed=seed, indices=[c * 1000 + turn for c in asking])
-        for c, answer in zip(asking, answers):
-            text = tokenizer.decode(answer, skip_special_tokens=True)
-            messages[c] += [{"role": "user", "content": conversations[c][turn]}, {"role": "assistant", "content": text}]
-        live = asking
+        results = gen(requests, [prompt_seed(seed, c * 1000 + turn) for c in asking], prefixes=prefixes)
+        for c, request, result in zip(asking, requests, results):
+            if isinstance(result, str):
+                failed[c] = f"turn {turn + 1}: {result}"
+                continue
+            answer, finish = result
+            truncated.update([c] if finish == "length" else [])
+            messages[c] = request + [{"role": "assistant",
+                                      "content": tokenizer.decode(answer, skip_special_tokens=True)}]
+        live = [c for c in asking if c not in failed]
+        turn += 1
+    if length_policy == "drop":
+        failed.update({c: "dropped: finish_reason=length" for c in truncated if c not in failed})
     rows = []
     for c in units:
-        if not messages[c]:
-            continue  # even the first turn's prompt fills max_seq_len
+        if not messages[c] or c in failed:
+            continue  # even the first turn's prompt fills max_seq_len, or the caller records the failure
         ids, mask = multi_turn_ids(tokenizer, messages[c])
         rows.append({"id": f"p{c:05d}", "turns": [m["content"] for m in messages[c] if m["role"] == "user"],
                      "input_ids": ids[:max_seq_len], "loss_mask": mask[:max_seq_len],
-                     "answers": [m["content"] for m in messages[c] if m["role"] == "assistant"]})
-    return rows
+                     "answers": [m["content"] for m in messages[c] if m["role"] == "assistant"],
+                     **({"truncated": True} if length_policy == "mark" and c in truncated else {})})
+    return rows, failed

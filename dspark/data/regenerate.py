@@ -106,7 +106,8 @@ CHUNK_BATCHES = 4
 def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: int, temperature: float,
                          batch_size: int, seed: int, max_seq_len: int, progress: bool = False,
                          group: tuple[int, int] = (0, 1), gather=None, is_writer: bool = True,
-                         samples_per_prompt: int = 1, turns: list[list[str]] | None = None) -> None:
+                         samples_per_prompt: int = 1, turns: list[list[str]] | None = None,
+                         followups: int = 0) -> None:
     """``regenerate`` into ``output`` (a ``dspark.data.output.ResumableJsonl`` on the writing rank), chunk by chunk.
 
     The kept prompts are cut into fixed chunks of ``CHUNK_BATCHES * batch_size * group count`` prompts (in prompt
@@ -116,7 +117,8 @@ def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: 
     bytes, are those of an uninterrupted run). ``output.rows`` must be the same on every rank (the caller
     broadcasts them). ``samples_per_prompt`` S > 1 writes S sampled answers per prompt (on-policy data; needs
     T > 0), rows ``p<i>-s<k>``, each its own seeded unit. ``turns`` (the user turns of each prompt, first turn =
-    ``prompts[i]``) regenerates every turn (``dspark.data.multiturn``).
+    ``prompts[i]``) regenerates every turn (``dspark.data.multiturn``), then ``followups`` user turns the target
+    writes itself (``dspark.data.grow``).
     """
     from tqdm import tqdm
 
@@ -145,10 +147,12 @@ def regenerate_resumable(target, prompts: list[str], output, *, max_new_tokens: 
         if not share:
             rows = []
         elif turns is not None:
+            from dspark.data.grow import LocalGenerate
             from dspark.data.multiturn import regenerate_turns
 
-            rows = regenerate_turns(target, turns, share, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    batch_size=batch_size, seed=seed, max_seq_len=max_seq_len)
+            gen = LocalGenerate(target, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+            rows, _ = regenerate_turns(gen, target.tokenizer, turns, share, seed=seed, max_seq_len=max_seq_len,
+                                       followups=followups)  # in-process: no failures, length_policy "keep"
         else:
             rows = generate_rows(target, prompts, prefixes, share, max_new_tokens=max_new_tokens,
                                  temperature=temperature, batch_size=batch_size, seed=seed, max_seq_len=max_seq_len,

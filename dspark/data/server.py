@@ -209,11 +209,7 @@ def regenerate_with_servers(tokenizer, prompts: list[str], prefixes: list[list[i
     S = opts.samples_per_prompt
     settled = {r["id"] for r in output.rows} | {r["id"] for r in errors.rows}
     todo = [u for u in (i * S + k for i in keep for k in range(S)) if unit_id(u, S) not in settled]
-    models = {url: probe(url) for url in opts.urls}
-    model = opts.model or next(iter(models.values()))[0]
-    for url, served in models.items():
-        if model not in served:
-            raise ValueError(f"server {url} does not serve model {model!r} (it serves {', '.join(served) or 'none'})")
+    model = served_model(opts)
     stop = threading.Event()
     dispatcher = _Dispatcher(todo, window=4 * opts.max_in_flight * len(opts.urls))
 
@@ -254,6 +250,99 @@ def regenerate_with_servers(tokenizer, prompts: list[str], prefixes: list[list[i
         bar.close()
         for t in threads:
             t.join(timeout=opts.timeout_s + 5)
+    return counts
+
+
+def served_model(opts: ServerOptions) -> str:
+    """The model every server must serve (``opts.model``, or the first one the first server lists)."""
+    models = {url: probe(url) for url in opts.urls}
+    model = opts.model or next(iter(models.values()))[0]
+    for url, served in models.items():
+        if model not in served:
+            raise ValueError(f"server {url} does not serve model {model!r} (it serves {', '.join(served) or 'none'})")
+    return model
+
+
+class ServerGenerate:
+    """The servers as a ``dspark.data.grow`` generator: a list of chat requests posted concurrently
+    (``max_in_flight`` per server), each seeded with its own seed; returns (ids, finish_reason) or the failure."""
+
+    def __init__(self, tokenizer, opts: ServerOptions, model: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.tokenizer, self.opts, self.model = tokenizer, opts, model
+        self.pool = ThreadPoolExecutor(max_workers=opts.max_in_flight * len(opts.urls))
+        self.local = threading.local()
+        self.lock, self.threads = threading.Lock(), 0
+        self.stop = threading.Event()
+
+    def _endpoint_and_session(self):
+        if not hasattr(self.local, "session"):  # each worker thread keeps one server and one connection
+            with self.lock:
+                url, self.threads = self.opts.urls[self.threads % len(self.opts.urls)], self.threads + 1
+            self.local.session = _session()
+            self.local.endpoint = url.rstrip("/") + ENDPOINTS[self.opts.endpoint]
+        return self.local.endpoint, self.local.session
+
+    def _one(self, request: list[dict], prefix: list[int] | None, seed: int, opts: ServerOptions):
+        endpoint, session = self._endpoint_and_session()
+        prompt = request if opts.endpoint == "chat" else prefix
+        try:
+            response = post_with_retries(session, endpoint, request_body(opts, self.model, prompt, seed), opts,
+                                         self.stop)
+            return answer_ids(self.tokenizer, response)
+        except Exception as exc:  # the caller records the reason; nothing is lost
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    def __call__(self, requests: list[list[dict]], seeds: list[int], max_new_tokens: int | None = None,
+                 prefixes: list[list[int]] | None = None) -> list:
+        from dataclasses import replace
+
+        from dspark.data.multiturn import render_ids
+
+        opts = replace(self.opts, max_new_tokens=max_new_tokens or self.opts.max_new_tokens)
+        if opts.endpoint == "completions" and prefixes is None:
+            prefixes = [render_ids(self.tokenizer, r, generation_prompt=True) for r in requests]
+        futures = [self.pool.submit(self._one, r, None if prefixes is None else prefixes[k], seed, opts)
+                   for k, (r, seed) in enumerate(zip(requests, seeds))]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.pool.shutdown(wait=True)
+
+
+def regenerate_turns_with_servers(tokenizer, turns: list[list[str]], keep: list[int], output, errors,
+                                  opts: ServerOptions, followups: int = 0, progress: bool = False) -> dict:
+    """Multi-turn conversations through the servers, turn by turn (``dspark.data.multiturn.regenerate_turns``:
+    each request carries the regenerated history and the seed in-process regeneration uses), in chunks of
+    conversations written in order; returns counts. A chunk writes its failures, then its rows, each fsynced: a
+    kill between the two leaves the rows unsettled, so a rerun regenerates them and the rows stay in order."""
+    from tqdm import tqdm
+
+    from dspark.data.multiturn import regenerate_turns
+
+    settled = {r["id"] for r in output.rows} | {r["id"] for r in errors.rows}
+    todo = [c for c in keep if unit_id(c) not in settled]
+    gen = ServerGenerate(tokenizer, opts, served_model(opts))
+    chunk = 4 * opts.max_in_flight * len(opts.urls)
+    counts = {"written": 0, "failed": 0, "dropped": 0, "truncated": 0}
+    try:
+        for lo in tqdm(range(0, len(todo), chunk), desc="regenerate turns (server)", disable=not progress,
+                       unit="chunk"):
+            units = todo[lo : lo + chunk]
+            rows, failed = regenerate_turns(gen, tokenizer, turns, units, seed=opts.seed,
+                                            max_seq_len=opts.max_seq_len, followups=followups,
+                                            length_policy=opts.length_policy)
+            errors.append([{"id": unit_id(c), "prompt": turns[c][0], "reason": failed[c]} for c in units
+                           if c in failed])
+            output.append(rows)
+            counts["written"] += len(rows)
+            counts["dropped"] += sum(reason.startswith("dropped") for reason in failed.values())
+            counts["failed"] += sum(not reason.startswith("dropped") for reason in failed.values())
+            counts["truncated"] += sum(bool(r.get("truncated")) for r in rows)
+    finally:
+        gen.close()
     return counts
 
 

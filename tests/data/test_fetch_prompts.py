@@ -52,3 +52,34 @@ def test_offline_dataset_id_fails_at_once_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "Error: cannot fetch prompts 'mlabonne/open-perfectblend': the Hugging Face hub is unreachable "
         "(offline mode: HF_HUB_OFFLINE is set)"]
+
+
+def test_local_parquet_and_a_directory_of_shards_read_like_jsonl(tmp_path):
+    """ShareGPT/OpenAI rows in parquet (nested lists of structs, as hub datasets store them) give the jsonl result;
+    a directory of shards is read in name order; max_rows stops early."""
+    pa = pytest.importorskip("pyarrow")  # in requirements.txt
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    expected = fetch_prompts(str(src), tmp_path / "from_jsonl", num_eval=1, seed=3)
+    # one schema per column family (parquet columns are typed): conversations, messages, turns, prompt
+    columns = {key: [r.get(key) for r in ROWS] for key in ("conversations", "messages", "turns", "prompt")}
+    columns["answer_metadata"] = [{"tokens": list(range(50))}] * len(ROWS)  # a column fetch-prompts never decodes
+    pq.write_table(pa.table(columns), tmp_path / "src.parquet")
+    out = fetch_prompts(str(tmp_path / "src.parquet"), tmp_path / "from_parquet", num_eval=1, seed=3)
+    assert {k: v for k, v in out.items() if k != "paths"} == {k: v for k, v in expected.items() if k != "paths"}
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / "from_parquet" / name).read_text() == (tmp_path / "from_jsonl" / name).read_text()
+    shards = tmp_path / "dataset" / "data"
+    shards.mkdir(parents=True)
+    table = pa.table(columns)
+    pq.write_table(table.slice(0, 5), shards / "train-00000-of-00002.parquet")
+    pq.write_table(table.slice(5), shards / "train-00001-of-00002.parquet")
+    assert fetch_prompts(str(tmp_path / "dataset"), tmp_path / "from_dir", num_eval=1, seed=3)["kept"] == 4
+    assert (tmp_path / "from_dir" / "train.jsonl").read_text() == (tmp_path / "from_jsonl" / "train.jsonl").read_text()
+    assert fetch_prompts(str(tmp_path / "dataset"), tmp_path / "first6", max_rows=6)["read"] == 6
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "plain.parquet")
+    with pytest.raises(ValueError, match=r"plain\.parquet has none of the columns conversations, messages, turns, "
+                                         r"prompt \(it has text\)"):
+        fetch_prompts(str(tmp_path / "plain.parquet"), tmp_path / "bad")

@@ -149,3 +149,45 @@ def test_kill_9_during_server_prepare_then_rerun_is_byte_identical(server, tiny_
     assert 0 < written < whole.count(b"\n"), "the kill did not land mid-run"
     subprocess.run(command(tmp_path / "killed"), env=_env(), cwd=REPO, check=True, capture_output=True, timeout=300)
     assert (tmp_path / "killed" / "data" / "train.jsonl").read_bytes() == whole
+
+
+CONVERSATIONS = [["Hi there", "Add 2 and 3."], ["Name a colour."], ["One", "Two"], ["Tell me a joke.", "Another."],
+                 ["What is 7 * 6?"], ["Write a haiku.", "Now in French."], ["Say yes."], ["Count to three."]]
+
+
+def test_multi_turn_followups_and_self_prompts_through_the_server_equal_in_process_and_resume(
+        server, tiny_llama_dir, tmp_path, one_thread, monkeypatch):
+    """Every turn goes through /v1/chat/completions with the regenerated history and the in-process seed: the
+    server writes the in-process bytes; a crash in the second chunk resumes to the same bytes."""
+    from dspark.data import server as server_mod
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": t}) + "\n" for t in CONVERSATIONS))
+    grow = {"prompts": str(prompts), "num_eval_prompts": 2, "max_turns": 2, "followup_turns": 1, "self_prompts": 2,
+            "max_new_tokens": 6, "regen_temperature": 1.0}
+    stages.prepare(_cfg(tmp_path / "local", tiny_llama_dir, **grow), progress=False)
+    remote = {**grow, "servers": f"[{server}]", "server_max_in_flight": 1}  # chunks of 4 conversations
+    stages.prepare(_cfg(tmp_path / "remote", tiny_llama_dir, **remote), progress=False)
+    whole = (tmp_path / "remote" / "data" / "train.jsonl").read_bytes()
+    assert whole == (tmp_path / "local" / "data" / "train.jsonl").read_bytes()
+    rows = [json.loads(line) for line in whole.splitlines()]
+    assert len(rows) == 8 and sum(len(r["turns"]) == 3 for r in rows) >= 2  # 2 given turns + 1 written by the target
+    assert [len(r["answers"]) for r in rows] == [len(r["turns"]) for r in rows]
+
+    calls = {"n": 0}
+    real = server_mod.ServerGenerate.__call__
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:  # self prompts: 1 call; chunk 1: 2 calls per turn for 4 turns; then into chunk 2
+            raise KeyboardInterrupt("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(server_mod.ServerGenerate, "__call__", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        stages.prepare(_cfg(tmp_path / "crashed", tiny_llama_dir, **remote), progress=False)
+    assert (tmp_path / "crashed" / "data" / "train.jsonl.partial").read_bytes() == b"".join(
+        line + b"\n" for line in whole.splitlines()[:4])
+    monkeypatch.setattr(server_mod.ServerGenerate, "__call__", real)
+    stages.prepare(_cfg(tmp_path / "crashed", tiny_llama_dir, **remote), progress=False)
+    assert (tmp_path / "crashed" / "data" / "train.jsonl").read_bytes() == whole
