@@ -1,10 +1,13 @@
-"""Eagle3 on a Gemma4 target (DESIGN 8.2): the TTT steps equal the reference's Gemma4 Eagle3 forward written with
-transformers' own Gemma4 modules (sandwich and q/k/v norms, K = V, global geometry, proportional RoPE, GELU MLP,
-sqrt(H) embedding, attention scale 1, softcapped logits), the softcapped soft cross-entropy has autograd's gradient,
-and the loss compares softcapped draft and target distributions."""
+"""Eagle3 midlayers of the reference's deepspec models. On a Gemma4 target (DESIGN 8.2) the TTT steps equal the
+reference's Gemma4 Eagle3 forward written with transformers' own Gemma4 modules (sandwich and q/k/v norms, K = V,
+global geometry, proportional RoPE, GELU MLP, sqrt(H) embedding, attention scale 1, softcapped logits), the
+softcapped soft cross-entropy has autograd's gradient, and the loss compares softcapped draft and target
+distributions. With ``drafter.eagle3_qk_norm`` (DESIGN 8.1) a step equals the Qwen3Eagle3Model layer written with
+transformers' Qwen3 modules (q/k RMSNorm before RoPE)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dspark.config import DrafterConfig
 from dspark.drafters import build_drafter
@@ -147,3 +150,49 @@ def test_gemma4_eagle3_refuses_what_its_layout_cannot_hold():
         build_drafter(DrafterConfig(**base), config, [-1, 0, 2], embed, embed)
     with pytest.raises(ValueError, match="draft_vocab_size 64: Eagle3 with a Gemma4 target drafts over the full"):
         build_drafter(DrafterConfig(**base, draft_vocab_size=64), config, LAYER_IDS, embed, embed)
+
+
+def test_qk_norm_midlayer_equals_the_reference_qwen3_eagle3_step():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import (
+        Qwen3MLP,
+        Qwen3RMSNorm,
+        Qwen3RotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
+
+    config = Qwen3Config(vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    cfg = DrafterConfig(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, ttt_length=1,
+                        eagle3_qk_norm=True)
+    d = build_drafter(cfg, config, LAYER_IDS, torch.randn(V, H), torch.randn(V, H) / 8)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    layer, attn = d.midlayer, d.midlayer.self_attn
+
+    def norm(dim, weight):
+        n = Qwen3RMSNorm(dim, eps=config.rms_norm_eps)
+        n.weight.data.copy_(weight)
+        return n
+
+    mlp = Qwen3MLP(config)
+    mlp.load_state_dict(layer.mlp.state_dict())
+    batch = _batch()
+    ids, (B, T) = batch["input_ids_BT"], batch["input_ids_BT"].shape
+    hidden = d.fc(batch["features_BTLH"].reshape(B, T, -1))
+    tokens = torch.zeros_like(ids)
+    tokens[:, : T - 1] = ids[:, 1:]
+    x = torch.cat([norm(H, layer.input_layernorm.weight)(d.embed_tokens.weight[tokens]),
+                   norm(H, layer.hidden_norm.weight)(hidden)], dim=-1)
+    q = norm(16, attn.q_norm.weight)(attn.q_proj(x).view(B, T, 4, 16)).transpose(1, 2)
+    k = norm(16, attn.k_norm.weight)(attn.k_proj(x).view(B, T, 2, 16)).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, 2, 16).transpose(1, 2)
+    cos, sin = Qwen3RotaryEmbedding(config)(x, torch.arange(T).expand(B, T))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    h = hidden + attn.o_proj(out.transpose(1, 2).reshape(B, T, 64))
+    expected = h + mlp(norm(H, layer.post_attention_layernorm.weight)(h))
+    with torch.no_grad():
+        torch.testing.assert_close(d.ttt_hidden(batch)[0], expected, atol=1e-5, rtol=1e-5)
