@@ -20,6 +20,11 @@ Loss: step s weighs ``ttt_decay ** s``; per supervised row the soft cross-entrop
 distribution (restricted to the draft vocab and renormalised when pruned). Frozen: ``embed_tokens``, the LM
 head (or its pruned rows ``lm_head [W, H]``), ``d2t``/``t2d``. Tensor names are the SGLang/vLLM Eagle3 layout
 (``fc``, ``midlayer.*``, ``norm``, ``embed_tokens``, ``lm_head``, ``d2t``, ``t2d``).
+
+On a Gemma4 target (DESIGN 8.2) the midlayer is Gemma4's (``layer.py``), token embeddings are scaled by sqrt(H)
+and the draft and target logits softcapped (``final_logit_softcapping``), in the loss and when proposing. Such a
+drafter, and one with ``drafter.eagle3_qk_norm`` (Qwen3's q/k norms), is written in the reference's deepspec layout
+(``Gemma4Eagle3Model`` / ``Qwen3Eagle3Model``, ``dspark.export.deepspec_eagle3``), ``midlayer.*`` as ``layers.0.*``.
 """
 
 from __future__ import annotations
