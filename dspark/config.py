@@ -129,6 +129,10 @@ class DrafterConfig:
     ttt_length: int = 7
     ttt_decay: float = 0.8
     draft_vocab_size: int = 0
+    # Eagle3 only: q/k RMSNorms in the midlayer, as the reference's Qwen3Eagle3Model (exported in the deepspec
+    # layout only). Off keeps SGLang/vLLM's Llama midlayer (eagle3 / speculators layouts). Gemma4 targets always
+    # have them (their layer is Gemma4's).
+    eagle3_qk_norm: bool = False
     # dspark_v4 (DeepSeek-V4's mtp.* draft): per-micro-batch sign step of the routers' selection biases
     # (aux-loss-free balancing; 0 = frozen biases), and whether to copy the stages from the target's layer_ids.
     moe_bias_update_rate: float = 1e-3

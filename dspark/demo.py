@@ -13,6 +13,7 @@ from dspark.paths import RunPaths
 def run_demo(cfg: RunConfig) -> dict:
     """prepare -> cache build -> train -> eval -> export, with the target loaded once."""
     from dspark.distributed import local_device
+    from dspark.export import detect_format
     from dspark.targets import load_target
 
     paths = RunPaths(Path(cfg.run_dir))
@@ -36,6 +37,8 @@ def run_demo(cfg: RunConfig) -> dict:
         fmt = {"dspark_v4": "deepseek-v4-mtp"}.get(cfg.drafter.algorithm, "deepspec")
         if cfg.drafter.algorithm == "eagle3":
             fmt = "eagle3" if len(cfg.target.layer_ids) == 3 else "speculators"
+            if detect_format(paths.drafter) == "deepspec":  # the reference's Gemma4 / q/k-normed Qwen3 midlayer
+                fmt = "deepspec"
         exported = stages.export(paths.drafter, paths.export(fmt), fmt, overwrite=True)
 
     summary = {"stage_seconds": {k: round(v, 1) for k, v in times.seconds.items()},

@@ -1,6 +1,7 @@
-"""Gemma4 end to end: `dspark demo -c tiny_gemma4_dspark` on the built-in tiny Gemma4 (train, eval, deepspec export
-as Gemma4DSparkModel), speculative decoding equal to target decoding at T = 0 with the trained DSpark and a DFlash
-drafter, and one-line refusals: a Gemma4 recipe on a Qwen3 target and the reverse, Eagle3 on Gemma4."""
+"""Gemma4 end to end: `dspark demo -c tiny_gemma4_dspark` and `-c tiny_gemma4_eagle3` on the built-in tiny Gemma4
+(train, eval, deepspec export as Gemma4DSparkModel / Gemma4Eagle3Model), speculative decoding equal to target
+decoding at T = 0 with the trained DSpark and Eagle3 drafters and a DFlash one, and one-line refusals: a Gemma4
+recipe on a Qwen3 target and the reverse."""
 
 from __future__ import annotations
 
@@ -21,6 +22,27 @@ def gemma4_demo(tmp_path_factory, tiny_gemma4_dir):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def gemma4_eagle3_demo(tmp_path_factory, tiny_gemma4_dir):
+    run_dir = tmp_path_factory.mktemp("gemma4_eagle3_demo") / "run"
+    # Fewer prompts and tokens than the recipe: the stages are what is checked here.
+    proc = run_cli(["demo", "-c", "tiny_gemma4_eagle3", "--set", f"run_dir={run_dir}",
+                    "--set", f"target.name_or_path={tiny_gemma4_dir}", "--set", "data.max_prompts=12",
+                    "--set", "eval.num_prompts=1", "--set", "eval.max_new_tokens=12"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_tiny_gemma4_eagle3_demo_trains_evaluates_and_exports(gemma4_eagle3_demo):
+    report = json.loads((gemma4_eagle3_demo / "eval" / "report.json").read_text())
+    assert set(report) >= {"T1", "T0"} and len(report["T0"]["trained"]["acceptance_K"]) == 4
+    summary = json.loads((gemma4_eagle3_demo / "demo_summary.json").read_text())
+    assert summary["train_steps"] > 0 and summary["final_loss"] > 0
+    exported = json.loads((gemma4_eagle3_demo / "export" / "deepspec" / "config.json").read_text())
+    assert exported["architectures"] == ["Gemma4Eagle3Model"] and exported["target_layer_ids"] == [0, 1, 2]
+    assert (exported["ttt_length"], exported["step_loss_decay"], exported["final_logit_softcapping"]) == (4, 0.8, 30.0)
+
+
 def test_tiny_gemma4_demo_trains_evaluates_and_exports(gemma4_demo):
     report = json.loads((gemma4_demo / "eval" / "report.json").read_text())
     assert set(report) >= {"T1", "T0"} and len(report["T0"]["trained"]["acceptance_K"]) == 4
@@ -29,7 +51,8 @@ def test_tiny_gemma4_demo_trains_evaluates_and_exports(gemma4_demo):
     assert exported["final_logit_softcapping"] == 30.0 and exported["target_layer_ids"] == [0, 1, 2]
 
 
-def test_speculative_decoding_equals_target_decoding_at_t0(gemma4_demo, tiny_gemma4_dir, one_thread):
+def test_speculative_decoding_equals_target_decoding_at_t0(gemma4_demo, gemma4_eagle3_demo, tiny_gemma4_dir,
+                                                           one_thread):
     from dspark.config import DrafterConfig, TargetConfig
     from dspark.data.chat import prompt_ids
     from dspark.drafters import build_drafter, load_drafter
@@ -42,27 +65,21 @@ def test_speculative_decoding_equals_target_decoding_at_t0(gemma4_demo, tiny_gem
                                          enable_confidence_head=False), target.config, target.layer_ids,
                            target.embed_weight, target.lm_head_weight).eval()
     trained = load_drafter(gemma4_demo / "export" / "deepspec").eval()
+    eagle3 = load_drafter(gemma4_eagle3_demo / "export" / "deepspec").eval()
+    assert eagle3.algorithm == "eagle3" and eagle3.variant.gemma4
     stop = [target.tokenizer.eos_token_id]
     for prompt in ("Name three colors of the rainbow.", "How do I boil an egg?"):
         ids = prompt_ids(target.tokenizer, prompt)
         plain = target_generate(target, ids, max_new_tokens=24, temperature=0.0, stop_ids=stop)
-        for drafter in (trained, dflash):
+        for drafter in (trained, eagle3, dflash):
             spec = speculative_generate(target, drafter, ids, max_new_tokens=24, temperature=0.0, stop_ids=stop)
             assert spec.tokens == plain and sum(spec.proposed) > 0
 
 
-def test_recipe_family_and_eagle3_refusals(tiny_gemma4_dir, tiny_qwen3_dir, tmp_path):
-    proc = run_cli(["prepare", "-c", "tiny_gemma4_dspark", "--set", f"run_dir={tmp_path / 'a'}",
+def test_recipe_family_refusals(tiny_gemma4_dir, tiny_qwen3_dir, tmp_path):
+    proc = run_cli(["prepare", "-c", "tiny_gemma4_eagle3", "--set", f"run_dir={tmp_path / 'a'}",
                     "--set", f"target.name_or_path={tiny_qwen3_dir}"])
     assert_one_line_error(proc, r"model_type 'qwen3' but the recipe is for gemma4 targets \(target.family=gemma4")
-    proc = run_cli(["prepare", "-c", "qwen3_4b_dspark", "--set", f"run_dir={tmp_path / 'b'}",
+    proc = run_cli(["prepare", "-c", "qwen3_4b_eagle3", "--set", f"run_dir={tmp_path / 'b'}",
                     "--set", f"target.name_or_path={tiny_gemma4_dir}", "--set", "target.layer_ids=[0,1,2]"])
     assert_one_line_error(proc, r"model_type 'gemma4_text' but the recipe is for qwen3 targets")
-    from dspark.config import DrafterConfig
-    from dspark.drafters import build_drafter
-    from dspark.targets.tiny_gemma4 import tiny_gemma4_config
-
-    config = tiny_gemma4_config(300)
-    with pytest.raises(ValueError, match=r"eagle3 on a Gemma4 target \(gemma4_text\) is not implemented yet"):
-        build_drafter(DrafterConfig(algorithm="eagle3", markov_rank=0, enable_confidence_head=False), config, [0, 1],
-                      torch.zeros(300, 64), torch.zeros(300, 64))

@@ -35,7 +35,7 @@ def test_qwen3_recipes(size, algorithm):
         assert cfg.drafter.markov_rank == 256 and cfg.drafter.enable_confidence_head
 
 
-@pytest.mark.parametrize("algorithm", ["dspark", "dflash"])
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
 def test_gemma4_12b_recipes(algorithm):
     """DESIGN 8.2: feature layers [5, 17, 29, 41, 46], mask token id 4, otherwise the Qwen3-14B settings."""
     cfg, ref = load_config(f"gemma4_12b_{algorithm}"), load_config(f"qwen3_14b_{algorithm}")

@@ -28,6 +28,8 @@ DRAFTER_FORMATS = (
     ("deepseek-v4-mtp", ("model_type", "deepseek_v4"), None, "dspark.export.deepseek_v4", "load_deepseek_v4_mtp"),
     ("speculators", "speculators_model_type", None, "dspark.export.speculators", "load_speculators"),
     ("eagle3", None, "LlamaForCausalLMEagle3", "dspark.export.eagle3", "load_eagle3"),
+    # The reference's layout: its DSpark models and its Eagle3 ones (Qwen3Eagle3Model / Gemma4Eagle3Model, which
+    # load_deepspec hands to dspark.export.deepspec_eagle3 by their architectures).
     ("deepspec", "target_layer_ids", None, "dspark.export.deepspec", "load_deepspec"),
 )
 VERIFIER_LOADERS = ("speculators",)

@@ -5,6 +5,8 @@ Tensor names carry no prefix (the reference loader is strict): ``embed_tokens.we
 ``confidence_head.proj.*``. ``config.json`` is a Qwen3 config of the draft layers plus the DSpark fields and a
 versioned ``dspark`` section (algorithm, block layout, loss weights, layer-id semantics) that this project's
 loader reads; a config without it (e.g. from the reference implementation) loads as a DSpark-layout drafter.
+Eagle3 drafters (``Qwen3Eagle3Model`` / ``Gemma4Eagle3Model``) are written and read by
+``dspark.export.deepspec_eagle3``.
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
     """
     from dspark.drafters.common import config_get
 
+    if getattr(drafter, "algorithm", None) == "eagle3":
+        from dspark.export.deepspec_eagle3 import export_deepspec_eagle3
+
+        return export_deepspec_eagle3(drafter, target_config, out_dir)
     config = drafter.drafter_config()
     for key in ("hidden_size", "vocab_size") if target_config is not None else ():
         if config_get(target_config, key) != config[key]:
@@ -166,6 +172,10 @@ def load_deepspec(export_dir: str | os.PathLike):
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    from dspark.export.deepspec_eagle3 import is_eagle3, load_deepspec_eagle3
+
+    if is_eagle3(config):
+        return load_deepspec_eagle3(path)
     _check_config(config, str(path))
     tensors = load_file(str(weights_path))
     _check_tensors(tensors, config, str(path))

@@ -49,6 +49,11 @@ def _check_drafter(drafter, where: str) -> None:
     if getattr(drafter, "algorithm", None) != "eagle3":
         raise ValueError(f"{where}: the eagle3 layout holds only Eagle3 drafters, got algorithm "
                          f"{getattr(drafter, 'algorithm', type(drafter).__name__)!r} (export it as deepspec)")
+    if drafter.deepspec_layout:
+        layer = "Gemma4's layer" if drafter.variant.gemma4 else "q/k norms (drafter.eagle3_qk_norm)"
+        raise ValueError(f"{where}: this Eagle3 drafter's midlayer has {layer}, which the Llama midlayer of the "
+                         f"eagle3 and speculators layouts cannot hold; export it with --format deepspec (the "
+                         f"reference's {'Gemma4' if drafter.variant.gemma4 else 'Qwen3'}Eagle3Model)")
 
 
 def _llama_fields(drafter) -> dict:

@@ -33,6 +33,11 @@ FAMILIES: dict[str, dict[str, str]] = {
                   "pipeline": "features (a stage reads only its layers' experts); decoding in lockstep; generate",
                   "megatron": "tensor parallel by heads, MoE experts split over the TP ranks; features; decoding in "
                               "lockstep; generate"},
+    "glm4_moe": {"zero3": "features (GLM-4.5/4.6: partial rotary, q/k/v biases, dense first layers, sigmoid-routed "
+                          "experts with shared experts); decoding in lockstep; generate",
+                 "pipeline": "features; decoding in lockstep; generate",
+                 "megatron": "tensor parallel by heads (q/k/v biases split with their rows), MoE experts split over "
+                             "the TP ranks; features; decoding in lockstep; generate"},
     # Gemma4 text decoders (dense: no per-layer input embeddings, no MoE block, no KV shared across layers on
     # pipeline). gemma4 and gemma4_unified are the multimodal checkpoints: only their text decoder is hosted.
     **{model_type: {"zero3": "features (sliding and global layers, softcapped logits); decoding in lockstep "
@@ -56,8 +61,6 @@ NOT_YET: dict[str, str] = {
                "handled and a parity test first",
     "qwen3_5_moe": "as qwen3_5 (linear-attention layers), plus MoE",
     "qwen3_next": "as qwen3_5: gated-DeltaNet linear-attention layers with recurrent state",
-    "glm4_moe": "GLM-4.5/4.6 MoE: standard decoder layers that should need no new model code (partial rotary, dense "
-                "first layers, sigmoid-routed experts), but no parity test yet",
 }
 
 # Gemma4 settings the sharded backends refuse (field, value the backends need, why), checked on the text config.
@@ -108,6 +111,7 @@ RECIPE_FAMILIES: dict[str, tuple[str, ...]] = {
     "gemma4": ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"),
     "qwen3": ("qwen3",),
     "qwen3_moe": ("qwen3_moe",),
+    "glm4_moe": ("glm4_moe",),
     "llama": ("llama",),
 }
 

@@ -71,6 +71,8 @@ LAYER_CLASSES = {
                     "DeepseekV4RotaryEmbedding", "DeepseekV4RMSNorm"),
     "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeDecoderLayer",
                   "Qwen3MoeRotaryEmbedding", "Qwen3MoeRMSNorm"),
+    "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeDecoderLayer", "Glm4MoeRotaryEmbedding",
+                 "Glm4MoeRMSNorm"),
     # Gemma4 by its text model's type (gemma4 nests gemma4_text, gemma4_unified nests gemma4_unified_text)
     "gemma4_text": ("transformers.models.gemma4.modeling_gemma4", "Gemma4TextDecoderLayer",
                     "Gemma4TextRotaryEmbedding", "Gemma4RMSNorm"),

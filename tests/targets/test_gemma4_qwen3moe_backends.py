@@ -17,7 +17,7 @@ import torch
 from dspark.config import TargetConfig
 from dspark.targets import load_target
 
-MODEL_TYPES = ("gemma4_text", "gemma4", "gemma4_unified", "qwen3_moe")
+MODEL_TYPES = ("gemma4_text", "gemma4", "gemma4_unified", "qwen3_moe", "glm4_moe")
 BACKENDS = ("zero3", "pipeline", "megatron")
 # megatron runs Qwen3-MoE in tests/targets/test_megatron.py; here it hosts the Gemma4 types
 BACKENDS_OF = {t: BACKENDS if t != "qwen3_moe" else ("zero3", "pipeline") for t in MODEL_TYPES}
@@ -90,26 +90,27 @@ def _worker(rank: int, port: int, jobs: dict, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def save_qwen3_moe_hub(out: Path, tokenizer_dir: Path) -> Path:
-    """A tiny Qwen3-MoE written as the hub stores it: each expert's gate/up/down projections as separate tensors."""
+def save_moe_hub(family: str, out: Path, tokenizer_dir: Path) -> Path:
+    """A tiny Qwen3-MoE or GLM-4 MoE written as the hub stores it: each expert's gate/up/down projections as
+    separate tensors."""
     from safetensors.torch import load_file
     from tiny_families import save_tiny, split_experts, write_checkpoint
 
-    fused = save_tiny("qwen3_moe", out.with_name("qwen3_moe_fused"), 60_000, tokenizer_dir=tokenizer_dir,
+    fused = save_tiny(family, out.with_name(f"{family}_fused"), 60_000, tokenizer_dir=tokenizer_dir,
                       vocab_size=1024, num_layers=4, seed=2)
     state = {}
     for shard in sorted(fused.glob("model-*.safetensors")):
         state.update(load_file(str(shard)))
     hub = split_experts(state)
-    assert "model.layers.0.mlp.experts.3.up_proj.weight" in hub and "model.layers.0.mlp.experts.gate_up_proj" not in hub
+    assert "model.layers.1.mlp.experts.3.up_proj.weight" in hub and "model.layers.1.mlp.experts.gate_up_proj" not in hub
     return write_checkpoint(hub, fused, out, 60_000)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, gemma4_tokenizer_dir, tokenizer_dir) -> dict:
     root = tmp_path_factory.mktemp("families")
-    out = {t: str(save_gemma4(t, root / t, gemma4_tokenizer_dir)) for t in MODEL_TYPES if t != "qwen3_moe"}
-    out["qwen3_moe"] = str(save_qwen3_moe_hub(root / "qwen3_moe", tokenizer_dir))
+    out = {t: str(save_gemma4(t, root / t, gemma4_tokenizer_dir)) for t in MODEL_TYPES if t.startswith("gemma4")}
+    out.update({t: str(save_moe_hub(t, root / t, tokenizer_dir)) for t in ("qwen3_moe", "glm4_moe")})
     return out
 
 
@@ -126,7 +127,7 @@ def parallel_results(checkpoints, tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_backends_match_hf(model_type, checkpoints, parallel_results, one_thread):
     hf = load_target(TargetConfig(name_or_path=checkpoints[model_type], layer_ids=LAYER_IDS))
-    assert hf.config.model_type in ("gemma4_text", "gemma4_unified_text", "qwen3_moe")
+    assert hf.config.model_type in ("gemma4_text", "gemma4_unified_text", "qwen3_moe", "glm4_moe")
     for rank in range(WORLD):
         ref = run_target(hf, rank_inputs(rank))
         # transformers' own logits (softcapped) for the decoded sequence

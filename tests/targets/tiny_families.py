@@ -18,7 +18,7 @@ import torch
 
 from dspark.targets.weights import save_sharded, unique_state_dict
 
-TINY_FAMILY_NAMES = ("llama", "qwen3", "deepseek_v3", "deepseek_v4", "qwen3_moe")
+TINY_FAMILY_NAMES = ("llama", "qwen3", "deepseek_v3", "deepseek_v4", "qwen3_moe", "glm4_moe")
 
 
 def tiny_config(family: str, vocab_size: int, num_layers: int | None = None, **special_ids):
@@ -37,6 +37,14 @@ def tiny_config(family: str, vocab_size: int, num_layers: int | None = None, **s
         # Every layer MoE (4 experts, top-2, normalised top-k weights as Qwen3-30B-A3B / 235B-A22B).
         return AutoConfig.for_model("qwen3_moe", num_hidden_layers=num_layers or 3, rms_norm_eps=1e-6,
                                     moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                    norm_topk_prob=True, tie_word_embeddings=False, **dense)
+    if family == "glm4_moe":
+        # GLM-4.5's layer: half-rotary heads, q/k/v biases, q/k norms, layer 0 dense, then 4 sigmoid-routed experts
+        # (top-2 of 2 groups) plus a shared expert.
+        return AutoConfig.for_model("glm4_moe", num_hidden_layers=num_layers or 3, rms_norm_eps=1e-5,
+                                    partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+                                    moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                                    n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
                                     norm_topk_prob=True, tie_word_embeddings=False, **dense)
     if family == "deepseek_v3":
         # MLA (q/kv low-rank, decoupled RoPE) + MoE with grouped top-k routing; layer 0 dense.

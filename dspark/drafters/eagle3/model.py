@@ -20,6 +20,11 @@ Loss: step s weighs ``ttt_decay ** s``; per supervised row the soft cross-entrop
 distribution (restricted to the draft vocab and renormalised when pruned). Frozen: ``embed_tokens``, the LM
 head (or its pruned rows ``lm_head [W, H]``), ``d2t``/``t2d``. Tensor names are the SGLang/vLLM Eagle3 layout
 (``fc``, ``midlayer.*``, ``norm``, ``embed_tokens``, ``lm_head``, ``d2t``, ``t2d``).
+
+On a Gemma4 target (DESIGN 8.2) the midlayer is Gemma4's (``layer.py``), token embeddings are scaled by sqrt(H)
+and the draft and target logits softcapped (``final_logit_softcapping``), in the loss and when proposing. Such a
+drafter, and one with ``drafter.eagle3_qk_norm`` (Qwen3's q/k norms), is written in the reference's deepspec layout
+(``Gemma4Eagle3Model`` / ``Qwen3Eagle3Model``, ``dspark.export.deepspec_eagle3``), ``midlayer.*`` as ``layers.0.*``.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from dspark.drafters.common import (
     RMSNorm,
     RotaryEmbedding,
     config_get,
+    gemma4_global_geometry,
     layer_variant,
     rope_theta_from_config,
+    softcap,
 )
 from dspark.drafters.eagle3.layer import Eagle3Layer, ttt_attention
 from dspark.drafters.eagle3.loss import soft_cross_entropy
@@ -97,10 +104,6 @@ class Eagle3Drafter(Drafter):
         if cfg.markov_rank or cfg.enable_confidence_head or cfg.dflash_layout:
             warnings.warn("algorithm eagle3 ignores markov_rank, enable_confidence_head and dflash_layout "
                           f"(got {cfg.markov_rank}, {cfg.enable_confidence_head}, {cfg.dflash_layout})")
-        if layer_variant(target_config).gemma4:
-            raise ValueError(f"drafter.algorithm eagle3 on a Gemma4 target ({config_get(target_config, 'model_type')}) "
-                             f"is not implemented yet (its Gemma4 midlayer and Gemma4Eagle3Model export are pending); "
-                             f"use algorithm dspark or dflash, which follow Gemma4")
         self.cfg = cfg
         H = config_get(target_config, "hidden_size")
         V = config_get(target_config, "vocab_size")
@@ -125,6 +128,17 @@ class Eagle3Drafter(Drafter):
         num_kv_heads = config_get(target_config, "num_key_value_heads") or num_heads
         head_dim = config_get(target_config, "head_dim") or H // num_heads
         eps = config_get(target_config, "rms_norm_eps", 1e-6)
+        # Gemma4 targets: Gemma4's layer with the global attention geometry, the embedding scaled by sqrt(H), the
+        # final-logit softcap on draft and target logits (DESIGN 8.2); exported as the reference's Gemma4Eagle3Model.
+        self.variant = variant = layer_variant(target_config)
+        self.embed_scale = H ** 0.5 if variant.gemma4 else None
+        rope_theta = None
+        if variant.gemma4 or cfg.eagle3_qk_norm:
+            self._check_reference_layout(cfg, ids, W < V)
+        if variant.gemma4:
+            head_dim, num_kv_heads, rope_theta = self._gemma4_geometry(target_config)
+        self.target_name = (config_get(target_config, "target_model_name_or_path")
+                            or config_get(target_config, "_name_or_path") or "")
         self.intermediate_size = cfg.intermediate_size or config_get(target_config, "intermediate_size")
         self.hidden_size, self.vocab_size, self.draft_vocab_size = H, V, W
         self.block_size, self.ttt_length = cfg.block_size, cfg.ttt_length
@@ -133,9 +147,11 @@ class Eagle3Drafter(Drafter):
         self.initializer_range = config_get(target_config, "initializer_range", 0.02) or 0.02
 
         self.fc = nn.Linear(len(ids) * H, H, bias=False)
-        self.midlayer = Eagle3Layer(H, self.intermediate_size, num_heads, num_kv_heads, head_dim, eps)
-        self.norm = RMSNorm(H, eps)
-        self.rotary = RotaryEmbedding(head_dim, rope_theta_from_config(target_config))
+        self.midlayer = Eagle3Layer(H, self.intermediate_size, num_heads, num_kv_heads, head_dim, eps, variant,
+                                    qk_norm=cfg.eagle3_qk_norm)
+        self.norm = RMSNorm(H, eps, gemma=variant.gemma4)
+        self.rotary = RotaryEmbedding(head_dim, rope_theta or rope_theta_from_config(target_config),
+                                      variant.rotary_fraction)
         self.embed_tokens = _FrozenWeight(embed_weight)
         self.pruned = W < V
         has_target_head = tuple(lm_head_weight.shape) == (V, H)
@@ -160,6 +176,30 @@ class Eagle3Drafter(Drafter):
             self.lm_head = _FrozenWeight(lm_head_weight)
         self.loss_chunk_rows = _chunk_rows(V)
         self._init_weights()
+
+    def _check_reference_layout(self, cfg: DrafterConfig, layer_ids: list[int], pruned: bool) -> None:
+        """Refuse what the reference's Gemma4Eagle3Model / Qwen3Eagle3Model (the only layout of these midlayers)
+        cannot hold, before any training."""
+        which = "a Gemma4 target" if self.variant.gemma4 else "drafter.eagle3_qk_norm (Qwen3Eagle3Model)"
+        if layer_ids[0] < 0:
+            raise ValueError(f"layer_ids {layer_ids}: Eagle3 with {which} reads decoder layers only (ids >= 0, as "
+                             f"the reference's Eagle3); -1 (the embeddings) is not one")
+        if pruned:
+            raise ValueError(f"drafter.draft_vocab_size {cfg.draft_vocab_size}: Eagle3 with {which} drafts over the "
+                             f"full vocabulary (the reference stores lm_head [V, H]); set it to 0")
+
+    def _gemma4_geometry(self, target_config) -> tuple[int, int, float]:
+        """(head dim, kv heads, RoPE theta) of a Gemma4 target's global layers, which the midlayer uses. Keeps the
+        text config fields Gemma4Eagle3Model exports."""
+        from dspark.drafters.dspark.model import gemma4_export_fields
+
+        if config_get(target_config, "use_double_wide_mlp") and config_get(target_config, "num_kv_shared_layers"):
+            raise ValueError("a Gemma4 target with use_double_wide_mlp and num_kv_shared_layers > 0 (the draft layer "
+                             "would need a double-wide MLP) is not supported by the drafter yet")
+        head_dim, num_kv_heads = gemma4_global_geometry(target_config)
+        self.gemma4_config = gemma4_export_fields(target_config, head_dim, num_kv_heads)
+        theta = config_get(target_config, "rope_parameters")["full_attention"]["rope_theta"]
+        return head_dim, num_kv_heads, float(theta)
 
     def _check_maps(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         W, V = self.draft_vocab_size, self.vocab_size
@@ -218,7 +258,14 @@ class Eagle3Drafter(Drafter):
         return self.fc(features_XLH.reshape(*lead, L * H))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed_tokens.weight).to(self.fc.weight.dtype)
+        x = F.embedding(ids, self.embed_tokens.weight)
+        if self.embed_scale is not None:  # Gemma4: x sqrt(H), the scale rounded to the weight dtype first
+            x = x * torch.tensor(self.embed_scale).to(x.dtype)
+        return x.to(self.fc.weight.dtype)
+
+    def draft_logits(self, hidden_XH: torch.Tensor) -> torch.Tensor:
+        """fp32 draft logits ``[..., W]`` of output hidden states (final norm, draft head, Gemma4's softcap)."""
+        return softcap(self.norm(hidden_XH).float() @ self.lm_head.weight.float().T, self.variant.softcap)
 
     def ttt_hidden(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Output hidden states (pre-norm) of every TTT step, ``[B, T, H]`` each; row t of step s follows the
@@ -241,7 +288,8 @@ class Eagle3Drafter(Drafter):
                 k0, v0 = k, v
             else:
                 diag.append((k, v))
-            hidden_BTH = self.midlayer.finish(hidden_BTH, ttt_attention(q, k0, v0, causal_TT, diag))
+            hidden_BTH = self.midlayer.finish(hidden_BTH, ttt_attention(q, k0, v0, causal_TT, diag,
+                                                                        self.midlayer.self_attn.scale))
             outputs.append(hidden_BTH)
         return outputs
 
@@ -271,7 +319,7 @@ class Eagle3Drafter(Drafter):
             coef_N = torch.full(b_N.shape, weight, dtype=torch.float32, device=ids_BT.device)
             loss, ce_N, accept_N = soft_cross_entropy(
                 self.norm(hidden_BTH[b_N, t_N]), self.lm_head.weight, self.target_lm_head.weight,
-                final_BTH[b_N, t_N + 1 + s], draft_ids_W, coef_N, self.loss_chunk_rows)
+                final_BTH[b_N, t_N + 1 + s], draft_ids_W, coef_N, self.loss_chunk_rows, self.variant.softcap)
             numerator = numerator + loss
             ce_sum = ce_sum + weight * ce_N.sum()
             weight_sum = weight_sum + weight * b_N.numel()
@@ -381,8 +429,9 @@ class Eagle3Drafter(Drafter):
                 rope = self.rotary.cos_sin((lengths_B - 1 + s)[:, None], hidden_B1H.dtype)
                 q, k, v = self.midlayer.qkv(self._embed(token_B[:, None]), hidden_B1H, rope)
                 diag.append((k, v))
-            hidden_B1H = self.midlayer.finish(hidden_B1H, ttt_attention(q, k0_BGSD, v0_BGSD, visible, diag))
-            logits_BW = self.norm(hidden_B1H)[:, 0].float() @ self.lm_head.weight.float().T
+            hidden_B1H = self.midlayer.finish(hidden_B1H, ttt_attention(q, k0_BGSD, v0_BGSD, visible, diag,
+                                                                        self.midlayer.self_attn.scale))
+            logits_BW = self.draft_logits(hidden_B1H[:, 0])
             draft_B, p_BW = sample_rows(logits_BW, temperature, generators)
             token_B = target_ids_W[draft_B] if target_ids_W is not None else draft_B
             p_BV = p_BW if target_ids_W is None else p_BW.new_zeros(B, self.vocab_size).index_copy_(1, target_ids_W,
@@ -394,19 +443,36 @@ class Eagle3Drafter(Drafter):
 
     # -- export ----------------------------------------------------------------------------------------------
 
+    @property
+    def deepspec_layout(self) -> bool:
+        """Whether the midlayer is the reference's (Gemma4, or q/k-normed Qwen3), which only the deepspec layout holds;
+        otherwise it is SGLang/vLLM's Llama midlayer, which only the eagle3 and speculators layouts hold."""
+        return self.variant.gemma4 or self.cfg.eagle3_qk_norm
+
     @staticmethod
     def export_native(drafter: Eagle3Drafter, target_config, out_dir):
-        """The layout the trainer writes for this drafter and ``load_drafter`` reads back: SGLang/vLLM eagle3 (any
+        """The layout the trainer writes for this drafter and ``load_drafter`` reads back: the reference's deepspec
+        Eagle3 layout for its midlayers (Gemma4Eagle3Model / Qwen3Eagle3Model), else SGLang/vLLM eagle3 (any
         feature-layer count here; ``dspark export --format eagle3`` refuses counts the engines cannot load)."""
+        if drafter.deepspec_layout:
+            from dspark.export.deepspec_eagle3 import export_deepspec_eagle3
+
+            return export_deepspec_eagle3(drafter, target_config, out_dir)
         from dspark.export.eagle3 import export_eagle3
 
         return export_eagle3(drafter, target_config, out_dir, engine_layers=False)
 
     def drafter_config(self) -> dict:
+        """The deepspec ``config.json`` (DESIGN 8.1/8.2) of a drafter with the reference's midlayer."""
+        from dspark.export.deepspec_eagle3 import deepspec_eagle3_config
         from dspark.export.eagle3 import eagle3_config
 
-        raise ValueError(f"an Eagle3 drafter exports as eagle3 (architectures {eagle3_config(self)['architectures']}) "
-                         "or speculators, not in the deepspec layout: use --format eagle3")
+        if not self.deepspec_layout:
+            raise ValueError(f"this Eagle3 drafter has SGLang/vLLM's Llama midlayer (no q/k norms): it exports as "
+                             f"eagle3 (architectures {eagle3_config(self)['architectures']}) or speculators, not in "
+                             f"the deepspec layout: use --format eagle3 (or train with drafter.eagle3_qk_norm=true "
+                             f"for the reference's Qwen3Eagle3Model)")
+        return deepspec_eagle3_config(self)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained tensors, the maps when pruned, and the frozen ``embed_tokens`` and (draft) ``lm_head``."""

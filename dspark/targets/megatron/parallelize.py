@@ -57,6 +57,7 @@ TP_PLANS = {
     "llama": TPPlan({**_ATTENTION, **_MLP}, divisible=_GQA),
     "qwen3": TPPlan({**_ATTENTION, **_MLP}, divisible=_GQA),
     "qwen3_moe": TPPlan({**_ATTENTION, **_MLP, **_MOE}, divisible=_GQA),
+    "glm4_moe": TPPlan({**_ATTENTION, **_MLP, **_MOE}, divisible=_GQA),  # q/k/v biases split with their rows
     # MLA: the low-rank down projections and their norms are replicated, the per-head up projections split.
     "deepseek_v3": TPPlan({r"self_attn\.(q|q_b|kv_b)_proj": COLUMN, r"self_attn\.o_proj": ROW, **_MLP, **_MOE},
                           divisible=("num_attention_heads",)),
