@@ -58,9 +58,9 @@ def main() -> None:
     from dspark.config import load_config
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
-    from dspark.drafters import load_drafter
     from dspark.eval.policies import policy_sweep
     from dspark.eval.scheduler import SPSTable, device_tag
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     run = Path(args.run_dir)

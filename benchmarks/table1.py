@@ -60,9 +60,10 @@ def main() -> None:
     from dspark import stages
     from dspark.data.benchmarks import load_benchmark
     from dspark.data.chat import prompt_ids
-    from dspark.drafters import build_drafter, load_drafter
+    from dspark.drafters import build_drafter
     from dspark.eval.plots import plot_acceptance
     from dspark.eval.specdec import evaluate
+    from dspark.export import load_drafter
     from dspark.paths import RunPaths
     from dspark.targets import load_target
 

@@ -31,14 +31,11 @@ def run_demo(cfg: RunConfig) -> dict:
     with times.timed("eval"):
         report = stages.evaluate(cfg, target=target)
     with times.timed("export"):
-        # The drafter is exported in the layout it was trained into (Eagle3 and the V4 draft have their own; see
-        # load_drafter), or as speculators when SGLang/vLLM's Eagle3 layout cannot hold its feature layers (it takes
-        # exactly 3).
-        fmt = {"dspark_v4": "deepseek-v4-mtp"}.get(cfg.drafter.algorithm, "deepspec")
-        if cfg.drafter.algorithm == "eagle3":
-            fmt = "eagle3" if len(cfg.target.layer_ids) == 3 else "speculators"
-            if detect_format(paths.drafter) == "deepspec":  # the reference's Gemma4 / q/k-normed Qwen3 midlayer
-                fmt = "deepspec"
+        # The drafter is exported in the layout the trainer wrote it in (dspark.export.NATIVE_FORMATS), or as
+        # speculators when SGLang/vLLM's Eagle3 layout cannot hold its feature layers (it takes exactly 3).
+        fmt = detect_format(paths.drafter)
+        if fmt == "eagle3" and len(cfg.target.layer_ids) != 3:
+            fmt = "speculators"
         exported = stages.export(paths.drafter, paths.export(fmt), fmt, overwrite=True)
 
     summary = {"stage_seconds": {k: round(v, 1) for k, v in times.seconds.items()},

@@ -281,9 +281,10 @@ def evaluate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, progr
     from dspark.data.benchmarks import load_benchmark, parse_names
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
-    from dspark.drafters import build_drafter, load_drafter
+    from dspark.drafters import build_drafter
     from dspark.eval.specdec import NoDrafts
     from dspark.eval.specdec import evaluate as run_eval
+    from dspark.export import load_drafter
     from dspark.targets import load_target
     from dspark.train.metrics import MetricsLogger
 
@@ -464,9 +465,8 @@ def export(drafter_dir: Path, out_dir: Path, fmt: str = "deepspec", verifier: st
     """
     import warnings
 
-    from dspark.drafters import load_drafter
     from dspark.eval.sts import CALIBRATION_FILE
-    from dspark.export import FORMATS, detect_format, export_drafter
+    from dspark.export import FORMATS, detect_format, export_drafter, load_drafter
     from dspark.export.common import check_target_dir
     from dspark.export.verifier import plain_target_config, verifier_config
 
@@ -534,11 +534,11 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     from dspark.data.benchmarks import load_benchmark, parse_names
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
-    from dspark.drafters import load_drafter
     from dspark.eval import sts
     from dspark.eval.calibration import CalibrationReport
     from dspark.eval.scheduler import SPSTable
     from dspark.eval.specdec import decode_prompts
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     ev = cfg.eval

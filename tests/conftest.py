@@ -184,7 +184,8 @@ def expected_demo_eval(run_dir: Path, target_dir: Path, *overrides: str) -> dict
 
     from dspark.config import load_config
     from dspark.data.prompts import load_prompts
-    from dspark.drafters import build_drafter, load_drafter
+    from dspark.drafters import build_drafter
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     cfg = load_config("tiny_llama_dspark", [f"target.name_or_path={target_dir}", *overrides])

@@ -51,7 +51,7 @@ def _assert_same_logits(trained, exported):
 def test_checkpoint_converts_to_the_trained_drafter(run, zero_runs, tmp_path):
     from safetensors.torch import load_file
 
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
     from dspark.export.speculators import load_speculators
 
     tool = _tool()

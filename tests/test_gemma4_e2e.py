@@ -55,8 +55,9 @@ def test_speculative_decoding_equals_target_decoding_at_t0(gemma4_demo, gemma4_e
                                                            one_thread):
     from dspark.config import DrafterConfig, TargetConfig
     from dspark.data.chat import prompt_ids
-    from dspark.drafters import build_drafter, load_drafter
+    from dspark.drafters import build_drafter
     from dspark.eval.specdec import speculative_generate, target_generate
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     target = load_target(TargetConfig(name_or_path=str(tiny_gemma4_dir), layer_ids=[0, 1, 2], family="gemma4"))

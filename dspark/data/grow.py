@@ -8,7 +8,7 @@ the same prompts and follow-ups whatever the batching, and a resumed run continu
   cycled), kept in ``<run>/data/self_prompts.jsonl`` (resumable, ``dspark.data.output``) and appended to the
   training prompts, which are then answered as usual.
 - ``data.followup_turns = K``: after answering a conversation's user turns the target writes the user's next
-  message (``followup_request``) and answers it, K times (``dspark.data.multiturn.regenerate_turns``).
+  message and answers it, K times (``dspark.data.multiturn``: ``followup_request``, ``regenerate_turns``).
 
 A generator is any callable ``gen(requests, seeds) -> [(ids, finish_reason) | failure str]`` where a request is a
 list of chat messages: ``LocalGenerate`` runs the in-process target, ``dspark.data.server.ServerGenerate`` posts to
@@ -18,6 +18,8 @@ OpenAI-compatible servers; both seed row r with ``seeds[r]`` itself.
 from __future__ import annotations
 
 import hashlib
+
+from dspark.data.multiturn import render_ids, task_seed
 
 # Seed topics for self-written prompts: the spread of a general chat corpus (reasoning, code, writing, knowledge).
 TOPICS = (
@@ -31,24 +33,9 @@ TOPICS = (
 SELF_PROMPT_MAX_NEW_TOKENS = 64  # a question, not an essay
 
 
-def task_seed(kind: str, seed: int, index: int) -> int:
-    """A 63-bit sampling seed for generation task ``kind`` number ``index`` under run ``seed``."""
-    digest = hashlib.sha256(f"dspark-{kind}:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def question_request(topic: str) -> list[dict]:
     return [{"role": "user", "content": f"Write one question that a curious user might ask an AI assistant about "
                                         f"{topic}. Reply with the question only."}]
-
-
-def followup_request(messages: list[dict]) -> list[dict]:
-    """One user message asking for the user's next turn of ``messages`` (a transcript, so that it works with
-    templates that require a conversation to start with the user and alternate)."""
-    transcript = "\n\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
-    return [{"role": "user", "content": f"Here is a conversation between a user and an AI assistant.\n\n{transcript}"
-                                        f"\n\nWrite the user's next message in this conversation. Reply with the "
-                                        f"message only."}]
 
 
 class LocalGenerate:
@@ -61,7 +48,6 @@ class LocalGenerate:
 
     def __call__(self, requests: list[list[dict]], seeds: list[int], max_new_tokens: int | None = None,
                  prefixes: list[list[int]] | None = None) -> list:
-        from dspark.data.multiturn import render_ids
 
         if not requests:
             return []

@@ -14,7 +14,24 @@ single-turn rows, whose answer ids are kept exactly as generated.
 
 from __future__ import annotations
 
+import hashlib
+
 from dspark.data.chat import FALLBACK_TEMPLATE
+
+
+def task_seed(kind: str, seed: int, index: int) -> int:
+    """A 63-bit sampling seed for generation task ``kind`` number ``index`` under run ``seed``."""
+    digest = hashlib.sha256(f"dspark-{kind}:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def followup_request(messages: list[dict]) -> list[dict]:
+    """One user message asking for the user's next turn of ``messages`` (a transcript, so that it works with
+    templates that require a conversation to start with the user and alternate)."""
+    transcript = "\n\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+    return [{"role": "user", "content": f"Here is a conversation between a user and an AI assistant.\n\n{transcript}"
+                                        f"\n\nWrite the user's next message in this conversation. Reply with the "
+                                        f"message only."}]
 
 
 def render_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -53,12 +70,11 @@ def regenerate_turns(gen, tokenizer, conversations: list[list[str]], units: list
 
     Turn t of conversation c samples from ``prompt_seed(seed, c * 1000 + t)``, so answers do not depend on
     batching. With ``followups`` = K the target then writes the user's next message K times
-    (``dspark.data.grow.followup_request``, seeded by ``task_seed("followup", seed, c * 1000 + t)``) and answers
+    (``followup_request``, seeded by ``task_seed("followup", seed, c * 1000 + t)``) and answers
     it; an empty follow-up ends the conversation. A conversation stops at the first turn whose rendered request
     reaches ``max_seq_len``; the row is cut at ``max_seq_len`` tokens. A conversation whose request failed for good
     (servers), or with ``length_policy="drop"`` an answer cut by ``max_new_tokens``, has no row but a reason.
     """
-    from dspark.data.grow import followup_request, task_seed
     from dspark.targets.sampling import prompt_seed
 
     messages: dict[int, list[dict]] = {c: [] for c in units}

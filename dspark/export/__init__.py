@@ -34,8 +34,37 @@ DRAFTER_FORMATS = (
 )
 VERIFIER_LOADERS = ("speculators",)
 
-__all__ = ["DRAFTER_FORMATS", "FORMATS", "detect_format", "export_deepspec", "export_drafter", "load_deepspec",
-           "load_exported"]
+# The layout each algorithm's trainer writes (its final save, which load_drafter reads back): (format name as
+# detect_format reports it, module, writer, keyword arguments). The one place that chooses it. Eagle3 drafters with
+# the reference's midlayer (Gemma4, q/k-normed Qwen3) take "eagle3/deepspec"; the others the engines' layout at any
+# feature-layer count (`dspark export --format eagle3` refuses counts SGLang/vLLM cannot load).
+NATIVE_FORMATS = {
+    "dspark": ("deepspec", "dspark.export.deepspec", "export_deepspec", {}),
+    "dflash": ("deepspec", "dspark.export.deepspec", "export_deepspec", {}),
+    "eagle3": ("eagle3", "dspark.export.eagle3", "export_eagle3", {"engine_layers": False}),
+    "eagle3/deepspec": ("deepspec", "dspark.export.deepspec_eagle3", "export_deepspec_eagle3", {}),
+    "dspark_v4": ("deepseek-v4-mtp", "dspark.export.deepseek_v4", "export_deepseek_v4_mtp", {"quantization": "none"}),
+}
+
+__all__ = ["DRAFTER_FORMATS", "FORMATS", "NATIVE_FORMATS", "detect_format", "export_deepspec", "export_drafter",
+           "export_native", "load_deepspec", "load_drafter", "load_exported", "native_format"]
+
+
+def _native_key(drafter) -> str:
+    if drafter.algorithm == "eagle3" and drafter.deepspec_layout:
+        return "eagle3/deepspec"
+    return drafter.algorithm
+
+
+def native_format(drafter) -> str:
+    """The format name (as ``detect_format`` reports it) of the layout the trainer writes for ``drafter``."""
+    return NATIVE_FORMATS[_native_key(drafter)][0]
+
+
+def export_native(drafter, target_config, out_dir: str | os.PathLike) -> Path:
+    """Write ``drafter`` in its algorithm's own layout (``NATIVE_FORMATS``) into ``out_dir``."""
+    _, module, function, kwargs = NATIVE_FORMATS[_native_key(drafter)]
+    return getattr(importlib.import_module(module), function)(drafter, target_config, out_dir, **kwargs)
 
 
 def _read_config(path: Path) -> dict:
@@ -114,3 +143,25 @@ def __getattr__(name):
 
         return getattr(deepspec, name)
     raise AttributeError(name)
+
+
+def load_drafter(export_dir: str | os.PathLike, apply_calibration: bool = True, verifier=None):
+    """Rebuild a drafter (weights included) from an export directory in any format dspark writes (deepspec,
+    eagle3, speculators, DeepSeek-V4's mtp.*; recognised from its ``config.json`` by ``detect_format``).
+
+    ``verifier`` (a target backend, ``(config, embed_VH, lm_head_VH)`` or a name) supplies the frozen embedding /
+    LM head to formats that do not store them (speculators DSpark/DFlash); default: the verifier the export names.
+    A ``calibration.json`` beside the weights (written by ``dspark calibrate``) sets the confidence head's per-slot
+    temperatures unless ``apply_calibration`` is False; a malformed one, one of the wrong length, or one for a
+    drafter without a confidence head is a ValueError.
+    """
+    from dspark.eval.sts import read_calibration
+
+    drafter = load_exported(export_dir, verifier=verifier)
+    temperatures = read_calibration(export_dir, getattr(drafter, "block_size", None)) if apply_calibration else None
+    if temperatures is not None:
+        if not hasattr(drafter, "set_confidence_temperatures"):
+            raise ValueError(f"{Path(export_dir) / 'calibration.json'}: drafter {drafter.algorithm} has no "
+                             "confidence head to calibrate")
+        drafter.set_confidence_temperatures(temperatures)
+    return drafter

@@ -127,7 +127,14 @@ def export_deepspec_eagle3(drafter, target_config, out_dir: str | os.PathLike) -
 
     out = Path(out_dir)
     _check_target(drafter, target_config)
-    config = drafter.drafter_config()  # refuses the Llama midlayer
+    if not drafter.deepspec_layout:
+        from dspark.export.eagle3 import eagle3_config
+
+        raise ValueError(f"this Eagle3 drafter has SGLang/vLLM's Llama midlayer (no q/k norms): it exports as "
+                         f"eagle3 (architectures {eagle3_config(drafter)['architectures']}) or speculators, not in "
+                         f"the deepspec layout: use --format eagle3 (or train with drafter.eagle3_qk_norm=true "
+                         f"for the reference's Qwen3Eagle3Model)")
+    config = deepspec_eagle3_config(drafter)
     _check_config(config, str(out))
     tensors = {}
     for name, t in drafter.full_state_dict().items():

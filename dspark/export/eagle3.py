@@ -196,7 +196,7 @@ def export_speculators_eagle3(drafter, target_config, out_dir: str | os.PathLike
     out = Path(out_dir)
     _check_drafter(drafter, str(out))
     _check_target(drafter, target_config)
-    from dspark.export.speculators import verifier_fields
+    from dspark.export.verifier import verifier_fields
 
     layer = _llama_fields(drafter)
     verifier = verifier_fields(target_config, str(out))

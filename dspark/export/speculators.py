@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dspark.export.common import WEIGHTS_FILE, check_tensors, write_checkpoint
+from dspark.export.verifier import verifier_fields
 
 SPECULATORS_VERSION = "0.9.0"
 ARCHITECTURES = {"dspark": "DSparkSpeculator", "dflash": "DFlashSpeculator"}
@@ -45,21 +46,6 @@ _NOT_LAYER_FIELDS = ("architectures", "block_size", "mask_token_id", "target_lay
                      "num_target_layers", "enable_confidence_head", "confidence_head_with_markov", "markov_rank",
                      "markov_head_type", "dspark")
 _FROZEN = ("embed_tokens.weight", "lm_head.weight")
-
-
-def verifier_fields(target_config, where: str) -> dict:
-    """``speculators_config.verifier`` of an export: the verifier's engine-loadable name and architectures (from
-    ``target_config``, e.g. ``dspark.export.verifier.verifier_config``); refuses what an engine could not load."""
-    from dspark.drafters.common import config_get
-    from dspark.export.verifier import check_verifier_fields
-
-    if target_config is None:
-        raise ValueError(f"{where}: the speculators format names its verifier; pass the target "
-                         f"(--verifier NAME_OR_PATH)")
-    name = config_get(target_config, "_name_or_path") or config_get(target_config, "name_or_path")
-    architectures = config_get(target_config, "architectures")
-    check_verifier_fields(name, architectures, where)
-    return {"name_or_path": str(name), "architectures": list(architectures)}
 
 
 def speculators_config(drafter, target_config, where: str = "speculators export") -> dict:

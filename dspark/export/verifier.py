@@ -112,3 +112,17 @@ def check_verifier_fields(name_or_path, architectures, where: str) -> None:
     if not architectures or not isinstance(architectures, (list, tuple)):
         raise ValueError(f"{where}: verifier {name_or_path} has no architectures list ({architectures!r}); pass "
                          f"--verifier with a target whose config names its architectures")
+
+
+def verifier_fields(target_config, where: str) -> dict:
+    """``speculators_config.verifier`` of an export: the verifier's engine-loadable name and architectures (from
+    ``target_config``, e.g. ``dspark.export.verifier.verifier_config``); refuses what an engine could not load."""
+    from dspark.drafters.common import config_get
+
+    if target_config is None:
+        raise ValueError(f"{where}: the speculators format names its verifier; pass the target "
+                         f"(--verifier NAME_OR_PATH)")
+    name = config_get(target_config, "_name_or_path") or config_get(target_config, "name_or_path")
+    architectures = config_get(target_config, "architectures")
+    check_verifier_fields(name, architectures, where)
+    return {"name_or_path": str(name), "architectures": list(architectures)}

@@ -301,15 +301,13 @@ def _param_grad_norm(engine) -> float | None:
 
 
 def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int) -> None:
-    """Write the trained drafter in the deepspec layout, or the drafter's own (``export_native``: Eagle3's layout,
-    which deepspec cannot hold), gathering ZeRO-3 partitions first. A calibration.json left from calibrating
+    """Write the trained drafter in its algorithm's own layout (``dspark.export.NATIVE_FORMATS``), gathering ZeRO-3
+    partitions first. A calibration.json left from calibrating
     earlier weights no longer fits these and is removed (`dspark calibrate` again)."""
     import deepspeed
 
     from dspark.eval.sts import CALIBRATION_FILE
-    from dspark.export.deepspec import export_deepspec
-
-    export_fn = getattr(engine.module, "export_native", export_deepspec)
+    from dspark.export import export_native
 
     if engine.has_moe_layers:  # expert-parallel drafter: every rank gathers the full experts (collective)
         from dspark.train.expert_parallel import gather_experts
@@ -323,4 +321,4 @@ def _save_final_drafter(engine, hf_config, out_dir: Path, rank: int) -> None:
             if stale.is_file():
                 log.warning("removing %s: it calibrated the drafter this run replaces", stale)
                 stale.unlink()
-            export_fn(engine.module, hf_config, out_dir)
+            export_native(engine.module, hf_config, out_dir)

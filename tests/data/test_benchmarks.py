@@ -209,7 +209,8 @@ def test_cli_eval_on_a_benchmark(tmp_path, tiny_llama_dir, tiny_demo_run):
     import torch
 
     from dspark.config import load_config
-    from dspark.drafters import build_drafter, load_drafter
+    from dspark.drafters import build_drafter
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     cfg = load_config("tiny_llama_dspark", [f"target.name_or_path={tiny_llama_dir}"])

@@ -8,7 +8,7 @@ import pytest
 from dspark import stages
 from dspark.config import TargetConfig, load_config
 from dspark.data import grow
-from dspark.data.multiturn import multi_turn_ids, render_ids
+from dspark.data.multiturn import followup_request, multi_turn_ids, render_ids, task_seed
 from dspark.targets import load_target
 
 TARGET = "builtin:tiny-qwen3"
@@ -59,7 +59,7 @@ def test_self_prompts_and_followups_are_written_by_the_target_and_answered(grown
     tok = target.tokenizer
     # question 0 is what the target samples for topic 0 under its task seed
     again = target.generate([render_ids(tok, grow.question_request(grow.TOPICS[0]), True)], max_new_tokens=64,
-                            temperature=1.0, batch_size=1, seed=None, indices=[grow.task_seed("prompt", 0, 0)])
+                            temperature=1.0, batch_size=1, seed=None, indices=[task_seed("prompt", 0, 0)])
     assert tok.decode(again[0], skip_special_tokens=True).strip() == questions[0]["prompt"]
     two_turns = [r for r in rows if len(r["turns"]) == 2]
     assert len(two_turns) >= len(rows) // 2
@@ -72,8 +72,8 @@ def test_self_prompts_and_followups_are_written_by_the_target_and_answered(grown
     row = two_turns[0]
     c = int(row["id"][1:])
     history = [{"role": "user", "content": row["turns"][0]}, {"role": "assistant", "content": row["answers"][0]}]
-    seed = grow.task_seed("followup", 0, c * 1000 + 1)
-    follow = target.generate([render_ids(tok, grow.followup_request(history), True)], max_new_tokens=8,
+    seed = task_seed("followup", 0, c * 1000 + 1)
+    follow = target.generate([render_ids(tok, followup_request(history), True)], max_new_tokens=8,
                              temperature=1.0, batch_size=1, seed=None, indices=[seed])
     assert tok.decode(follow[0], skip_special_tokens=True).strip() == row["turns"][1]
 

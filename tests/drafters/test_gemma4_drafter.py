@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from dspark.config import DrafterConfig
-from dspark.drafters import build_drafter, load_drafter
+from dspark.drafters import build_drafter
 from dspark.drafters.common import DraftDecoderLayer, layer_variant
 from dspark.drafters.dspark.loss import chunked_vocab_loss
+from dspark.export import load_drafter
 from dspark.export.deepspec import export_deepspec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

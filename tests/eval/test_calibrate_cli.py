@@ -45,8 +45,8 @@ def _args(command, run_dir, tiny_llama_dir, *extra):
 
 
 def test_profile_then_calibrate_with_scheduler_simulation(run_dirs, tiny_llama_dir, tmp_path):
-    from dspark.drafters import load_drafter
     from dspark.eval.scheduler import SPSTable
+    from dspark.export import load_drafter
 
     dirs, prompts = run_dirs
     sps_path = tmp_path / "sps.json"

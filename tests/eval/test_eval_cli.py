@@ -53,7 +53,7 @@ def test_eval_prompt_file_with_two_drafters(tmp_path, tiny_llama_dir, drafter_di
     # Each row is its own drafter's decoding of the file's first eval.num_prompts prompts, with or without the cut.
     from dspark.config import TargetConfig
     from dspark.data.prompts import load_prompts
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 1, 2]))

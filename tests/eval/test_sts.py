@@ -145,7 +145,7 @@ def _propose(drafter, context_TLH):
 
 
 def test_unit_temperatures_are_bit_identical_and_others_rescale_the_logits(exported, tmp_path):
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
 
     dirs, context_TLH = exported
     plain = _propose(load_drafter(dirs["dspark"]), context_TLH)
@@ -184,7 +184,7 @@ def test_unit_temperatures_are_bit_identical_and_others_rescale_the_logits(expor
     ("[1, 1, 1, 1]", "expected a JSON object"),
 ])
 def test_malformed_calibration_json_is_refused(exported, content, message):
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
 
     dirs, _ = exported
     path = dirs["dspark"] / sts.CALIBRATION_FILE
@@ -198,7 +198,7 @@ def test_malformed_calibration_json_is_refused(exported, content, message):
 
 
 def test_calibration_of_a_drafter_without_confidence_head_is_refused(exported):
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
 
     dirs, _ = exported
     path = sts.write_calibration(dirs["dflash"], [1.0] * BLOCK)

@@ -116,8 +116,7 @@ def test_round_trips_give_identical_draft_logits(tmp_path, one_thread):
     read back re-exports to the same values, and its distributions stay close."""
     import copy
 
-    from dspark.drafters import load_drafter
-    from dspark.export import export_drafter
+    from dspark.export import export_drafter, load_drafter
     from dspark.export.deepseek_v4 import export_deepseek_v4_mtp, mtp_tensors
 
     drafter = make_drafter().eval()

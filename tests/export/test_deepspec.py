@@ -7,7 +7,8 @@ from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
 from dspark.config import DrafterConfig
-from dspark.drafters import build_drafter, load_drafter
+from dspark.drafters import build_drafter
+from dspark.export import load_drafter
 from dspark.export.deepspec import expected_tensor_shapes, export_deepspec, load_deepspec
 
 V, H = 300, 64

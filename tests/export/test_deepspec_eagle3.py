@@ -11,8 +11,8 @@ from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
 from dspark.config import DrafterConfig
-from dspark.drafters import build_drafter, load_drafter
-from dspark.export import detect_format, export_drafter
+from dspark.drafters import build_drafter
+from dspark.export import detect_format, export_drafter, load_drafter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V, H = 300, 64

@@ -9,9 +9,9 @@ from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
 from dspark.config import DrafterConfig
-from dspark.drafters import build_drafter, load_drafter
+from dspark.drafters import build_drafter
 from dspark.drafters.eagle3 import build_draft_vocab
-from dspark.export import export_drafter
+from dspark.export import export_drafter, load_drafter
 from dspark.export.eagle3 import (
     expected_tensor_shapes,
     export_eagle3,

@@ -13,9 +13,9 @@ from conftest import run_cli
 from export_helpers import perturbed
 
 from dspark.config import DrafterConfig, TargetConfig
-from dspark.drafters import build_drafter, load_drafter
+from dspark.drafters import build_drafter
 from dspark.eval.specdec import speculative_generate
-from dspark.export import detect_format, export_drafter
+from dspark.export import detect_format, export_drafter, load_drafter
 from dspark.export.verifier import verifier_config
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:draft vocab")]

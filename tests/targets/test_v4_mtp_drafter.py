@@ -13,7 +13,8 @@ import torch
 from tiny_families import save_tiny_with
 
 from dspark.config import DrafterConfig, TargetConfig
-from dspark.drafters import build_drafter, load_drafter
+from dspark.drafters import build_drafter
+from dspark.export import load_drafter
 from dspark.targets import load_target
 
 LAYER_IDS = [0, 1, 2]

@@ -23,8 +23,9 @@ def test_short_training_raises_tau_on_the_builtin_target(tmp_path):
     from dspark import stages
     from dspark.config import load_config
     from dspark.data.chat import prompt_ids
-    from dspark.drafters import build_drafter, load_drafter
+    from dspark.drafters import build_drafter
     from dspark.eval.specdec import evaluate
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     # 2 prompts: one held out by prepare, one trained on (micro batch 1: one step an epoch).

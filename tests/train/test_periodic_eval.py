@@ -141,7 +141,7 @@ def test_online_eval_reuses_the_hosted_target(tmp_path, tiny_llama_dir, prepared
     evals = [r for r in _records(tmp_path) if "eval/tau_T1" in r]
     assert [r["step"] for r in evals] == [2]
     # Step 2 is the last: the exported drafter holds the weights the eval decoded with.
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
 
     target = load_target(cfg.target)
     assert _expected_eval(tmp_path, cfg, load_drafter(tmp_path / "drafter").eval(), target) == \
@@ -171,7 +171,7 @@ def test_two_rank_zero3_eval_decodes_on_rank_0_only(tmp_path, tiny_llama_dir, pr
     records = _records(tmp_path / "evaluated")
     assert [r["step"] for r in records if "eval/tau_T1" in r] == [2, 4]
     # Rank 0 decoded with the gathered weights: at the last step, those of the exported drafter.
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     cfg = _cfg(tmp_path / "evaluated", tiny_llama_dir)

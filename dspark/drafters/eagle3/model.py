@@ -449,31 +449,6 @@ class Eagle3Drafter(Drafter):
         otherwise it is SGLang/vLLM's Llama midlayer, which only the eagle3 and speculators layouts hold."""
         return self.variant.gemma4 or self.cfg.eagle3_qk_norm
 
-    @staticmethod
-    def export_native(drafter: Eagle3Drafter, target_config, out_dir):
-        """The layout the trainer writes for this drafter and ``load_drafter`` reads back: the reference's deepspec
-        Eagle3 layout for its midlayers (Gemma4Eagle3Model / Qwen3Eagle3Model), else SGLang/vLLM eagle3 (any
-        feature-layer count here; ``dspark export --format eagle3`` refuses counts the engines cannot load)."""
-        if drafter.deepspec_layout:
-            from dspark.export.deepspec_eagle3 import export_deepspec_eagle3
-
-            return export_deepspec_eagle3(drafter, target_config, out_dir)
-        from dspark.export.eagle3 import export_eagle3
-
-        return export_eagle3(drafter, target_config, out_dir, engine_layers=False)
-
-    def drafter_config(self) -> dict:
-        """The deepspec ``config.json`` (DESIGN 8.1/8.2) of a drafter with the reference's midlayer."""
-        from dspark.export.deepspec_eagle3 import deepspec_eagle3_config
-        from dspark.export.eagle3 import eagle3_config
-
-        if not self.deepspec_layout:
-            raise ValueError(f"this Eagle3 drafter has SGLang/vLLM's Llama midlayer (no q/k norms): it exports as "
-                             f"eagle3 (architectures {eagle3_config(self)['architectures']}) or speculators, not in "
-                             f"the deepspec layout: use --format eagle3 (or train with drafter.eagle3_qk_norm=true "
-                             f"for the reference's Qwen3Eagle3Model)")
-        return deepspec_eagle3_config(self)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained tensors, the maps when pruned, and the frozen ``embed_tokens`` and (draft) ``lm_head``."""
         state = dict(self.state_dict())

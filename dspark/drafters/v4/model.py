@@ -339,13 +339,3 @@ class DSparkV4Drafter(Drafter):
                              f"{list(temperatures)!r}")
         self.confidence_head.temperature_K = torch.tensor(temperatures, dtype=torch.float32,
                                                           device=self.confidence_head.temperature_K.device)
-
-    # -- export ----------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def export_native(drafter: DSparkV4Drafter, target_config, out_dir):
-        """The trainer's final save, which ``load_drafter`` reads back: DeepSeek's ``mtp.*`` layout in the
-        training dtype (``dspark.export.deepseek_v4``)."""
-        from dspark.export.deepseek_v4 import export_deepseek_v4_mtp
-
-        return export_deepseek_v4_mtp(drafter, target_config, out_dir, quantization="none")
