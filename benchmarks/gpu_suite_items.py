@@ -122,7 +122,7 @@ def _v4_recipe() -> str:
 
 def _local_tiny_target(ctx: _Context) -> Path:
     """builtin:tiny-llama's local directory (zero3 and megatron load local checkpoints)."""
-    from dspark.targets.hf import resolve_target_source
+    from dspark.targets.source import resolve_target_source
 
     return Path(resolve_target_source("builtin:tiny-llama")[0])
 

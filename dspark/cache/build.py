@@ -18,7 +18,6 @@ import torch
 from dspark.cache.format import content_hash
 from dspark.cache.reader import inspect_cache
 from dspark.cache.writer import CacheWriter, finalize_cache
-from dspark.targets.base import collapse_streams
 
 __all__ = ["build_cache", "capture_batch", "check_conversations", "inspect_cache"]
 
@@ -68,7 +67,7 @@ def capture_batch(target, batch: list[Item], pad_id: int) -> list[dict]:
         attention_BT[row, : len(ids)] = 1
     device = target.embed_weight.device
     feats = target.features(ids_BT.to(device), attention_BT.to(device))
-    layers_BTLH = collapse_streams(feats.layers_BTLH, 4)  # DeepSeek-V4: the mean of its mHC streams
+    layers_BTLH = feats.layers_BTLH  # DeepSeek-V4's mHC streams are averaged by the backend
     samples = []
     for row, ((sample_id, ids, mask), T) in enumerate(zip(batch, lengths)):
         samples.append({

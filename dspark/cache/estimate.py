@@ -106,9 +106,9 @@ def estimate(*, num_tokens: int, target: str | None = None, hidden_size: int | N
     if layer_ids is None:
         use_builtin = shape["layer_ids"] is not None and num_layers in (None, len(shape["layer_ids"]))
         layer_ids = shape["layer_ids"] if use_builtin else default_layer_ids(depth, num_layers or 5)
-    if any(not -1 <= i < depth - 1 for i in layer_ids):
-        raise ValueError(f"layer ids {layer_ids} must lie in -1..{depth - 2} for {shape['name']} ({depth} layers; "
-                         f"the last layer is never a feature layer)")
+    if any(not -1 <= i < depth for i in layer_ids):
+        raise ValueError(f"layer ids {layer_ids} must lie in -1..{depth - 1} for {shape['name']} ({depth} layers; "
+                         f"-1 = embeddings, {depth - 1} = the last layer before the final norm)")
     return estimate_cache_size(hidden_size=shape["hidden_size"], num_feature_layers=len(layer_ids),
                                layer_ids=layer_ids, num_tokens=num_tokens, target=shape["name"], **kwargs)
 

@@ -373,7 +373,7 @@ def load_tokenizer(name_or_path: str):
     """The target's tokenizer alone (server regeneration never loads the weights)."""
     from transformers import AutoTokenizer
 
-    from dspark.targets.hf import resolve_target_source
+    from dspark.targets.source import resolve_target_source
 
     source, gguf_file, _ = resolve_target_source(name_or_path)
     return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))

@@ -166,7 +166,8 @@ def check_engine_layers(drafter, where: str) -> None:
                          f"recipe, e.g. *_eagle3_serve)")
     if any(i < 0 for i in drafter.layer_ids):
         # vLLM captures hidden_states + residual entering layer id + 1; before layer 0 there is no residual, so the
-        # embeddings (our id -1) cannot be captured there (the drafter itself already excludes the last layer).
+        # embeddings (our id -1) cannot be captured there. The last layer (id L-1) has no next layer to capture at
+        # either; the Eagle3 drafter itself refuses it.
         raise ValueError(f"{where}: --format eagle3 takes feature layer ids >= 0 (vLLM captures the input of layer "
                          f"id + 1 as hidden_states + residual); {list(drafter.layer_ids)} holds -1 (the embeddings); "
                          f"formats that take it: {', '.join(ANY_LAYER_COUNT_FORMATS)}")

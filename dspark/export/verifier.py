@@ -19,9 +19,9 @@ MARKER = ".dspark-verifier-complete"
 
 
 def _cache_root() -> Path:
-    from dspark.targets.hf import _dspark_cache_dir
+    from dspark.targets.source import dspark_cache_dir
 
-    return _dspark_cache_dir()
+    return dspark_cache_dir()
 
 
 def _gguf_digest(path: Path) -> str:
@@ -64,7 +64,7 @@ def gguf_to_hf_dir(folder: str, gguf_file: str, display: str, cache_root: Path |
 def verifier_source(name_or_path: str) -> str:
     """An engine-loadable name for the dspark target ``name_or_path``: a local HF directory (absolute path) or a
     hub id. Built-in and GGUF targets are written as HF directories first (cached)."""
-    from dspark.targets.hf import resolve_target_source
+    from dspark.targets.source import resolve_target_source
 
     source, gguf_file, display = resolve_target_source(str(name_or_path))
     if gguf_file:
@@ -96,7 +96,7 @@ def plain_target_config(name_or_path: str):
     with ``_name_or_path`` = ``name_or_path``: enough for layouts that only cross-check dims (deepspec)."""
     from transformers import AutoConfig
 
-    from dspark.targets.hf import resolve_target_source
+    from dspark.targets.source import resolve_target_source
 
     source, gguf_file, _ = resolve_target_source(str(name_or_path))
     config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))

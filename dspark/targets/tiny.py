@@ -19,7 +19,7 @@ def smollm2_tokenizer(out: Path) -> Path:
     if not (out / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        from dspark.targets.hf import resolve_target_source
+        from dspark.targets.source import resolve_target_source
 
         folder, gguf_file, _ = resolve_target_source("builtin:smollm2")
         tmp = _private_tmp(out)

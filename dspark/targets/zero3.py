@@ -26,26 +26,17 @@ import torch
 from torch import nn
 
 from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, text_config
+from dspark.targets.common import (
+    check_checkpoint,
+    check_layer_ids,
+    raw_last_hidden_state,
+    select_layers,
+    target_identity,
+    torch_dtype,
+)
+from dspark.targets.decode import HFDecodeSession, generate
 from dspark.targets.families import require_hostable
-from dspark.targets.hf import HFDecodeSession
-from dspark.targets.weights import WeightIndex, checkpoint_layout, expert_parts
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """Names and shapes a checkpoint of ``model`` must hold: parameters (tied ones once) and persistent buffers.
-
-    Also returns the tied aliases (e.g. ``lm_head.weight`` tied to the embedding): a checkpoint may carry them
-    or not, and they are never read. Works on a meta-device model.
-    """
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # duplicates (ties) removed
-    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(expected)
-    for module_name, module in model.named_modules():
-        for name, buf in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set:
-                expected[f"{module_name}.{name}" if module_name else name] = tuple(buf.shape)
-    return expected, aliases
+from dspark.targets.weights import WeightIndex, expert_parts
 
 
 def read_partition(index: WeightIndex, name: str, shape: tuple[int, ...], start: int, stop: int,
@@ -214,25 +205,16 @@ class ZeRO3Target(TargetBackend):
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from dspark.targets.hf import local_checkpoint_dir
+        from dspark.targets.source import local_checkpoint_dir
 
         source, display = local_checkpoint_dir(cfg.name_or_path, "zero3")
-        dtype = DTYPES[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         hf_config = AutoConfig.from_pretrained(source)
         require_hostable(hf_config, "zero3", source)
-        num_layers = text_config(hf_config).num_hidden_layers
-        bad = [i for i in cfg.layer_ids if i < -1 or i >= num_layers - 1]
-        if bad:
-            raise ValueError(
-                f"target.layer_ids {bad} out of range for {display}: it has {num_layers} decoder layers, "
-                f"valid ids are -1..{num_layers - 2} (the last layer is excluded)"
-            )
+        check_layer_ids(cfg.layer_ids, text_config(hf_config).num_hidden_layers, display)
         index = WeightIndex(source)  # FileNotFoundError for a missing shard, before any tensor is read
         with torch.device("meta"):
-            expected, aliases = expected_tensors(AutoModelForCausalLM.from_config(hf_config))
-        present_aliases = aliases & set(index.names())
-        # Per-expert (hub) layout mapped onto the model's fused experts; MTP layers are skipped by check_against.
-        index.check_against({**checkpoint_layout(expected, index), **{a: index.shape(a) for a in present_aliases}})
+            check_checkpoint(AutoModelForCausalLM.from_config(hf_config), index)
         tokenizer = AutoTokenizer.from_pretrained(source)
 
         model = build_partitioned(hf_config, dtype)
@@ -266,25 +248,19 @@ class ZeRO3Target(TargetBackend):
         return self._full[name]
 
     def identity(self) -> TargetIdentity:
-        from dspark.targets.hf import HFTarget
-
-        # The hf backend's identity reads only config, tokenizer, layer ids and name: sharing it keeps the two
-        # backends' identities equal by construction (a cache built with one is accepted by the other).
-        return HFTarget.identity(self)  # type: ignore[arg-type]
-
-    def _select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.stack([hidden_states[i + 1] for i in self.layer_ids], dim=2)
+        return target_identity(self.config, self.tokenizer, self.layer_ids, self.name)
 
     @torch.no_grad()
     def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
         """Features of this rank's batch. Collective: every rank must call it the same number of times."""
         mask = attention_mask_BT.to(self.device) if attention_mask_BT is not None else None
-        with self._gather.call():
+        with self._gather.call(), raw_last_hidden_state(self.model):
             out = self.model.base_model(input_ids=input_ids_BT.to(self.device), attention_mask=mask,
                                         output_hidden_states=True)
         if self.device.type == "cpu":
             release_freed_host_memory()
-        return TargetFeatures(layers_BTLH=self._select(out.hidden_states), final_BTH=out.last_hidden_state)
+        return TargetFeatures(layers_BTLH=select_layers(out.hidden_states, self.layer_ids),
+                              final_BTH=out.last_hidden_state)
 
     def partition_bytes(self) -> int:
         """Bytes of parameter partitions this rank holds (padding included; buffers excluded)."""
@@ -300,72 +276,20 @@ class ZeRO3Target(TargetBackend):
 
         return distributed.rank(), distributed.world_size()
 
-    def decode_session(self) -> ZeRO3DecodeSession:
-        return ZeRO3DecodeSession(self)
+    def decode_session(self) -> HFDecodeSession:
+        """transformers' KV cache over the layer-gathered model. Lockstep only: each ``extend`` is a collective
+        forward, so every rank calls it the same number of times (a rank with nothing to decode feeds a dummy token
+        into a session of its own); a ``truncate`` that rolls back by replay (DeepSeek-V4) runs forwards too, so
+        every rank truncates to the same length at the same step (as speculative decoding does)."""
+        return HFDecodeSession(self, forward_context=self._gather.call)
 
-    @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
-        """Batched generation of this rank's prompts. Ranks may hold different numbers of prompts: a rank out of
-        batches runs a one-token dummy batch, and transformers' ``synced_gpus`` keeps every rank stepping until
-        all are done, so all ranks run the same forwards."""
-        import torch.distributed as dist
-        from tqdm import tqdm
-
-        from dspark.targets.sampling import RowSampler, batch_indices, row_sampling_processor
-
-        indices = batch_indices(indices, len(prompts))
-        tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        outputs: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        num_batches = torch.tensor(len(batches))
-        if world > 1:
-            dist.all_reduce(num_batches, op=dist.ReduceOp.MAX)
-        for step in tqdm(range(int(num_batches)), desc="regenerate", disable=not progress, unit="batch"):
-            batch_idx = batches[step] if step < len(batches) else []
-            rows = [prompts[i] for i in batch_idx] or [[pad_id]]  # the dummy batch of an idle rank
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, prompt in enumerate(rows):  # left padding for generation
-                ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                mask[row, width - len(prompt) :] = 1
-            # per-prompt draws (dspark.targets.sampling); the idle rank's dummy row draws as index 0
-            sampler = RowSampler(seed, [indices[i] for i in batch_idx] or [0])
-            with self._gather.call():
-                gen = self.model.generate(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                    max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
-                    logits_processor=[row_sampling_processor(sampler, temperature)] if temperature > 0 else None,
-                    pad_token_id=pad_id, eos_token_id=tok.eos_token_id, synced_gpus=world > 1,
-                )
-            for row, i in enumerate(batch_idx):
-                new = gen[row, width:].tolist()
-                if tok.eos_token_id in new:
-                    new = new[: new.index(tok.eos_token_id) + 1]
-                outputs[i] = new
-            if self.device.type == "cpu":
-                release_freed_host_memory()
-        return outputs
-
-
-class ZeRO3DecodeSession(HFDecodeSession):
-    """Incremental decoding with transformers' KV cache over the layer-gathered model.
-
-    Lockstep only: each ``extend`` is a collective forward, so every rank must call ``extend`` the same number
-    of times (a rank with nothing to decode can feed a dummy token into a session of its own). A ``truncate`` that
-    rolls back by replay (DeepSeek-V4, see ``ReplayRollback``) runs the kept tokens through the model inside
-    ``_forward_context`` like ``extend``: also collective, so every rank truncates to the same length at the same
-    step (as speculative decoding does, every rank decoding the same prompts).
-    """
-
-    def _device(self) -> torch.device:
-        return self.target.device
-
-    def _forward_context(self):
-        return self.target._gather.call()
+        """Batched generation of this rank's prompts. Ranks may hold different numbers of prompts: ``synced``
+        generation keeps every rank stepping until all are done, so all ranks run the same forwards."""
+        after = release_freed_host_memory if self.device.type == "cpu" else None
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        batch_size=batch_size, seed=seed, progress=progress, indices=indices, device=self.device,
+                        synced=True, forward_context=self._gather.call, after_batch=after)
 
 
 def build_partitioned(hf_config, dtype: torch.dtype) -> nn.Module:

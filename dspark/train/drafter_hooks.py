@@ -21,7 +21,7 @@ def prepare_drafter(drafter, cfg, world: int) -> None:
         if not hasattr(drafter, "init_from_target"):
             raise ValueError(f"drafter.init_from_target is set, but drafter {drafter.algorithm!r} has no target layers "
                              "to copy; expected algorithm dspark_v4")
-        from dspark.targets.hf import resolve_target_source
+        from dspark.targets.source import resolve_target_source
 
         source, gguf_file, _ = resolve_target_source(cfg.target.name_or_path)
         if gguf_file is not None:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Protocol
 
 import torch
@@ -65,7 +64,8 @@ def frozen_parts_from_files(target_cfg) -> FrozenTarget | None:
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from dspark.targets.hf import HFTarget, resolve_target_source
+    from dspark.targets.common import target_identity, torch_dtype
+    from dspark.targets.source import resolve_target_source
     from dspark.targets.weights import WeightIndex
 
     source, gguf_file, display = resolve_target_source(target_cfg.name_or_path)
@@ -79,13 +79,10 @@ def frozen_parts_from_files(target_cfg) -> FrozenTarget | None:
     lm_head_name = _EMBED_NAME if config.get_text_config().tie_word_embeddings else _LM_HEAD_NAME
     if _EMBED_NAME not in index or lm_head_name not in index:
         return None
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[target_cfg.dtype]
-    # The hf backend's identity reads only the config, tokenizer, layer ids and name: sharing it keeps the
-    # identity equal to that of the loaded target by construction.
-    owner = SimpleNamespace(model=SimpleNamespace(config=config), config=config.get_text_config(),
-                            tokenizer=AutoTokenizer.from_pretrained(source), layer_ids=list(target_cfg.layer_ids),
-                            name=display)
-    identity = HFTarget.identity(owner)  # type: ignore[arg-type]
+    dtype = torch_dtype(target_cfg.dtype)
+    # Every backend's identity is built from the config and tokenizer alone, so this one equals the loaded target's.
+    identity = target_identity(config.get_text_config(), AutoTokenizer.from_pretrained(source),
+                               target_cfg.layer_ids, display)
     return FrozenTarget(config.get_text_config(), identity, index.load(_EMBED_NAME, dtype),
                         index.load(lm_head_name, dtype))
 

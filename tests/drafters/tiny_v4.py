@@ -42,5 +42,5 @@ def features(B: int, T: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return {"input_ids_BT": torch.randint(0, V, (B, T), generator=g),
             "loss_mask_BT": torch.ones(B, T, dtype=torch.bool),
-            "features_BTLH": torch.randn(B, T, 3, 2, 64, generator=g),  # every mHC stream, as the targets give them
+            "features_BTLH": torch.randn(B, T, 3, 64, generator=g),  # the mean of the mHC streams, as targets give
             "final_BTH": torch.randn(B, T, 64, generator=g)}

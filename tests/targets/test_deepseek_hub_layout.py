@@ -206,8 +206,8 @@ def _expected(checkpoint: Path) -> dict[str, tuple[int, ...]]:
     """What zero3 checks a checkpoint against: the model's tensors, in the checkpoint's expert layout."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from dspark.targets.common import expected_tensors
     from dspark.targets.weights import checkpoint_layout
-    from dspark.targets.zero3 import expected_tensors
 
     with torch.device("meta"):
         expected, _ = expected_tensors(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint)))

@@ -19,7 +19,7 @@ from tiny_families import save_tiny
 from dspark.config import TargetConfig
 from dspark.targets import load_target
 
-LAYER_IDS = [-1, 0, 1]
+LAYER_IDS = [-1, 0, 1, 2]  # 2: the last layer of the 3-layer families (before the final norm)
 SHARD_BYTES = 64 << 10  # the embedding gets a shard of its own, each layer spreads over a few
 PROMPTS = [[5, 17, 301, 9, 44], [12, 7, 7, 1002, 3, 88, 45, 6, 230]]
 
@@ -176,8 +176,8 @@ def test_bad_inputs_fail_before_loading(sharded_dirs, tmp_path):
     v4 = str(sharded_dirs["deepseek_v4"])  # heads split, but the output projection's 2 groups cannot split 4 ways
     with pytest.raises(ValueError, match="tensor_parallel=4 does not divide deepseek_v4 o_groups=2"):
         load_target(TargetConfig(name_or_path=v4, layer_ids=[0], backend="megatron", tensor_parallel=4))
-    with pytest.raises(ValueError, match=r"target.layer_ids \[2\] out of range"):
-        load_target(TargetConfig(name_or_path=llama, layer_ids=[2], backend="megatron"))
+    with pytest.raises(ValueError, match=r"target.layer_ids \[3\] out of range"):
+        load_target(TargetConfig(name_or_path=llama, layer_ids=[3], backend="megatron"))
 
     unknown = save_tiny("qwen3", tmp_path / "gpt2", SHARD_BYTES)
     cfg = json.loads((unknown / "config.json").read_text())

@@ -16,7 +16,7 @@ from dspark.targets import load_target
 from tests.conftest import free_port, spawn_ranks
 
 FAMILIES = ("llama", "qwen3", "deepseek_v3")
-LAYER_IDS = [-1, 0, 2]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 on stage 1
+LAYER_IDS = [-1, 0, 2, 3]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 and 3 (the last) on stage 1
 SHARD_BYTES = 120_000  # several shards per tiny model
 
 
@@ -135,11 +135,11 @@ def test_three_stages_and_per_expert_checkpoint(tiny_dirs, tokenizer_dir, tmp_pa
     tokenizer.save_pretrained(hf_layout)
     names = json.loads((hf_layout / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.experts.0.gate_proj.weight" in names
-    # 4 layers over 3 stages: [embedding, 0, 1] [2] [3, norm]; the last stage sends only the final hidden state.
+    # 4 layers over 3 stages: [embedding, 0, 1] [2] [3, norm]; the last stage sends layer 3 and the final state.
     jobs = {"deepseek_v3": _job(hf_layout)}
     results = _spawn(jobs, tmp_path, world=3)
     assert [r["deepseek_v3"]["stage"] for r in results] == [0, 1, 2]
-    assert results[0]["deepseek_v3"]["stage_layer_ids"] == [[-1, 0], [2], []]
+    assert results[0]["deepseek_v3"]["stage_layer_ids"] == [[-1, 0], [2], [3]]
     _check_parity(jobs, results)
     want = HFTarget(model, tokenizer, LAYER_IDS, hf_layout.name).identity().to_dict()
     assert all(r["deepseek_v3"]["identity"] == want for r in results)
@@ -150,7 +150,7 @@ def test_refused_before_loading(tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match="pipeline_stages=8 is more than the 4 decoder layers"):
         load_target(TargetConfig(name_or_path=llama, backend="pipeline", layer_ids=[0], pipeline_stages=8))
     with pytest.raises(ValueError, match="out of range"):
-        load_target(TargetConfig(name_or_path=llama, backend="pipeline", layer_ids=[3], pipeline_stages=1))
+        load_target(TargetConfig(name_or_path=llama, backend="pipeline", layer_ids=[4], pipeline_stages=1))
 
     from transformers import AutoConfig
 
@@ -179,5 +179,5 @@ def test_refused_before_loading(tiny_dirs, tmp_path):
     del tensors[name]
     save_file(tensors, file, metadata={"format": "pt"})
     index_path.write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=f"{name} missing"):
+    with pytest.raises(ValueError, match=f"missing from the checkpoint: {name}"):
         load_target(TargetConfig(name_or_path=str(partial), backend="pipeline", layer_ids=[0], pipeline_stages=1))

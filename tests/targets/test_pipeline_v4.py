@@ -22,7 +22,7 @@ from dspark.config import TargetConfig
 from dspark.targets import load_target
 from tests.conftest import free_port, spawn_ranks
 
-LAYER_IDS = [-1, 0, 2]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 on stage 1
+LAYER_IDS = [-1, 0, 2, 3]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 and 3 (the last) on stage 1
 MLP_LAYER_TYPES = ["hash_moe", "moe", "hash_moe", "moe"]  # hash routing on both stages
 SHARD_BYTES = 120_000  # several shards
 VOCAB = 1024  # SmolLM2's tokenizer, the model's vocab cut to its first 1024 ids
@@ -104,20 +104,20 @@ def test_v4_features_and_decoding_match_hf_on_two_stages(v4_dir, tmp_path, one_t
     model = AutoModelForCausalLM.from_pretrained(v4_dir, dtype=torch.float32)
     assert model.config.mlp_layer_types == MLP_LAYER_TYPES
     ref = HFTarget(model, AutoTokenizer.from_pretrained(v4_dir), LAYER_IDS, "reference")
-    C, H = model.config.hc_mult, model.config.hidden_size
+    H = model.config.hidden_size
     wants = [run_calls(ref, rank) for rank in range(len(results))]
     for rank, (got, want) in enumerate(zip(results, wants)):
         B, T = _batch(rank)[0].shape
-        # Features keep the mHC streams, as on hf and zero3: [B, T, L, C, H]; the final state is collapsed.
-        assert want["layers"].shape == (B, T, len(LAYER_IDS), C, H) and want["final"].shape == (B, T, H)
-        assert want["feats"].shape == (15, len(LAYER_IDS), C, H) and want["logits"].shape == (15, VOCAB)
+        # Features are the mean of each layer's mHC streams, as on every backend: [B, T, L, H].
+        assert want["layers"].shape == (B, T, len(LAYER_IDS), H) and want["final"].shape == (B, T, H)
+        assert want["feats"].shape == (15, len(LAYER_IDS), H) and want["logits"].shape == (15, VOCAB)
         for key in ("layers", "final", "logits", "feats"):
             assert got[key].dtype == want[key].dtype
             torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=f"rank {rank} {key}")
         assert got["length"] == want["length"] == 15
         assert got["greedy"] == want["greedy"] and all(len(g) >= 1 for g in got["greedy"])
         assert torch.equal(got["embed"], ref.embed_weight) and torch.equal(got["lm_head"], ref.lm_head_weight)
-        assert got["stage"] == rank and got["stage_layer_ids"] == [[-1, 0], [2]]
+        assert got["stage"] == rank and got["stage_layer_ids"] == [[-1, 0], [2, 3]]
         assert "truncate(3) of a 7-token decode session" in got["truncate_error"]
         assert "deepseek_v4" in got["truncate_error"] and "only that extend's tokens" in got["truncate_error"]
         # Rolled back to 4 tokens, the session goes on as hf's did from there.

@@ -20,7 +20,8 @@ from tiny_families import save_tiny_with, tiny_config
 
 from dspark.config import TargetConfig
 from dspark.targets import load_target
-from dspark.targets.hf import HFTarget, cache_crops_exactly
+from dspark.targets.decode import cache_crops_exactly
+from dspark.targets.hf import HFTarget
 from tests.conftest import free_port, spawn_ranks
 
 LAYER_IDS = [-1, 0, 2]  # 4 layers over 2 stages: -1 and 0 on stage 0, 2 on stage 1
@@ -103,8 +104,7 @@ def references(hf_v4) -> list:
 def test_hf_rollback_equals_a_session_fed_only_the_kept_tokens(hf_v4, references, one_thread):
     assert not cache_crops_exactly(hf_v4.decode_session().cache)
     got = run_rounds(hf_v4)
-    C, H = hf_v4.config.hc_mult, hf_v4.config.hidden_size
-    assert got[1][1].shape == (5, len(LAYER_IDS), C, H)
+    assert got[1][1].shape == (5, len(LAYER_IDS), hf_v4.config.hidden_size)  # the mean of the mHC streams
     assert_matches(got, references, "hf")
     # Without the rollback (the old crop) the state after a rejection would differ: the check has teeth.
     prompt, rounds = schedule()
@@ -151,17 +151,6 @@ def test_full_attention_caches_still_crop_without_snapshots(one_thread):
                                atol=1e-5, rtol=1e-5)
 
 
-class _StreamsAveraged:
-    """The drafters read features ``[T, L, H]``; V4's carry the mHC streams (``[T, L, C, H]``). This test checks the
-    target's rollback inside speculative decoding, not the drafter, so the drafter sees the streams' mean."""
-
-    def __init__(self, drafter):
-        self.drafter = drafter
-
-    def propose_batch(self, contexts, anchors, **kwargs):
-        return self.drafter.propose_batch([c.mean(dim=2) for c in contexts], anchors, **kwargs)
-
-
 def test_greedy_speculative_decoding_on_v4_equals_target_decoding(hf_v4, one_thread):
     from dspark.config import DrafterConfig
     from dspark.drafters import build_drafter
@@ -171,7 +160,7 @@ def test_greedy_speculative_decoding_on_v4_equals_target_decoding(hf_v4, one_thr
     drafter = build_drafter(DrafterConfig(block_size=4, markov_rank=16), hf_v4.config, LAYER_IDS,
                             hf_v4.embed_weight, hf_v4.lm_head_weight).eval()
     prompt, _ = schedule()
-    result = speculative_generate(hf_v4, _StreamsAveraged(drafter), prompt.tolist(), max_new_tokens=24,
+    result = speculative_generate(hf_v4, drafter, prompt.tolist(), max_new_tokens=24,
                                   temperature=0.0)
     assert result.tokens == target_generate(hf_v4, prompt.tolist(), max_new_tokens=24, temperature=0.0)
     assert len(result.tokens) == 24 and max(result.proposed) == 4

@@ -81,7 +81,7 @@ def test_export_attached_to_the_v4_checkpoint_loads_back(hf_v4, v4_dir, tmp_path
     files = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
     assert all((out / f).is_symlink() for f in files - {"mtp-dspark.safetensors"})  # target shards: linked
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids_BT": ids, "features_BTLH": torch.randn(1, 20, 3, 2, 64)}
+    batch = {"input_ids_BT": ids, "features_BTLH": torch.randn(1, 20, 3, 64)}
     anchors = torch.tensor([[4, 13]])
     # The attached directory serves the target's own embedding and LM head (fp32 here), not the export's BF16 copies.
     reference = load_drafter(export)
@@ -100,7 +100,7 @@ def test_export_attached_to_the_v4_checkpoint_loads_back(hf_v4, v4_dir, tmp_path
 
 
 def test_demo_trains_and_exports_the_v4_draft_end_to_end(tmp_path, tokenizer_dir):
-    """`dspark demo -c tiny_deepseek_v4_dspark` on a tiny V4: features with every mHC stream into the cache, the
+    """`dspark demo -c tiny_deepseek_v4_dspark` on a tiny V4: features (the mean of the mHC streams) into the cache, the
     draft initialised from the target's layers and trained in DeepSpeed, evaluated by speculative decoding, and
     exported in DeepSeek's mtp.* layout (which loads back)."""
     from conftest import run_cli

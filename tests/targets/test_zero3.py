@@ -13,7 +13,7 @@ from dspark.targets import load_target
 FAMILIES = ["llama", "qwen3", "deepseek_v3", "deepseek_v4"]
 # (family, dtype) runs compared with hf: every family in fp32, plus bf16 on two
 CASES = [(f, "float32") for f in FAMILIES] + [("qwen3", "bfloat16"), ("deepseek_v3", "bfloat16")]
-LAYER_IDS = [-1, 0, 1]
+LAYER_IDS = [-1, 0, 1, 2]  # 2: the last layer of the 3-layer families (before the final norm)
 WORLD = 2
 VOCAB = 1024  # SmolLM2's tokenizer, the model's vocab cut to its first 1024 ids (keeps each model < 1 MB)
 
@@ -144,4 +144,4 @@ def test_bad_inputs_fail_before_any_weight_is_read(checkpoints, tmp_path, monkey
         load_target(cfg(unknown))
 
     with pytest.raises(ValueError, match="out of range"):
-        load_target(TargetConfig(name_or_path=checkpoints["qwen3"], backend="zero3", layer_ids=[0, 2]))
+        load_target(TargetConfig(name_or_path=checkpoints["qwen3"], backend="zero3", layer_ids=[0, 3]))

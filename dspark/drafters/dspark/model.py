@@ -46,7 +46,6 @@ from dspark.drafters.common import (
 )
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
-from dspark.targets.base import collapse_streams
 
 ALGORITHMS = ("dspark", "dflash")
 # Version of the "dspark" section of the exported config.json; readers refuse newer versions.
@@ -181,9 +180,8 @@ class DSparkDrafter(Drafter):
         return self.block_size + int(self.dflash_layout)
 
     def fuse_context(self, features_BTLH: torch.Tensor) -> torch.Tensor:
-        """``hidden_norm(fc([H(l1); ...; H(lm)]))`` -> ``[B, T, H]`` (several streams per layer: their mean, see
-        ``collapse_streams``)."""
-        features_BTLH = collapse_streams(features_BTLH.to(self.fc.weight.dtype), 4)
+        """``hidden_norm(fc([H(l1); ...; H(lm)]))`` -> ``[B, T, H]``."""
+        features_BTLH = features_BTLH.to(self.fc.weight.dtype)
         B, T, L, H = features_BTLH.shape
         if (L, H) != (len(self.layer_ids), self.hidden_size):
             raise ValueError(f"features have {L} layers x hidden {H}; the drafter expects "

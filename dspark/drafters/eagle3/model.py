@@ -60,7 +60,6 @@ from dspark.drafters.eagle3.vocab import (
     count_supervised_tokens,
     draft_to_target_ids,
 )
-from dspark.targets.base import collapse_streams
 
 # Version of the "dspark" section of the exported config.json; readers refuse newer versions.
 EAGLE3_SECTION_VERSION = 1
@@ -248,9 +247,8 @@ class Eagle3Drafter(Drafter):
 
     def fuse(self, features_XLH: torch.Tensor) -> torch.Tensor:
         """``fc([H(l1); ...; H(lm)])`` -> ``[..., H]`` (Eagle3 norms it inside the layer, with ``hidden_norm``).
-        ``features_XLH`` is ``[B, T, L, H]``; several streams per layer (``[B, T, L, hc, H]``) are averaged
-        (``collapse_streams``)."""
-        features_XLH = collapse_streams(features_XLH.to(self.fc.weight.dtype), 4)
+        ``features_XLH`` is ``[B, T, L, H]``."""
+        features_XLH = features_XLH.to(self.fc.weight.dtype)
         *lead, L, H = features_XLH.shape
         if (L, H) != (len(self.layer_ids), self.hidden_size):
             raise ValueError(f"features have {L} layers x hidden {H}; the drafter expects "

@@ -34,7 +34,6 @@ from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import default_chunk_rows
 from dspark.drafters.dspark.model import _FrozenWeight, resolve_mask_token_id
 from dspark.drafters.v4.layers import DraftStage, gather_windows, rope_cos_sin, v4_modules
-from dspark.targets.base import collapse_streams
 
 ALGORITHM = "dspark_v4"
 
@@ -139,9 +138,9 @@ class DSparkV4Drafter(Drafter):
         return self.main_proj.weight.dtype
 
     def fuse_context(self, features_BTLH: torch.Tensor) -> torch.Tensor:
-        """``main_x = main_norm(main_proj([f_l1 ; ... ; f_lL]))`` ``[B, T, H]``; per-stream features
-        ``[B, T, L, C, H]`` are first averaged over the streams (``collapse_streams``)."""
-        features_BTLH = collapse_streams(features_BTLH.to(self.dtype), 4)
+        """``main_x = main_norm(main_proj([f_l1 ; ... ; f_lL]))`` ``[B, T, H]``; each ``f_l`` is the mean of the
+        target layer's mHC streams (taken by the backend, ``dspark.targets.common.collapse_streams``)."""
+        features_BTLH = features_BTLH.to(self.dtype)
         B, T, L, H = features_BTLH.shape
         if (L, H) != (len(self.layer_ids), self.hidden_size):
             raise ValueError(f"features have {L} layers x hidden {H}; the drafter expects "

@@ -5,6 +5,6 @@ entry per family), ``parallel.py`` holds those layers and the process groups, ``
 shards from the checkpoint, ``backend.py`` is the ``TargetBackend``.
 """
 
-from dspark.targets.megatron.backend import MegatronDecodeSession, MegatronTarget
+from dspark.targets.megatron.backend import MegatronTarget
 
-__all__ = ["MegatronDecodeSession", "MegatronTarget"]
+__all__ = ["MegatronTarget"]

@@ -22,10 +22,16 @@ import torch
 import torch.distributed as dist
 
 from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, text_config
-from dspark.targets.hf import HFDecodeSession, HFTarget
+from dspark.targets.common import (
+    check_checkpoint,
+    check_layer_ids,
+    raw_last_hidden_state,
+    select_layers,
+    target_identity,
+    torch_dtype,
+)
+from dspark.targets.decode import HFDecodeSession, generate
 from dspark.targets.megatron import adapter, parallel, parallelize
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class MegatronTarget(TargetBackend):
@@ -44,13 +50,11 @@ class MegatronTarget(TargetBackend):
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> MegatronTarget:
-        from dspark.targets.hf import local_checkpoint_dir
+        from dspark.targets.source import local_checkpoint_dir
 
         source, display = local_checkpoint_dir(cfg.name_or_path, "megatron")
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"target.dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
         return cls.from_dir(source, layer_ids=cfg.layer_ids, tp_size=cfg.tensor_parallel,
-                            dtype=_DTYPES[cfg.dtype], name=display, device=device)
+                            dtype=torch_dtype(cfg.dtype), name=display, device=device)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, layer_ids: list[int], tp_size: int,
@@ -64,8 +68,7 @@ class MegatronTarget(TargetBackend):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from dspark.targets.families import require_hostable
-        from dspark.targets.weights import WeightIndex, checkpoint_layout
-        from dspark.targets.zero3 import expected_tensors
+        from dspark.targets.weights import WeightIndex
 
         if tp_size < 1:
             raise ValueError(f"target.tensor_parallel must be >= 1, got {tp_size}")
@@ -73,11 +76,7 @@ class MegatronTarget(TargetBackend):
         name = name or model_dir.name
         config = AutoConfig.from_pretrained(model_dir)
         require_hostable(config, "megatron", str(model_dir))  # Gemma4: dense text decoders only
-        num_layers = text_config(config).num_hidden_layers
-        bad = [i for i in layer_ids if i < -1 or i >= num_layers - 1]
-        if bad:
-            raise ValueError(f"target.layer_ids {bad} out of range for {name}: it has {num_layers} decoder layers, "
-                             f"valid ids are -1..{num_layers - 2} (the last layer is excluded)")
+        check_layer_ids(layer_ids, text_config(config).num_hidden_layers, name)
         parallelize.check_divisible(config, tp_size)
         index = WeightIndex(model_dir)  # FileNotFoundError naming a missing shard
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -88,9 +87,7 @@ class MegatronTarget(TargetBackend):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.tie_weights()  # from_config leaves a tied head untied
-        expected, aliases = expected_tensors(model)
-        present_aliases = {a: index.shape(a) for a in aliases if a in index}  # a tied head may be stored too
-        index.check_against({**checkpoint_layout(expected, index), **present_aliases})
+        expected = check_checkpoint(model, index)
         splits = parallelize.parallelize(model, parallel.tp_rank(), tp_size)
         adapter.load_shards(model, splits, expected, index, device)
         return cls(model, tokenizer, layer_ids, name, tp_size)
@@ -125,21 +122,17 @@ class MegatronTarget(TargetBackend):
         return self._gathered_vocab_weight(self.model.get_output_embeddings())
 
     def identity(self) -> TargetIdentity:
-        # The hf backend's identity reads only config, tokenizer, layer ids and name: sharing it keeps the two
-        # backends' identities equal by construction (a cache built with one is accepted by the other).
-        return HFTarget.identity(self)  # type: ignore[arg-type]
-
-    def _select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.stack([hidden_states[i + 1] for i in self.layer_ids], dim=2)
+        return target_identity(self.config, self.tokenizer, self.layer_ids, self.name)
 
     @torch.no_grad()
     def features(self, input_ids_BT, attention_mask_BT=None) -> TargetFeatures:
         input_ids_BT = input_ids_BT.to(self.device)
         mask_BT = torch.ones_like(input_ids_BT) if attention_mask_BT is None else attention_mask_BT.to(self.device)
         ids_GT, mask_GT, rows = self._gather_group_batches(input_ids_BT, mask_BT)
-        out = self.model.model(input_ids=ids_GT, attention_mask=mask_GT, output_hidden_states=True)
+        with raw_last_hidden_state(self.model):
+            out = self.model.model(input_ids=ids_GT, attention_mask=mask_GT, output_hidden_states=True)
         B, T = input_ids_BT.shape
-        return TargetFeatures(layers_BTLH=self._select(out.hidden_states)[rows : rows + B, :T],
+        return TargetFeatures(layers_BTLH=select_layers(out.hidden_states, self.layer_ids)[rows : rows + B, :T],
                               final_BTH=out.last_hidden_state[rows : rows + B, :T])
 
     def _gather_group_batches(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor):
@@ -165,19 +158,13 @@ class MegatronTarget(TargetBackend):
         """One tensor-parallel group decodes together; the data-parallel groups take different prompts."""
         return parallel.dp_rank(), parallel.dp_size()
 
-    def decode_session(self) -> MegatronDecodeSession:
-        return MegatronDecodeSession(self)
+    def decode_session(self) -> HFDecodeSession:
+        """One sequence with transformers' cache of this rank's heads; every TP rank extends and truncates in
+        lockstep (a rollback by replay, DeepSeek-V4's, runs forwards too)."""
+        return HFDecodeSession(self)
 
     def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
         """transformers' generation, as the hf backend runs it (per-prompt seeds from ``indices``); every rank of
         the group passes the same prompts."""
-        return HFTarget.generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
-                                 batch_size=batch_size, seed=seed, progress=progress, indices=indices)
-
-
-class MegatronDecodeSession(HFDecodeSession):
-    """One sequence with transformers' cache of this rank's heads; every TP rank extends and truncates in lockstep
-    (a rollback by replay, DeepSeek-V4's, runs forwards too)."""
-
-    def _device(self) -> torch.device:
-        return self.target.device
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        batch_size=batch_size, seed=seed, progress=progress, indices=indices)

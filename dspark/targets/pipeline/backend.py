@@ -28,256 +28,45 @@ norm; the LM head is not part of the pipeline (features stop at the final norm).
 ranks that do not hold them; the last stage reads the LM head on its first decoding step.
 
 DeepSeek-V4. Its decoder layers carry ``hc_mult`` residual streams: stage 0 expands the embedding into them, the
-stages pass ``[B, T, C, H]`` on, feature layers are ``[B, T, L, C, H]`` (as the hf and zero3 backends give them,
-layer -1 being the expanded embedding), and the last stage collapses the streams (``hc_head``) before the final
-norm. Every V4 layer needs the token ids (hash-routed MoE layers look their experts up by id), the "main" and
-"compress" rotary tables and the sliding-window mask: every stage has the ids (broadcast in ``features``, passed
-along with the hidden state in ``generate``) and computes the rest locally. The compressors inside each layer hold
+stages pass ``[B, T, C, H]`` on, feature layers travel as ``[B, T, L, C, H]`` (layer -1 being the expanded
+embedding) and are handed over as the mean over the streams, as every backend gives them, and the last stage
+collapses the streams (``hc_head``) before the final norm. Every V4 layer needs the token ids (hash-routed MoE
+layers look their experts up by id), the "main" and "compress" rotary tables and the sliding-window mask: every
+stage has the ids (broadcast in ``features``, passed along with the hidden state in ``generate``) and computes
+the rest locally. The compressors inside each layer hold
 their own rotary tables (non-persistent buffers, not in checkpoints): recomputed when the layer is loaded.
 
-Decoding (``decode_session``, ``generate``; in ``pipeline_decode``). Every member of one pipeline replica calls
-with the same ids / prompts and seeds, in lockstep (``decode_group`` = the replica). Each stage keeps a KV cache
-of its own decoder layers; hidden states go stage to stage as in ``features``; the last stage applies the final
-norm and the LM head. A decode session hands every member the fp32 logits and the feature layers (broadcast from
-the stages that hold them: every rank runs the same speculative-decoding loop); ``generate`` keeps one batch
-per stage in flight, samples on the last stage and hands the tokens to every member from stage 0.
+Decoding (``decode_session``, ``generate``): ``decode.py``, every member of one pipeline replica in lockstep.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, config_hash, text_config
-from dspark.targets.families import require_family, require_hostable
+from dspark.targets.base import TargetBackend, TargetFeatures, TargetIdentity, text_config
+from dspark.targets.common import check_checkpoint, check_layer_ids, collapse_streams, target_identity, torch_dtype
+from dspark.targets.families import require_hostable
+from dspark.targets.pipeline.stages import (
+    LAYER_TYPED,
+    TargetDecoderLayer,
+    TargetEmbedding,
+    TargetFinalNorm,
+    family_classes,
+)
 from dspark.targets.weights import WeightIndex
 
-# model_type -> transformers module and its decoder-layer / rotary-embedding / RMSNorm classes
-# (dspark.targets.families lists the same families under "pipeline")
-LAYER_CLASSES = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding",
-              "LlamaRMSNorm"),
-    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding",
-              "Qwen3RMSNorm"),
-    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3DecoderLayer",
-                    "DeepseekV3RotaryEmbedding", "DeepseekV3RMSNorm"),
-    "deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4DecoderLayer",
-                    "DeepseekV4RotaryEmbedding", "DeepseekV4RMSNorm"),
-    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeDecoderLayer",
-                  "Qwen3MoeRotaryEmbedding", "Qwen3MoeRMSNorm"),
-    "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeDecoderLayer", "Glm4MoeRotaryEmbedding",
-                 "Glm4MoeRMSNorm"),
-    # Gemma4 by its text model's type (gemma4 nests gemma4_text, gemma4_unified nests gemma4_unified_text)
-    "gemma4_text": ("transformers.models.gemma4.modeling_gemma4", "Gemma4TextDecoderLayer",
-                    "Gemma4TextRotaryEmbedding", "Gemma4RMSNorm"),
-    "gemma4_unified_text": ("transformers.models.gemma4_unified.modeling_gemma4_unified",
-                            "Gemma4UnifiedTextDecoderLayer", "Gemma4UnifiedTextRotaryEmbedding",
-                            "Gemma4UnifiedRMSNorm"),
-}
-# Families whose layers differ by ``config.layer_types`` (Gemma4: sliding and full attention, each with its own
-# mask and rotary table, the embedding scaled by sqrt(H)).
-LAYER_TYPED = ("gemma4_text", "gemma4_unified_text")
-# Families whose residual stream is several mHC streams: model_type -> class of the head that collapses them.
-STREAM_HEADS = {"deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4HyperHead")}
 V4_ROPE_TYPES = ("main", "compress")  # V4's rotary tables: sliding layers use "main", compressed ones "compress"
-_TAG_HIDDEN, _TAG_FEATURES, _TAG_FINAL = 1, 2, 3  # p2p message kinds (tags keep them apart on one rank pair)
-
-
-def _family_classes(config) -> tuple[type, type, type]:
-    import importlib
-
-    if config.model_type not in LAYER_CLASSES:
-        require_family(config.model_type, "pipeline")
-    module_name, *class_names = LAYER_CLASSES[config.model_type]
-    module = importlib.import_module(module_name)
-    return tuple(getattr(module, name) for name in class_names)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    """Build modules in ``dtype`` like HF's from_pretrained (parameters with an explicit dtype keep it)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
-def _expert_weight(weights, name: str) -> torch.Tensor | None:
-    """A fused MoE expert tensor (transformers' in-memory layout) from per-expert checkpoint tensors, or None.
-
-    ``experts.gate_up_proj [E, 2I, H]`` = per expert ``cat(gate_proj, up_proj)``; ``experts.down_proj [E, H, I]``.
-    """
-    prefix, _, leaf = name.rpartition(".")
-    if not prefix.endswith("experts") or leaf not in ("gate_up_proj", "down_proj"):
-        return None
-    parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
-    experts = []
-    while all(f"{prefix}.{len(experts)}.{p}.weight" in weights for p in parts):
-        e = len(experts)
-        experts.append(torch.cat([weights.load(f"{prefix}.{e}.{p}.weight") for p in parts], dim=0))
-    return torch.stack(experts) if experts else None
-
-
-def _checkpoint_shape(weights, name: str) -> tuple[int, ...] | None:
-    """Shape of ``name`` as the model holds it, read from headers only (fused experts included); None if absent."""
-    if name in weights:
-        return tuple(weights.shape(name))
-    prefix, _, leaf = name.rpartition(".")
-    if prefix.endswith("experts") and leaf in ("gate_up_proj", "down_proj"):
-        first = "gate_proj" if leaf == "gate_up_proj" else "down_proj"
-        num = 0
-        while f"{prefix}.{num}.{first}.weight" in weights:
-            num += 1
-        if num:
-            rows, cols = weights.shape(f"{prefix}.0.{first}.weight")
-            return (num, 2 * rows if leaf == "gate_up_proj" else rows, cols)
-    return None
-
-
-def _recompute_rotary(module: nn.Module, config) -> set[str]:
-    """Refill the rotary tables of the family's rotary modules inside ``module`` (after ``to_empty``); returns the
-    names of the buffers refilled. They are non-persistent (computed from the config, absent from checkpoints):
-    DeepSeek-V4's compressors and indexers each own one."""
-    _, rotary_cls, _ = _family_classes(config)
-    refilled = set()
-    for owner, sub in module.named_modules():
-        if isinstance(sub, rotary_cls):
-            fresh = rotary_cls(config=config)
-            for name, buf in fresh.named_buffers(recurse=False):
-                setattr(sub, name, buf)
-                refilled.add(f"{owner}.{name}" if owner else name)
-    return refilled
-
-
-def _load_module(module: nn.Module, prefix: str, weights, where: str, config=None) -> nn.Module:
-    """Materialise a module built on the meta device with the tensors ``prefix + name`` from ``weights``
-    (and, given the ``config``, its inner rotary tables recomputed)."""
-    module.to_empty(device="cpu")
-    state = module.state_dict(keep_vars=True)
-    refilled = _recompute_rotary(module, config) if config is not None else set()
-    transient = {n for n, _ in module.named_buffers()} - set(state) - refilled
-    if transient:  # would stay uninitialised: none of the supported layers has any
-        raise ValueError(f"{type(module).__name__} has non-persistent buffers {sorted(transient)}; cannot load")
-    for name, tensor in state.items():
-        full = prefix + name
-        value = weights.load(full) if full in weights else _expert_weight(weights, full)
-        if value is None:
-            raise ValueError(f"tensor {full} is missing from the checkpoint {where}")
-        if tuple(value.shape) != tuple(tensor.shape):
-            raise ValueError(f"tensor {full} has shape {tuple(value.shape)} in {where}, "
-                             f"the model config builds {tuple(tensor.shape)}")
-        with torch.no_grad():
-            tensor.copy_(value.to(tensor.dtype))
-        tensor.requires_grad_(False)
-    return module
-
-
-class TargetEmbedding(nn.Module):
-    """Stage 0: token embedding (copied into the ``hc_mult`` streams of an mHC family, as its model forward does)."""
-
-    def __init__(self, config, weights, dtype: torch.dtype, prefix: str = "model."):
-        super().__init__()
-        self.num_streams = config.hc_mult if config.model_type in STREAM_HEADS else 0
-        # Gemma4 scales the embedding by sqrt(H), the scale cast to the weight dtype first (as its model does).
-        self.scale = config.hidden_size ** 0.5 if config.model_type in LAYER_TYPED else None
-        with _default_dtype(dtype), torch.device("meta"):
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        _load_module(self.embed_tokens, prefix + "embed_tokens.", weights, str(weights.model_dir))
-
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        embed_BTH = self.embed_tokens(input_ids_BT)
-        if self.scale is not None:
-            embed_BTH = embed_BTH * torch.tensor(self.scale).to(embed_BTH.dtype)
-        if not self.num_streams:
-            return embed_BTH
-        return embed_BTH.unsqueeze(2).expand(-1, -1, self.num_streams, -1).contiguous()  # [B, T, C, H]
-
-
-class TargetDecoderLayer(nn.Module):
-    """One HF decoder layer (the family's own class), holding only its own tensors."""
-
-    def __init__(self, config, layer_id: int, weights, dtype: torch.dtype, prefix: str = "model."):
-        super().__init__()
-        decoder_cls, _, _ = _family_classes(config)
-        self.layer_id = layer_id
-        self.layer_type = config.layer_types[layer_id] if config.model_type in LAYER_TYPED else None
-        with _default_dtype(dtype), torch.device("meta"):
-            self.layer = decoder_cls(config, layer_id)
-        with _default_dtype(dtype):  # inner rotary tables built as the model's own would be
-            _load_module(self.layer, f"{prefix}layers.{layer_id}.", weights, str(weights.model_dir), config)
-
-    def forward(self, hidden_BTX: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
-        # ``layer_inputs``: what the family's model forward passes every layer (``PipelineTarget._layer_inputs``);
-        # its ``cache`` is a transformers Cache indexed by global layer id (the layer's own ``layer_idx``). Families
-        # with layer types get a mask and a rotary table per type: this layer takes its own.
-        if self.layer_type is not None:
-            layer_inputs = {**layer_inputs, "attention_mask": layer_inputs["attention_mask"][self.layer_type],
-                            "position_embeddings": layer_inputs["position_embeddings"][self.layer_type]}
-        out = self.layer(hidden_BTX, **layer_inputs)
-        return out[0] if isinstance(out, tuple) else out
-
-
-class TargetFinalNorm(nn.Module):
-    """Last stage: the final RMSNorm (its output is the final hidden state, pre-LM-head), after the head that
-    collapses the streams of an mHC family (``[B, T, C, H] -> [B, T, H]``)."""
-
-    def __init__(self, config, weights, dtype: torch.dtype, prefix: str = "model."):
-        import importlib
-
-        super().__init__()
-        _, _, norm_cls = _family_classes(config)
-        self.hc_head = None
-        if config.model_type in STREAM_HEADS:  # V4's model keeps its final norm and stream head in fp32
-            dtype = torch.float32
-        with _default_dtype(dtype), torch.device("meta"):
-            self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
-            if config.model_type in STREAM_HEADS:
-                module_name, class_name = STREAM_HEADS[config.model_type]
-                self.hc_head = getattr(importlib.import_module(module_name), class_name)(config)
-        _load_module(self.norm, prefix + "norm.", weights, str(weights.model_dir))
-        if self.hc_head is not None:
-            _load_module(self.hc_head, "model.hc_head.", weights, str(weights.model_dir))
-
-    def forward(self, hidden_BTX: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden_BTX if self.hc_head is None else self.hc_head(hidden_BTX))
+TAG_HIDDEN, TAG_FEATURES, TAG_FINAL = 1, 2, 3  # p2p message kinds (tags keep them apart on one rank pair)
 
 
 def decoder_prefix(config) -> str:
     """Where the decoder's tensors live: ``model.`` (a causal LM), ``model.language_model.`` (a multimodal Gemma4)."""
     return "model." if text_config(config) is config else "model.language_model."
-
-
-def check_checkpoint(config, weights) -> None:
-    """Refuse a checkpoint that lacks a tensor of the model, or has it in another shape, before any stage loads.
-
-    Names and shapes come from the whole model built on the meta device (free), tensors from the headers only.
-    """
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    expected = {n: tuple(t.shape) for n, t in model.model.state_dict().items()}
-    problems = []
-    for name, shape in expected.items():
-        found = _checkpoint_shape(weights, "model." + name)
-        if found is None:
-            problems.append(f"model.{name} missing")
-        elif found != shape:
-            problems.append(f"model.{name} {found} (checkpoint) vs {shape} (config)")
-    if not config.tie_word_embeddings and "lm_head.weight" not in weights:
-        problems.append("lm_head.weight missing")
-    if problems:
-        more = f" ... (+{len(problems) - 6} more)" if len(problems) > 6 else ""
-        raise ValueError(f"weights in {weights.model_dir} do not match its config.json: "
-                         + "; ".join(problems[:6]) + more)
 
 
 class PipelineTarget(TargetBackend):
@@ -311,14 +100,8 @@ class PipelineTarget(TargetBackend):
         config = text_config(config)
         config._attn_implementation = self._model_config._attn_implementation
         self._config = config
-        self.streams = config.model_type in STREAM_HEADS
-        # Per-token state passed between stages and returned as a feature layer: [H], or [C, H] with mHC streams.
-        self.token_shape = (config.hc_mult, config.hidden_size) if self.streams else (config.hidden_size,)
         num_layers = config.num_hidden_layers
-        bad = [i for i in self.layer_ids if i < -1 or i >= num_layers - 1]
-        if bad:
-            raise ValueError(f"target.layer_ids {bad} out of range for {self.name}: it has {num_layers} decoder "
-                             f"layers, valid ids are -1..{num_layers - 2} (the last layer is excluded)")
+        check_layer_ids(self.layer_ids, num_layers, self.name)
         initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
         stages = num_stages or world
@@ -330,17 +113,28 @@ class PipelineTarget(TargetBackend):
         if world % stages:
             raise ValueError(f"target.pipeline_stages={stages} must divide the world size {world}")
         self.weights = WeightIndex(self.model_dir)  # FileNotFoundError for a missing shard, headers only
-        check_checkpoint(self._model_config, self.weights)
+        from transformers import AutoModelForCausalLM
+
+        # The whole model on the meta device (free): its names and shapes are checked against the checkpoint's
+        # headers before any stage loads, and its module classes are the ones each stage builds.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self._model_config)
+        check_checkpoint(model, self.weights)
+        self.classes = family_classes(model)
+        del model
+        self.streams = self.classes.stream_head is not None
+        # Per-token state passed between stages and sent as a feature layer: [H], or [C, H] with mHC streams.
+        self.token_shape = (config.hc_mult, config.hidden_size) if self.streams else (config.hidden_size,)
         self._build(stages)
         self._resident: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> PipelineTarget:
         """``device`` is not used: DeepSpeed's accelerator places each stage (``cuda:LOCAL_RANK`` or cpu)."""
-        from dspark.targets.hf import local_checkpoint_dir
+        from dspark.targets.source import local_checkpoint_dir
 
         source, display = local_checkpoint_dir(cfg.name_or_path, "pipeline")
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         tokenizer = None
         if (Path(source) / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
@@ -356,11 +150,11 @@ class PipelineTarget(TargetBackend):
 
         init_distributed()
         os.environ.setdefault("LOCAL_RANK", "0")  # PipelineModule reads it; launchers set it
-        config, weights, dtype, prefix = self._config, self.weights, self.dtype, self.prefix
-        specs = [LayerSpec(TargetEmbedding, config, weights, dtype, prefix)]
-        specs += [LayerSpec(TargetDecoderLayer, config, i, weights, dtype, prefix)
+        config, classes, weights, dtype, prefix = self._config, self.classes, self.weights, self.dtype, self.prefix
+        specs = [LayerSpec(TargetEmbedding, config, classes, weights, dtype, prefix)]
+        specs += [LayerSpec(TargetDecoderLayer, config, classes, i, weights, dtype, prefix)
                   for i in range(config.num_hidden_layers)]
-        specs.append(LayerSpec(TargetFinalNorm, config, weights, dtype, prefix))
+        specs.append(LayerSpec(TargetFinalNorm, config, classes, weights, dtype, prefix))
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition table on rank 0
             self.module = PipelineModule(specs, num_stages=num_stages, partition_method="type:TargetDecoderLayer")
         self.module.eval()
@@ -371,9 +165,8 @@ class PipelineTarget(TargetBackend):
         self.pipe_group = grid.get_pipe_parallel_group()
         self.replica, self.num_replicas = grid.get_data_parallel_id(), grid.data_parallel_size
         assert self.pipe_ranks[self.stage] == torch.distributed.get_rank()
-        _, rotary_cls, _ = _family_classes(config)
         self.device = next(self.module.parameters()).device
-        self.rotary = rotary_cls(config=config).to(self.device)  # every stage computes its own cos/sin
+        self.rotary = classes.rotary(config=config).to(self.device)  # every stage computes its own cos/sin
         # Which requested ids each stage produces (-1 on stage 0), from the partition every rank knows.
         parts = [int(p) for p in self.module.parts]  # spec index bounds; spec 1 + i is decoder layer i
         self.stage_layer_ids = []
@@ -410,18 +203,7 @@ class PipelineTarget(TargetBackend):
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
     def identity(self) -> TargetIdentity:
-        import hashlib
-
-        if self.tokenizer is None:
-            raise ValueError(f"target {self.name} has no tokenizer files in {self.model_dir}; identity needs one")
-        vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
-        cfg = self._config
-        return TargetIdentity(
-            name=self.name, config_hash=config_hash(cfg.to_dict()), layer_ids=list(self.layer_ids),
-            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers,
-            tokenizer_hash=hashlib.sha256(vocab).hexdigest()[:16],
-            chat_template=getattr(self.tokenizer, "chat_template", None),
-        )
+        return target_identity(self._config, self.tokenizer, self.layer_ids, self.name)
 
     def decode_group(self) -> tuple[int, int]:
         """One pipeline replica decodes together; the replicas (world / stages of them) take different prompts."""
@@ -429,13 +211,13 @@ class PipelineTarget(TargetBackend):
 
     def decode_session(self):
         """A KV-cached decoder of one sequence; every member of this rank's pipeline extends it in lockstep."""
-        from dspark.targets.pipeline_decode import PipelineDecodeSession
+        from dspark.targets.pipeline.decode import PipelineDecodeSession
 
         return PipelineDecodeSession(self)
 
     def generate(self, prompts, *, max_new_tokens, temperature, batch_size, seed, progress=False, indices=None):
         """Left-padded batched generation; every member of this rank's pipeline passes the same prompts."""
-        from dspark.targets.pipeline_decode import generate
+        from dspark.targets.pipeline.decode import generate
 
         return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         batch_size=batch_size, seed=seed, progress=progress, indices=indices)
@@ -543,14 +325,14 @@ class PipelineTarget(TargetBackend):
             hidden_BTX = None
             if self.stage > 0:
                 hidden_BTX = torch.empty(B, T, *token, dtype=self.dtype, device=self.device)
-                dist.recv(hidden_BTX, src=ranks[self.stage - 1], tag=_TAG_HIDDEN)
+                dist.recv(hidden_BTX, src=ranks[self.stage - 1], tag=TAG_HIDDEN)
             hidden_BTX, feats_BTLH = self._run_stage(ids_BT, mask_BT, hidden_BTX)
             hidden_BTX = hidden_BTX.contiguous()  # [B, T, X]; [B, T, H] after the last stage's final norm
-            outgoing = [(ranks[self.stage + 1], hidden_BTX, _TAG_HIDDEN)] if self.stage < last else []
+            outgoing = [(ranks[self.stage + 1], hidden_BTX, TAG_HIDDEN)] if self.stage < last else []
             if feats_BTLH is not None:
-                outgoing.append((owner, feats_BTLH, _TAG_FEATURES))
+                outgoing.append((owner, feats_BTLH, TAG_FEATURES))
             if self.stage == last:
-                outgoing.append((owner, hidden_BTX, _TAG_FINAL))
+                outgoing.append((owner, hidden_BTX, TAG_FINAL))
             for dst, tensor, tag in outgoing:
                 if dst == me:
                     mine[tag] = tensor
@@ -564,17 +346,17 @@ class PipelineTarget(TargetBackend):
             if not ids:
                 continue
             if s == self.stage:
-                part_BTLH = mine[_TAG_FEATURES]
+                part_BTLH = mine[TAG_FEATURES]
             else:
                 part_BTLH = torch.empty(B, T, len(ids), *token, dtype=self.dtype, device=self.device)
-                dist.recv(part_BTLH, src=ranks[s], tag=_TAG_FEATURES)
+                dist.recv(part_BTLH, src=ranks[s], tag=TAG_FEATURES)
             by_id.update(zip(ids, part_BTLH.unbind(2)))
         if self.stage == last:
-            final_BTH = mine[_TAG_FINAL]
+            final_BTH = mine[TAG_FINAL]
         else:
             final_BTH = torch.empty(B, T, H, dtype=self.dtype, device=self.device)
-            dist.recv(final_BTH, src=ranks[last], tag=_TAG_FINAL)
+            dist.recv(final_BTH, src=ranks[last], tag=TAG_FINAL)
         for work, _ in pending:
             work.wait()
-        layers_BTLH = torch.stack([by_id[i] for i in self.layer_ids], dim=2)
+        layers_BTLH = collapse_streams(torch.stack([by_id[i] for i in self.layer_ids], dim=2), 4)  # V4: mean of C
         return TargetFeatures(layers_BTLH=layers_BTLH, final_BTH=final_BTH)

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from dspark.targets.base import DecodeSession
-from dspark.targets.hf import ReplayRollback, cache_crops_exactly
-from dspark.targets.pipeline import _TAG_HIDDEN, PipelineTarget
+from dspark.targets.base import DecodeSession, softcap_logits
+from dspark.targets.common import collapse_streams
+from dspark.targets.decode import ReplayRollback, cache_crops_exactly
+from dspark.targets.pipeline.backend import TAG_HIDDEN, PipelineTarget
 
 
 def _forward(target: PipelineTarget, cache, ids_BN: torch.Tensor,
@@ -48,10 +49,10 @@ def _forward(target: PipelineTarget, cache, ids_BN: torch.Tensor,
     hidden_BNX = None
     if stage > 0:
         hidden_BNX = torch.empty(*ids_BN.shape, *target.token_shape, dtype=target.dtype, device=target.device)
-        dist.recv(hidden_BNX, src=ranks[stage - 1], tag=_TAG_HIDDEN)
+        dist.recv(hidden_BNX, src=ranks[stage - 1], tag=TAG_HIDDEN)
     hidden_BNX, feats_BNLX = target._run_stage(ids_BN, None, hidden_BNX, position_ids_BN, cache)
     if stage < last:
-        dist.send(hidden_BNX.contiguous(), dst=ranks[stage + 1], tag=_TAG_HIDDEN)
+        dist.send(hidden_BNX.contiguous(), dst=ranks[stage + 1], tag=TAG_HIDDEN)
         return None, feats_BNLX
     return hidden_BNX, feats_BNLX
 
@@ -59,8 +60,6 @@ def _forward(target: PipelineTarget, cache, ids_BN: torch.Tensor,
 def _logits(target: PipelineTarget, final_BH: torch.Tensor) -> torch.Tensor:
     """fp32 logits ``[..., V]`` of the LM head in the target's dtype (as the hf backend: linear, then float, then
     Gemma4's final-logit softcap)."""
-    from dspark.targets.base import softcap_logits
-
     return softcap_logits(torch.nn.functional.linear(final_BH, target.lm_head_weight).float(), target.config)
 
 
@@ -115,7 +114,7 @@ class PipelineDecodeSession(ReplayRollback, DecodeSession):
                                   t.dtype, s)
                 by_id.update(zip(ids, part_NLX.unbind(1)))
         self.length += n
-        return logits_NV, torch.stack([by_id[i] for i in t.layer_ids], dim=1)
+        return logits_NV, collapse_streams(torch.stack([by_id[i] for i in t.layer_ids], dim=1), 3)  # V4: mean of C
 
     @torch.no_grad()
     def _replay(self, ids_N: torch.Tensor) -> None:
@@ -130,7 +129,7 @@ class PipelineDecodeSession(ReplayRollback, DecodeSession):
 # stage 0 runs its layers on a slot's next input and passes the item (a header, then the hidden state) on, the
 # last stage samples and sends the tokens back to stage 0, which meanwhile works on the other slots: P batches
 # keep the P stages busy. Every stage handles the items in the order stage 0 issued them.
-_TAG_ITEM, _TAG_TOKENS, _TAG_IDS = 4, 5, 6  # p2p message kinds beside pipeline's 1..3
+_TAG_ITEM, _TAG_TOKENS, _TAG_IDS = 4, 5, 6  # p2p message kinds beside the backend's 1..3
 _PREFILL, _STEP, _END = 0, 1, 2  # item kinds: a new batch in a slot, one more token of a slot's batch, no more items
 
 
@@ -240,7 +239,7 @@ def _drive(target: PipelineTarget, batches: list[list[int]], new_slot, max_new_t
         else:
             B, N = slot.ids_BN.shape
             header = torch.tensor([k, kind, slot.batch, B, N], dtype=torch.long, device=target.device)
-            outgoing = [(header, _TAG_ITEM), (hidden_BNX.contiguous(), _TAG_HIDDEN)]
+            outgoing = [(header, _TAG_ITEM), (hidden_BNX.contiguous(), TAG_HIDDEN)]
             if target.streams:  # V4: every stage routes by token id
                 outgoing.append((slot.ids_BN.contiguous(), _TAG_IDS))
             for tensor, tag in outgoing:
@@ -305,7 +304,7 @@ def _follow(target: PipelineTarget, new_slot, temperature: float, eos: int | Non
             slots[k].advance(None)
         slot = slots[k]
         hidden_BNX = torch.empty(B, N, *target.token_shape, dtype=target.dtype, device=target.device)
-        dist.recv(hidden_BNX, src=ranks[stage - 1], tag=_TAG_HIDDEN)
+        dist.recv(hidden_BNX, src=ranks[stage - 1], tag=TAG_HIDDEN)
         ids_BN = None
         if target.streams:
             ids_BN = torch.empty(B, N, dtype=torch.long, device=target.device)
@@ -313,7 +312,7 @@ def _follow(target: PipelineTarget, new_slot, temperature: float, eos: int | Non
         hidden_BNX, _ = target._run_stage(ids_BN, slot.mask_BS, hidden_BNX, slot.positions_BN, slot.cache)
         if stage < last:
             outgoing = [(header.clone(), _TAG_ITEM, ranks[stage + 1]),
-                        (hidden_BNX.contiguous(), _TAG_HIDDEN, ranks[stage + 1])]
+                        (hidden_BNX.contiguous(), TAG_HIDDEN, ranks[stage + 1])]
             if ids_BN is not None:
                 outgoing.append((ids_BN, _TAG_IDS, ranks[stage + 1]))
         else:
