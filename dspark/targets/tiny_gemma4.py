@@ -48,7 +48,7 @@ def gemma4_tokenizer(out: Path, vocab_size: int = 1024) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     from dspark.data.prompts import BUILTIN_PROMPTS
-    from dspark.targets.tiny import _private_tmp, _publish
+    from dspark.targets.builtin import private_tmp, publish
 
     if (out / "tokenizer_config.json").exists():
         return out
@@ -64,9 +64,9 @@ def gemma4_tokenizer(out: Path, vocab_size: int = 1024) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token=END_OF_TURN, pad_token="<pad>",
                                    unk_token="<unk>", mask_token="<mask>", add_bos_token=False)
     fast.chat_template = CHAT_TEMPLATE
-    tmp = _private_tmp(out)
+    tmp = private_tmp(out)
     fast.save_pretrained(tmp)
-    _publish(tmp, out, "tokenizer_config.json")
+    publish(tmp, out, "tokenizer_config.json")
     return out
 
 

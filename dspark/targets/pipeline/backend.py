@@ -53,6 +53,9 @@ from dspark.targets.common import check_checkpoint, check_layer_ids, collapse_st
 from dspark.targets.families import require_hostable
 from dspark.targets.pipeline.stages import (
     LAYER_TYPED,
+    TAG_FEATURES,
+    TAG_FINAL,
+    TAG_HIDDEN,
     TargetDecoderLayer,
     TargetEmbedding,
     TargetFinalNorm,
@@ -61,7 +64,6 @@ from dspark.targets.pipeline.stages import (
 from dspark.targets.weights import WeightIndex
 
 V4_ROPE_TYPES = ("main", "compress")  # V4's rotary tables: sliding layers use "main", compressed ones "compress"
-TAG_HIDDEN, TAG_FEATURES, TAG_FINAL = 1, 2, 3  # p2p message kinds (tags keep them apart on one rank pair)
 
 
 def decoder_prefix(config) -> str:

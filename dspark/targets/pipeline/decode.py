@@ -27,12 +27,17 @@ runs the kept tokens through the stages again, collectively, discarding the outp
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from dspark.targets.base import DecodeSession, softcap_logits
 from dspark.targets.common import collapse_streams
 from dspark.targets.decode import ReplayRollback, cache_crops_exactly
-from dspark.targets.pipeline.backend import TAG_HIDDEN, PipelineTarget
+from dspark.targets.pipeline.stages import TAG_HIDDEN
+
+if TYPE_CHECKING:  # annotations only: the backend imports this module when it decodes
+    from dspark.targets.pipeline.backend import PipelineTarget
 
 
 def _forward(target: PipelineTarget, cache, ids_BN: torch.Tensor,

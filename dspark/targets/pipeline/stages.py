@@ -14,6 +14,8 @@ from torch import nn
 
 from dspark.targets.weights import expert_parts
 
+TAG_HIDDEN, TAG_FEATURES, TAG_FINAL = 1, 2, 3  # p2p message kinds (tags keep them apart on one rank pair)
+
 # Families whose layers differ by ``config.layer_types`` (Gemma4: sliding and full attention, each with its own
 # mask and rotary table, the embedding scaled by sqrt(H)).
 LAYER_TYPED = ("gemma4_text", "gemma4_unified_text")
