@@ -166,6 +166,11 @@ def test_bad_expert_parallel_size_is_refused():
     with pytest.raises(ValueError, match=r"^train.expert_parallel=3 must divide the routed experts \(4\) and the "
                                          r"world size \(2\)$"):
         prepare_drafter(make_drafter(), cfg, world=2)
+    import tiny_drafters  # a DSpark drafter: no routed experts
+
+    with pytest.raises(ValueError, match=r"^train.expert_parallel=3, but drafter 'dspark' has no routed experts; "
+                                         r"expected algorithm dspark_v4 or train.expert_parallel=1$"):
+        prepare_drafter(tiny_drafters.make_drafter(), cfg, world=3)
     with pytest.raises(ConfigError, match=r"^train.expert_parallel=2 needs train.eval_every=0 and train.zero_stage 0, 1"
                                           r" or 2 \(got 5 and 0\)"):
         load_config("tiny_deepseek_v4_dspark", ["train.expert_parallel=2", "train.eval_every=5"])
