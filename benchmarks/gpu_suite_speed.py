@@ -97,6 +97,67 @@ def drafter_step(ctx: _Context, algorithm: str) -> dict:
     return figures
 
 
+def v4_drafter_step(ctx: _Context) -> dict:
+    """One training step (forward, DSpark loss, backward, AdamW) of DeepSeek-V4-Flash's mtp.* draft at its real
+    shapes in bf16 (transformers' DeepseekV4Config defaults are V4-Flash; the deepseek_v4_flash_dspark recipe's
+    draft: 3 stages, block 5, Markov rank 256, 512 anchors) on one 4096-token sequence of random features (every
+    mHC stream). Experts reduced: 32 of the 256 routed experts per stage (top-6 kept; 2.93B trained parameters,
+    ~24 GB with bf16 AdamW states), since the full draft's 20.9B parameters with their optimizer states do not fit
+    one GPU without expert parallelism (BENCHMARKS.md); small: the tiny V4 shapes in fp32 (~10 s on CPU, not in
+    tests/benchmarks/test_gpu_suite.py's chosen items)."""
+    import torch
+    from transformers import AutoConfig
+
+    from dspark.config import load_config
+    from dspark.drafters import build_drafter
+
+    if ctx.small:
+        shapes = dict(vocab_size=4096, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+                      partial_rotary_factor=0.25, n_routed_experts=4, num_experts_per_tok=2, hc_mult=2,
+                      hc_sinkhorn_iters=3, sliding_window=8, o_groups=2, o_lora_rank=16,
+                      layer_types=["sliding_attention"] * 4, mlp_layer_types=["moe"] * 4)
+        overrides = ["target.layer_ids=[0,1,2]", "drafter.num_anchors=16", "drafter.markov_rank=16",
+                     "drafter.mask_token_id=4095"]
+    else:
+        shapes, overrides = {"n_routed_experts": 32}, []
+    cfg = load_config("deepseek_v4_flash_dspark", overrides)
+    config = AutoConfig.for_model("deepseek_v4", **shapes)
+    dtype = torch.float32 if ctx.small else torch.bfloat16
+    H, V, L, C = config.hidden_size, config.vocab_size, len(cfg.target.layer_ids), config.hc_mult
+    B, T = (2, 64) if ctx.small else (1, 4096)
+    gen = torch.Generator().manual_seed(0)
+    embed_VH = (torch.randn(V, H, generator=gen) * 0.02).to(ctx.device, dtype)
+    drafter = build_drafter(cfg.drafter, config, cfg.target.layer_ids, embed_VH, embed_VH).to(ctx.device, dtype)
+    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=1e-4)
+    mask_BT = torch.zeros(B, T, dtype=torch.bool)
+    mask_BT[:, T // 8:] = True
+    batch = {"input_ids_BT": torch.randint(0, V, (B, T), generator=gen).to(ctx.device),
+             "loss_mask_BT": mask_BT.to(ctx.device),
+             "features_BTLH": torch.randn(B, T, L, C, H, generator=gen).to(ctx.device, dtype),
+             "final_BTH": torch.randn(B, T, H, generator=gen).to(ctx.device, dtype)}
+    seconds, tokens, steps = 0.0, 0, 2
+    for i in range(steps + 1):  # the first step warms up
+        _sync(ctx.device)
+        start = time.perf_counter()
+        out = drafter.forward_loss(batch, torch.Generator(device=ctx.device).manual_seed(1))
+        (out.numerator / out.weight_sum.clamp_min(1e-6)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(ctx.device)
+        if i:
+            seconds += time.perf_counter() - start
+            tokens += int(out.num_tokens)
+    trained = sum(p.numel() for p in drafter.trainable_parameters())
+    figures = {"step_ms": round(1000 * seconds / steps, 2), "tokens_per_step": tokens // steps,
+               "tokens_per_s": round(tokens / seconds, 1), "routed_experts": config.n_routed_experts,
+               "trained_params": trained,
+               "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if ctx.device == "cuda" else None}
+    figures["summary"] = (f"{figures['tokens_per_s']:.0f} tok/s, {figures['step_ms']} ms/step, "
+                          f"{config.n_routed_experts} experts, {trained / 1e9:.2f}B trained")
+    return figures
+
+
 def _device_name() -> str:
     import torch
 
@@ -179,6 +240,7 @@ ITEMS_SPEED = {
     "step_dspark": Item(lambda ctx: drafter_step(ctx, "dspark"), 90),
     "step_dflash": Item(lambda ctx: drafter_step(ctx, "dflash"), 90),
     "step_eagle3": Item(lambda ctx: drafter_step(ctx, "eagle3"), 90),
+    "step_v4": Item(v4_drafter_step, 240, needs_module="dspark.drafters.v4"),
     "eval_batch": Item(eval_batch, 150),
     "cache_reader": Item(cache_reader, 60),
 }

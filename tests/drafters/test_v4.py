@@ -109,8 +109,12 @@ def test_bad_input_is_refused_in_one_line():
 
     qwen = AutoConfig.for_model("qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                 num_hidden_layers=3, vocab_size=V, intermediate_size=128)
-    with pytest.raises(ValueError, match="needs a DeepSeek-V4 target .*model_type 'qwen3'"):
+    # One line each (``.`` stops at a newline, ``$`` anchors the end).
+    with pytest.raises(ValueError, match=r"^drafter.algorithm dspark_v4 needs a DeepSeek-V4 target \(model_type "
+                                         r"deepseek_v4\), got model_type 'qwen3'; use algorithm dspark for other "
+                                         r"targets$"):
         make_drafter(qwen)
     cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, markov_rank=16)
-    with pytest.raises(ValueError, match=r"layer ids \[0, 1, 4\] must lie in 0..3"):
+    with pytest.raises(ValueError, match=r"^dspark_v4 target layer ids \[0, 1, 4\] must lie in 0..3 \(the target has "
+                                         r"4 decoder layers\)$"):
         build_drafter(cfg, v4_config(), [0, 1, 4], torch.randn(V, 64), torch.randn(V, 64))

@@ -192,3 +192,30 @@ def test_serve_commands_attach_then_serve_the_checkpoint(tmp_path):
     spec = '{"method": "dspark", "num_speculative_tokens": 5}'
     assert vllm == f"vllm serve {attached} --speculative-config '{spec}'"
     assert sglang == f"python -m sglang.launch_server --model-path {attached} --speculative-algorithm DSPARK"
+
+
+def test_cli_refuses_bad_v4_input_in_one_line(tmp_path):
+    """`dspark export` (in process): a V4 draft into a layout that cannot hold it, and a V4 checkpoint without
+    mtp.* tensors asked for its draft, each one `Error:` line naming what was wrong and what was expected."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from dspark.cli import main
+    from dspark.export import export_drafter
+
+    export = export_drafter(make_drafter(), tmp_path / "draft", "deepseek-v4-mtp")
+    # A V4 checkpoint that ships only the target (DeepSeek's names, no mtp.*): the export's config, target tensors.
+    bare = tmp_path / "v4-without-draft"
+    bare.mkdir()
+    config = {k: v for k, v in json.loads((export / "config.json").read_text()).items() if not k.startswith("dspark")}
+    (bare / "config.json").write_text(json.dumps(config))
+    save_file({"embed.weight": torch.zeros(4, 64), "layers.0.attn_norm.weight": torch.ones(64)},
+              str(bare / "model.safetensors"))
+    cases = [(export, "deepspec", "export format 'deepspec' cannot hold drafter 'dspark_v4'; expected one of: "
+                                  "deepseek-v4-mtp, deepseek-v4-mtp-fp8"),
+             (bare, "deepseek-v4-mtp", f"{bare} holds no mtp.* tensors: this V4 checkpoint ships no DSpark draft to "
+                                       "load")]
+    for i, (source, fmt, message) in enumerate(cases):
+        result = CliRunner().invoke(main, ["export", str(source), str(tmp_path / f"out{i}"), "--format", fmt])
+        assert result.exit_code == 1 and result.output == f"Error: {message}\n", result.output
+        assert not (tmp_path / f"out{i}").exists()  # nothing half-written

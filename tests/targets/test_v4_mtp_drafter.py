@@ -1,11 +1,13 @@
 """DeepSeek-V4's mtp.* DSpark draft next to a tiny V4 target: greedy speculative decoding with it equals target
-decoding (hf), `init_from_target` copies the target's own layers through the weight loader, and an export attached
-to the V4 checkpoint (tools/attach_drafter.py: a new index, the target's shards linked, not copied) loads back as
-the same draft while the target loads unchanged from that directory."""
+decoding (hf, and zero3 and pipeline on 2 gloo processes), `init_from_target` copies the target's own layers
+through the weight loader, and an export attached to the V4 checkpoint (tools/attach_drafter.py: a new index, the
+target's shards linked, not copied) loads back as the same draft while the target loads unchanged from that
+directory."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,12 @@ from dspark.config import DrafterConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.export import load_drafter
 from dspark.targets import load_target
+from tests.conftest import free_port, spawn_ranks
 
 LAYER_IDS = [0, 1, 2]
 VOCAB = 1024
 REPO = Path(__file__).parents[2]
+WORLD = 2
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +47,50 @@ def make_drafter(target, seed: int = 0):
     return drafter.eval()
 
 
-def test_greedy_speculative_decoding_with_the_v4_draft_equals_target_decoding(hf_v4, one_thread):
+def greedy_decodes(target, max_new_tokens: int = 24) -> dict:
+    """Greedy speculative decoding with the untrained V4 draft (seed 0) and plain target decoding, same prompt."""
     from dspark.eval.specdec import speculative_generate, target_generate
 
-    drafter = make_drafter(hf_v4)
+    drafter = make_drafter(target)
     prompt = torch.randint(3, VOCAB, (6,), generator=torch.Generator().manual_seed(0)).tolist()
-    result = speculative_generate(hf_v4, drafter, prompt, max_new_tokens=24, temperature=0.0)
-    assert result.tokens == target_generate(hf_v4, prompt, max_new_tokens=24, temperature=0.0)
-    assert max(result.proposed) == 5
-    assert any(a < p for a, p in zip(result.accepted, result.proposed))  # rejections: V4's rollback ran
+    result = speculative_generate(target, drafter, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+    return {"tokens": result.tokens, "accepted": result.accepted, "proposed": result.proposed,
+            "target": target_generate(target, prompt, max_new_tokens=max_new_tokens, temperature=0.0)}
+
+
+def test_greedy_speculative_decoding_with_the_v4_draft_equals_target_decoding(hf_v4, one_thread):
+    got = greedy_decodes(hf_v4)
+    assert got["tokens"] == got["target"] and len(got["tokens"]) == 24
+    assert max(got["proposed"]) == 5
+    assert any(a < p for a, p in zip(got["accepted"], got["proposed"]))  # rejections: V4's rollback ran
+
+
+def _backend_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    out = {}
+    for backend, extra in (("zero3", {}), ("pipeline", {"pipeline_stages": 2})):
+        target = load_target(TargetConfig(backend=backend, name_or_path=model_dir, dtype="float32",
+                                          layer_ids=LAYER_IDS, **extra))
+        out[backend] = greedy_decodes(target, max_new_tokens=12)
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_greedy_speculative_decoding_with_the_v4_draft_on_zero3_and_pipeline(hf_v4, v4_dir, tmp_path, one_thread):
+    """Both ranks of a zero3 replica and both pipeline stages decode the same tokens as hf, round by round (the
+    draft sees the parallel backends' features, every mHC stream, through the same rollbacks)."""
+    want = greedy_decodes(hf_v4, max_new_tokens=12)
+    assert want["tokens"] == want["target"]
+    assert any(a < p for a, p in zip(want["accepted"], want["proposed"]))
+    results = spawn_ranks(_backend_worker, (free_port(), str(v4_dir), str(tmp_path)), WORLD, timeout=150,
+                          what="2-process zero3/pipeline V4 speculative decoding", results=tmp_path)
+    for rank, got in enumerate(results):
+        for backend in ("zero3", "pipeline"):
+            assert got[backend] == want, (backend, rank)
 
 
 def test_init_from_target_copies_the_targets_layers(hf_v4, v4_dir, one_thread):
