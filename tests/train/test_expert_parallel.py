@@ -232,7 +232,7 @@ def test_launcher_trains_the_tiny_v4_recipe_with_expert_parallelism(tmp_path, to
     from conftest import free_port, spawn_ranks
 
     from dspark.data.regenerate import write_jsonl
-    from dspark.drafters import load_drafter
+    from dspark.export import load_drafter
     from dspark.targets.tiny import make_tiny_target
 
     target_dir = make_tiny_target(tmp_path / "v4", "deepseek_v4", tokenizer_dir)
