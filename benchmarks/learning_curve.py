@@ -210,6 +210,38 @@ def plot_curve(results: dict, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+def markdown_table(results: dict) -> str:
+    """BENCHMARKS.md's tables from the results: mean tau (over the datasets) per algorithm and budget at each
+    temperature with the loss, then the per-dataset tau, then the lever rows."""
+    temps = results["eval"]["temperatures"]
+    heads = [f"tau T={t:g}" for t in temps]
+    lines = ["| drafter | training tokens | steps | " + " | ".join(heads) + " | loss (tail mean) | train CPU s |",
+             "|---|---:|---:|" + "---:|" * len(temps) + "---:|---:|"]
+    baseline = results.get("baseline")
+    if baseline:
+        lines.append(f"| {BASELINE} | 0 | 0 | " + " | ".join(f"{baseline[f'mean_tau_T{t:g}']:.3f}" for t in temps)
+                     + " | | |")
+    for name, runs in results.get("runs", {}).items():
+        for r in sorted(runs.values(), key=lambda r: r["steps"]):
+            lines.append(f"| {name} | {r['training_tokens']} | {r['steps']} | "
+                         + " | ".join(f"{r[f'mean_tau_T{t:g}']:.3f}" for t in temps)
+                         + f" | {r['loss_mean_last_10pct']:.3f} | {r['train_cpu_s']:.0f} |")
+    keys = [f"{d}/T{t:g}" for d in results["eval"]["datasets"] for t in temps]
+    lines += ["", "| drafter | training tokens | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    rows = [(BASELINE, baseline)] if baseline else []
+    rows += [(n, r) for n, runs in results.get("runs", {}).items() for r in sorted(runs.values(),
+                                                                                   key=lambda r: r["steps"])]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['training_tokens']} | " + " | ".join(f"{r['tau'][k]:.3f}" for k in keys) + " |")
+    if results.get("levers"):
+        lines += ["", "| lever (DSpark) | training tokens | " + " | ".join(heads) + " | train CPU s |",
+                  "|---|---:|" + "---:|" * len(temps) + "---:|"]
+        for name, r in results["levers"].items():
+            lines.append(f"| {name}: `{' '.join(r['overrides'])}` | {r['training_tokens']} | "
+                         + " | ".join(f"{r[f'mean_tau_T{t:g}']:.3f}" for t in temps) + f" | {r['train_cpu_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def _parse_lever(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition(":")
     items = [o for o in overrides.split(",") if o]
@@ -238,6 +270,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--lever-tokens", default="", help="budget the levers train to (default: largest budget)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained DSpark baseline")
     parser.add_argument("--out", default="benchmarks/results/learning_curve.json")
+    parser.add_argument("--table", action="store_true", help="print the markdown tables of --out and exit")
     args = parser.parse_args()
     try:
         args.budgets = [parse_tokens(b) for b in args.budgets.split(",") if b.strip()]
@@ -289,6 +322,9 @@ def _run_budgets(name: str, cfg, rows: list[tuple[str, dict]], store: dict, shar
 
 def main() -> None:
     args = _parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
