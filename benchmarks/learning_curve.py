@@ -155,8 +155,10 @@ def train_to(cfg, step: int) -> dict:
                 losses.append((row["step"], row["loss/total"]))
     last = dict(losses)  # a resumed run may log a step twice; the latest line wins
     window = [last[s] for s in sorted(last) if s > step - max(10, step // 10)]
+    # CPU seconds of the steps trained by this call (since the previous budget); None when an earlier invocation
+    # already trained them (an interrupted run resumed), whose CPU time this process cannot see.
     return {"steps": step, "loss_last": last.get(step), "loss_mean_last_10pct": sum(window) / len(window)
-            if window else None, "train_cpu_s": round(cpu_seconds() - cpu, 1)}
+            if window else None, "train_cpu_s": round(cpu_seconds() - cpu, 1) if start < step else None}
 
 
 def evaluate_drafter(target, drafter, prompt_sets: dict, args, seed: int) -> dict:
@@ -210,12 +212,16 @@ def plot_curve(results: dict, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+def _cpu(row: dict) -> str:
+    return "-" if not row.get("train_cpu_s") else f"{row['train_cpu_s']:.0f}"
+
+
 def markdown_table(results: dict) -> str:
     """BENCHMARKS.md's tables from the results: mean tau (over the datasets) per algorithm and budget at each
     temperature with the loss, then the per-dataset tau, then the lever rows."""
     temps = results["eval"]["temperatures"]
     heads = [f"tau T={t:g}" for t in temps]
-    lines = ["| drafter | training tokens | steps | " + " | ".join(heads) + " | loss (tail mean) | train CPU s |",
+    lines = ["| drafter | training tokens | steps | " + " | ".join(heads) + " | loss (tail) | train CPU s (segment) |",
              "|---|---:|---:|" + "---:|" * len(temps) + "---:|---:|"]
     baseline = results.get("baseline")
     if baseline:
@@ -225,7 +231,7 @@ def markdown_table(results: dict) -> str:
         for r in sorted(runs.values(), key=lambda r: r["steps"]):
             lines.append(f"| {name} | {r['training_tokens']} | {r['steps']} | "
                          + " | ".join(f"{r[f'mean_tau_T{t:g}']:.3f}" for t in temps)
-                         + f" | {r['loss_mean_last_10pct']:.3f} | {r['train_cpu_s']:.0f} |")
+                         + f" | {r['loss_mean_last_10pct']:.3f} | {_cpu(r)} |")
     keys = [f"{d}/T{t:g}" for d in results["eval"]["datasets"] for t in temps]
     lines += ["", "| drafter | training tokens | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     rows = [(BASELINE, baseline)] if baseline else []
@@ -238,7 +244,7 @@ def markdown_table(results: dict) -> str:
                   "|---|---:|" + "---:|" * len(temps) + "---:|"]
         for name, r in results["levers"].items():
             lines.append(f"| {name}: `{' '.join(r['overrides'])}` | {r['training_tokens']} | "
-                         + " | ".join(f"{r[f'mean_tau_T{t:g}']:.3f}" for t in temps) + f" | {r['train_cpu_s']:.0f} |")
+                         + " | ".join(f"{r[f'mean_tau_T{t:g}']:.3f}" for t in temps) + f" | {_cpu(r)} |")
     return "\n".join(lines)
 
 
