@@ -89,7 +89,7 @@ def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
         row["target_before_same_tokens"] = records["target_before"] == records["target"]
     row["speedup_after_vs_target"] = round(row["after_tokens_per_s"] / row["target_tokens_per_s"], 3)
     after = [(tokens, accepted) for tokens, accepted, _ in records["after"]]
-    row["tau"] = round(sum(len(t) - 1 for t, _ in after) / max(1, sum(len(a) for _, a in after)), 3)
+    row["tokens_per_round"] = round(sum(len(t) - 1 for t, _ in after) / max(1, sum(len(a) for _, a in after)), 3)
     if args.temperature == 0:
         row["target_same_tokens"] = [t for t, _, _ in records["target"]] == [t for t, _, _ in records["after"]]
     return row
