@@ -51,6 +51,37 @@ def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool,
     return time.perf_counter() - start, results
 
 
+def _reference_decode(target, args, prompts, stop_ids) -> tuple[float, list]:
+    """The reference implementation's own batch-1 loop (DeepSpec's ``generate_decoding_sample`` with its DSpark
+    evaluator's propose/update) over ``prompts``, with the trained export loaded by its ``from_pretrained`` and the
+    same target model: wall seconds and the new tokens of each prompt."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, args.reference_dir)
+    from deepspec.eval.base_evaluator import generate_decoding_sample
+    from deepspec.eval.dspark.evaluator import Qwen3DSparkEvaluator
+
+    evaluator = Qwen3DSparkEvaluator.__new__(Qwen3DSparkEvaluator)  # its __init__ builds models and a recorder
+    dtype = target.lm_head_weight.dtype
+    evaluator.draft_model = Qwen3DSparkEvaluator.draft_model_cls.from_pretrained(
+        args.drafter_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    evaluator.args = SimpleNamespace(temperature=args.temperature, confidence_threshold=0.0)
+    tokens = []
+    start = time.perf_counter()
+    for prompt in prompts:
+        input_ids = torch.tensor([prompt], dtype=torch.long)
+        out = generate_decoding_sample(target_model=target.model, input_ids=input_ids, max_new_tokens=args.tokens,
+                                       max_proposal_tokens=evaluator.max_proposal_tokens,
+                                       temperature=args.temperature, stop_token_ids=list(stop_ids),
+                                       init_context=evaluator._init_context, propose=evaluator._propose,
+                                       update=evaluator._update)
+        tokens.append(out.output_ids[0, len(prompt):].tolist())
+    return time.perf_counter() - start, tokens
+
+
 def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
     from dspark.eval.specdec import NoDrafts
 
@@ -92,6 +123,11 @@ def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
     row["tokens_per_round"] = round(sum(len(t) - 1 for t, _ in after) / max(1, sum(len(a) for _, a in after)), 3)
     if args.temperature == 0:
         row["target_same_tokens"] = [t for t, _, _ in records["target"]] == [t for t, _, _ in records["after"]]
+    if args.reference_dir and batch == 1:
+        wall_s, tokens = _reference_decode(target, args, prompts, stop_ids)
+        row["reference_wall_s"] = round(wall_s, 3)
+        row["reference_tokens_per_s"] = round(sum(len(t) for t in tokens) / wall_s, 2)
+        row["reference_same_tokens"] = tokens == [t for t, _, _ in records["after"]]
     return row
 
 
@@ -112,10 +148,15 @@ def main() -> None:
                              "the decoding rows vs apart")
     parser.add_argument("--drafter-dir", default="", help="a trained drafter export (one target, one drafter)")
     parser.add_argument("--prompts-file", default="builtin", help="'builtin' or a jsonl file of prompts")
+    parser.add_argument("--reference-dir", default="",
+                        help="a checkout of the reference implementation (DeepSpec): also time its own batch-1 loop "
+                             "on --drafter-dir at batch 1 (reference_tokens_per_s)")
     args = parser.parse_args()
     unknown = set(args.targets.split(",")) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; expected some of {', '.join(TARGETS)}")
+    if args.reference_dir and not args.drafter_dir:
+        parser.error("--reference-dir runs the reference loop on a trained export: give --drafter-dir")
     if args.drafter_dir and len(args.targets.split(",")) * len(args.drafters.split(",")) != 1:
         parser.error("--drafter-dir evaluates one trained drafter: give one --targets and one --drafters")
 
@@ -135,8 +176,7 @@ def main() -> None:
                "note": ("before = one drafter.propose per row in flight (batch_proposals=False), after = one "
                         "propose_batch per step" if args.compare == "drafts" else
                         "before = a prompt admitted mid-run is prefilled beside the decoding rows' drafts "
-                        "(prefill_apart=False), after = in a forward of its own (the default); target_before / "
-                        "target = the same for plain target decoding")
+                        "(prefill_apart=False), after = in a forward of its own (the default); target_before")
                        + ", target = plain target decoding (NoDrafts) at the same batch size; same process, "
                          "alternating runs, fastest of each kept",
                "runs": {}}

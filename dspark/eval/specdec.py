@@ -139,6 +139,10 @@ class _SequentialSessions:
     """The batch-session API (``add_rows``, ``select``, ``extend``, ``truncate``) over one ``decode_session()`` per
     row: for a single sequence, and for backends without a batched decoder (one forward per row)."""
 
+    # A row fed nothing sits the step out, as in the batched session, so both group rows into the same steps (a
+    # scheduled verify policy plans each step over its rows).
+    partial_steps = True
+
     def __init__(self, target):
         self.target = target
         self.sessions = []
