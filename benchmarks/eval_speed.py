@@ -69,17 +69,34 @@ def _reference_decode(target, args, prompts, stop_ids) -> tuple[float, list]:
     evaluator.draft_model = Qwen3DSparkEvaluator.draft_model_cls.from_pretrained(
         args.drafter_dir, dtype=dtype, attn_implementation="sdpa").eval()
     evaluator.args = SimpleNamespace(temperature=args.temperature, confidence_threshold=0.0)
+    from transformers import DynamicCache
+
+    crop = DynamicCache.crop
+
+    def crop_to(cache, max_length: int) -> None:
+        # The reference targets transformers 5.10, whose crop(n) keeps the first n positions; 5.24 takes the
+        # (negative) number to drop.
+        drop = cache.get_seq_length() - max_length
+        if drop > 0:
+            crop(cache, -drop)
+
     tokens = []
-    start = time.perf_counter()
-    for prompt in prompts:
-        input_ids = torch.tensor([prompt], dtype=torch.long)
-        out = generate_decoding_sample(target_model=target.model, input_ids=input_ids, max_new_tokens=args.tokens,
-                                       max_proposal_tokens=evaluator.max_proposal_tokens,
-                                       temperature=args.temperature, stop_token_ids=list(stop_ids),
-                                       init_context=evaluator._init_context, propose=evaluator._propose,
-                                       update=evaluator._update)
-        tokens.append(out.output_ids[0, len(prompt):].tolist())
-    return time.perf_counter() - start, tokens
+    DynamicCache.crop = crop_to
+    try:
+        start = time.perf_counter()
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt], dtype=torch.long)
+            out = generate_decoding_sample(target_model=target.model, input_ids=input_ids,
+                                           max_new_tokens=args.tokens,
+                                           max_proposal_tokens=evaluator.max_proposal_tokens,
+                                           temperature=args.temperature, stop_token_ids=list(stop_ids),
+                                           init_context=evaluator._init_context, propose=evaluator._propose,
+                                           update=evaluator._update)
+            tokens.append(out.output_ids[0, len(prompt):].tolist())
+        wall_s = time.perf_counter() - start
+    finally:
+        DynamicCache.crop = crop
+    return wall_s, tokens
 
 
 def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
