@@ -1,5 +1,5 @@
 """Benchmark: speculative-decoding evaluation speed against plain target decoding, and batched drafter proposals
-against row-by-row proposals.
+against row-by-row proposals (or prompts prefilled apart against prefilled beside the decoding rows).
 
 For each target and drafter (untrained, built from the recipe) it decodes the same prompts at each batch size of
 ``--batches``, once with one ``drafter.propose_batch`` call per step for all rows in flight ("after"), once with
@@ -11,6 +11,13 @@ tokens (they must).
 
     nice -n 10 python benchmarks/eval_speed.py [--targets tiny,smollm2] [--prompts 4] [--tokens 16] [--threads 1]
         [--batches 1,4,12] [--temperature 1]
+
+``--compare prefill`` makes "before" prefill each prompt admitted mid-run beside the decoding rows' drafts
+(``prefill_apart=False``: every row padded to the prompt's length) and "after" in a forward of its own, and also
+times the target alone both ways ("target_before"); at batch 1 both are the same code path (one row, no
+neighbours), so only "after" and "target" run there. ``--drafter-dir`` evaluates a trained export
+(``load_drafter``) instead of the untrained recipe drafter; ``--prompts-file`` takes prompts from a jsonl file
+(e.g. ``../shared/eval_datasets/gsm8k.jsonl``) instead of the builtin set.
 """
 
 from __future__ import annotations
@@ -28,44 +35,116 @@ TARGETS = {
 }
 
 
-def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool, stop_ids, temperature: float
-            ) -> tuple[float, list]:
+def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool, stop_ids, temperature: float,
+            prefill_apart: bool = True) -> tuple[float, list]:
     import torch
 
     from dspark.eval.specdec import prompt_seed, speculative_generate_batch
 
     generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(len(prompts))]
-    drafter._context_cache = None  # every run starts cold
+    if hasattr(drafter, "_context_cache"):
+        drafter._context_cache = None  # every run starts cold
     start = time.perf_counter()
     results = speculative_generate_batch(target, drafter, prompts, max_new_tokens=tokens, temperature=temperature,
                                          generators=generators, batch_size=batch, stop_ids=stop_ids,
-                                         batch_proposals=batched)
+                                         batch_proposals=batched, prefill_apart=prefill_apart)
     return time.perf_counter() - start, results
+
+
+def _reference_decode(target, args, prompts, stop_ids) -> tuple[float, list]:
+    """The reference implementation's own batch-1 loop (DeepSpec's ``generate_decoding_sample`` with its DSpark
+    evaluator's propose/update) over ``prompts``, with the trained export loaded by its ``from_pretrained`` and the
+    same target model: wall seconds and the new tokens of each prompt."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, args.reference_dir)
+    from deepspec.eval.base_evaluator import generate_decoding_sample
+    from deepspec.eval.dspark.evaluator import Qwen3DSparkEvaluator
+
+    evaluator = Qwen3DSparkEvaluator.__new__(Qwen3DSparkEvaluator)  # its __init__ builds models and a recorder
+    dtype = target.lm_head_weight.dtype
+    evaluator.draft_model = Qwen3DSparkEvaluator.draft_model_cls.from_pretrained(
+        args.drafter_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    evaluator.args = SimpleNamespace(temperature=args.temperature, confidence_threshold=0.0)
+    from transformers import DynamicCache
+
+    crop = DynamicCache.crop
+
+    def crop_to(cache, max_length: int) -> None:
+        # The reference targets transformers 5.10, whose crop(n) keeps the first n positions; 5.24 takes the
+        # (negative) number to drop.
+        drop = cache.get_seq_length() - max_length
+        if drop > 0:
+            crop(cache, -drop)
+
+    tokens = []
+    DynamicCache.crop = crop_to
+    try:
+        start = time.perf_counter()
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt], dtype=torch.long)
+            out = generate_decoding_sample(target_model=target.model, input_ids=input_ids,
+                                           max_new_tokens=args.tokens,
+                                           max_proposal_tokens=evaluator.max_proposal_tokens,
+                                           temperature=args.temperature, stop_token_ids=list(stop_ids),
+                                           init_context=evaluator._init_context, propose=evaluator._propose,
+                                           update=evaluator._update)
+            tokens.append(out.output_ids[0, len(prompt):].tolist())
+        wall_s = time.perf_counter() - start
+    finally:
+        DynamicCache.crop = crop
+    return wall_s, tokens
 
 
 def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
     from dspark.eval.specdec import NoDrafts
 
-    runs = {"before": (drafter, False), "after": (drafter, True), "target": (NoDrafts(target), True)}
+    # name -> (drafter, batch_proposals, prefill_apart)
+    if args.compare == "drafts":
+        runs = {"before": (drafter, False, True), "after": (drafter, True, True),
+                "target": (NoDrafts(target), True, True)}
+    else:
+        no_drafts = NoDrafts(target)
+        runs = {"before": (drafter, True, False), "after": (drafter, True, True), "target": (no_drafts, True, True),
+                "target_before": (no_drafts, True, False)}
+        if batch == 1:  # one row never has neighbours to sit out: before is the after code path
+            runs = {name: runs[name] for name in ("after", "target")}
     best = dict.fromkeys(runs, float("inf"))
     records = {}
     for _ in range(args.repeats):
-        for name, (who, batched) in runs.items():
+        for name, (who, batched, apart) in runs.items():
             wall_s, results = _decode(target, who, prompts, tokens=args.tokens, batch=batch, batched=batched,
-                                      stop_ids=stop_ids, temperature=args.temperature)
+                                      stop_ids=stop_ids, temperature=args.temperature, prefill_apart=apart)
             best[name] = min(best[name], wall_s)
             records[name] = [(r.tokens, r.accepted, r.proposed) for r in results]
-    row = {"same_tokens": records["after"] == records["before"]}
+    row = {}
+    if "before" in runs:
+        row["same_tokens"] = records["after"] == records["before"]
     for name in runs:
         rounds = sum(len(accepted) for _, accepted, _ in records[name])
         generated = sum(len(tokens) for tokens, _, _ in records[name])
         row[f"{name}_wall_s"] = round(best[name], 3)
         row[f"{name}_rounds_per_s"] = round(rounds / best[name], 2)
         row[f"{name}_tokens_per_s"] = round(generated / best[name], 2)
-    row["speedup_after_vs_before"] = round(row["after_tokens_per_s"] / row["before_tokens_per_s"], 3)
+    if "before" in runs:
+        row["speedup_after_vs_before"] = round(row["after_tokens_per_s"] / row["before_tokens_per_s"], 3)
+    if "target_before" in runs:
+        row["speedup_target_vs_target_before"] = round(row["target_tokens_per_s"] / row["target_before_tokens_per_s"],
+                                                       3)
+        row["target_before_same_tokens"] = records["target_before"] == records["target"]
     row["speedup_after_vs_target"] = round(row["after_tokens_per_s"] / row["target_tokens_per_s"], 3)
+    after = [(tokens, accepted) for tokens, accepted, _ in records["after"]]
+    row["tokens_per_round"] = round(sum(len(t) - 1 for t, _ in after) / max(1, sum(len(a) for _, a in after)), 3)
     if args.temperature == 0:
         row["target_same_tokens"] = [t for t, _, _ in records["target"]] == [t for t, _, _ in records["after"]]
+    if args.reference_dir and batch == 1:
+        wall_s, tokens = _reference_decode(target, args, prompts, stop_ids)
+        row["reference_wall_s"] = round(wall_s, 3)
+        row["reference_tokens_per_s"] = round(sum(len(t) for t in tokens) / wall_s, 2)
+        row["reference_same_tokens"] = tokens == [t for t, _, _ in records["after"]]
     return row
 
 
@@ -81,26 +160,42 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads ran ~6x slower, not faster)")
     parser.add_argument("--out", default="benchmarks/results/eval_speed.json")
+    parser.add_argument("--compare", choices=["drafts", "prefill"], default="drafts",
+                        help="what before/after differ in: row-by-row vs batched drafts, or prompts prefilled beside "
+                             "the decoding rows vs apart")
+    parser.add_argument("--drafter-dir", default="", help="a trained drafter export (one target, one drafter)")
+    parser.add_argument("--prompts-file", default="builtin", help="'builtin' or a jsonl file of prompts")
+    parser.add_argument("--reference-dir", default="",
+                        help="a checkout of the reference implementation (DeepSpec): also time its own batch-1 loop "
+                             "on --drafter-dir at batch 1 (reference_tokens_per_s)")
     args = parser.parse_args()
     unknown = set(args.targets.split(",")) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; expected some of {', '.join(TARGETS)}")
+    if args.reference_dir and not args.drafter_dir:
+        parser.error("--reference-dir runs the reference loop on a trained export: give --drafter-dir")
+    if args.drafter_dir and len(args.targets.split(",")) * len(args.drafters.split(",")) != 1:
+        parser.error("--drafter-dir evaluates one trained drafter: give one --targets and one --drafters")
 
     import torch
 
     from dspark.config import load_config
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
-    from dspark.drafters import build_drafter
+    from dspark.drafters import build_drafter, load_drafter
     from dspark.targets import load_target
 
     torch.set_num_threads(args.threads)
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "device": "cpu",
                "prompts": args.prompts, "max_new_tokens": args.tokens, "temperature": args.temperature,
-               "repeats": args.repeats,
-               "note": "before = one drafter.propose per row in flight (batch_proposals=False), after = one "
-                       "propose_batch per step, target = plain target decoding (NoDrafts) at the same batch size; "
-                       "same process, alternating runs, fastest of each kept",
+               "repeats": args.repeats, "compare": args.compare, "drafter_dir": args.drafter_dir or "untrained",
+               "prompts_file": args.prompts_file,
+               "note": ("before = one drafter.propose per row in flight (batch_proposals=False), after = one "
+                        "propose_batch per step" if args.compare == "drafts" else
+                        "before = a prompt admitted mid-run is prefilled beside the decoding rows' drafts "
+                        "(prefill_apart=False), after = in a forward of its own (the default); target_before")
+                       + ", target = plain target decoding (NoDrafts) at the same batch size; same process, "
+                         "alternating runs, fastest of each kept",
                "runs": {}}
     for name in args.targets.split(","):
         builtin, recipes = TARGETS[name]
@@ -112,9 +207,12 @@ def main() -> None:
                 target = load_target(cfg.target)
                 results[f"{name}_load_s"] = round(time.perf_counter() - start, 1)
             torch.manual_seed(0)
-            drafter = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
-                                    target.lm_head_weight).eval()
-            prompts = [prompt_ids(target.tokenizer, p) for p in load_prompts("builtin", args.prompts)]
+            if args.drafter_dir:
+                drafter = load_drafter(args.drafter_dir, verifier=target).eval()
+            else:
+                drafter = build_drafter(cfg.drafter, target.config, cfg.target.layer_ids, target.embed_weight,
+                                        target.lm_head_weight).eval()
+            prompts = [prompt_ids(target.tokenizer, p) for p in load_prompts(args.prompts_file, args.prompts)]
             stop_ids = [target.tokenizer.eos_token_id]
             _decode(target, drafter, prompts[:1], tokens=4, batch=1, batched=True, stop_ids=stop_ids,
                     temperature=args.temperature)  # warm-up

@@ -139,6 +139,10 @@ class _SequentialSessions:
     """The batch-session API (``add_rows``, ``select``, ``extend``, ``truncate``) over one ``decode_session()`` per
     row: for a single sequence, and for backends without a batched decoder (one forward per row)."""
 
+    # A row fed nothing sits the step out, as in the batched session, so both group rows into the same steps (a
+    # scheduled verify policy plans each step over its rows).
+    partial_steps = True
+
     def __init__(self, target):
         self.target = target
         self.sessions = []
@@ -149,8 +153,8 @@ class _SequentialSessions:
     def select(self, rows: list[int]) -> None:
         self.sessions = [self.sessions[r] for r in rows]
 
-    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [session.extend(x) for session, x in zip(self.sessions, ids)]
+    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [session.extend(x) if x.numel() else None for session, x in zip(self.sessions, ids)]
 
     def truncate(self, lengths: list[int]) -> None:
         for session, length in zip(self.sessions, lengths):
@@ -198,9 +202,9 @@ class _Decoder:
 
     def __init__(self, target, drafter, *, max_new_tokens: int, temperature: float, stop_ids: Iterable[int],
                  confidence_threshold: float, session, batch_proposals: bool = True, planner=None,
-                 stats: DecodeStats | None = None):
+                 stats: DecodeStats | None = None, prefill_apart: bool = True):
         self.target, self.drafter, self.session = target, drafter, session
-        self.batch_proposals = batch_proposals
+        self.batch_proposals, self.prefill_apart = batch_proposals, prefill_apart
         self.planner = planner
         self.stats = stats if stats is not None else DecodeStats()
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
@@ -226,24 +230,40 @@ class _Decoder:
             if admitted:
                 self.session.add_rows(len(admitted))
                 rows += admitted
-            feeds = self._feeds([row for _, row in rows])
-            step_start = time.perf_counter()
-            outputs = self.session.extend(feeds)
-            _synchronize(outputs[0][0].device)
-            self.stats.add(time.perf_counter() - step_start, sum(x.numel() for x in feeds))
-            for (_, row), (logits_NV, features_NLH) in zip(rows, outputs):
-                self._absorb(row, logits_NV, features_NLH)
-            self.session.truncate([row.num_context for _, row in rows])
-            keep = [i for i, (_, row) in enumerate(rows) if not row.done(self.max_new_tokens, self.stops)]
-            if len(keep) < len(rows):
-                for index, row in (rows[i] for i in range(len(rows)) if i not in set(keep)):
-                    row.result.wall_s = time.perf_counter() - row.start
-                    results[index] = row.result
-                    if on_done is not None:
-                        on_done()
-                self.session.select(keep)
-                rows = [rows[i] for i in keep]
+                apart = self.prefill_apart and getattr(self.session, "partial_steps", False)
+                if apart and len(rows) > len(admitted):
+                    # Prefill the admitted prompts in a forward of their own (the decoding rows sit it out): fed
+                    # beside them, a prompt would pad every row's feed to its length.
+                    empty = torch.empty(0, dtype=torch.long)
+                    rows = self._step(rows, [torch.tensor(row.prompt, dtype=torch.long) if row.result is None
+                                             else empty for _, row in rows], results, on_done)
+                    continue  # a row that finished at its first token frees its slot for the next prompt
+            rows = self._step(rows, self._feeds([row for _, row in rows]), results, on_done)
         return results  # type: ignore[return-value]
+
+    def _step(self, rows: list[tuple[int, _Row]], feeds: list[torch.Tensor], results: list, on_done
+              ) -> list[tuple[int, _Row]]:
+        """One batched target forward over ``feeds`` (an empty feed: the row sits the step out), then every fed
+        row takes its output; returns the rows still decoding (the finished ones go to ``results``)."""
+        step_start = time.perf_counter()
+        outputs = self.session.extend(feeds)
+        _synchronize(next(out for out in outputs if out is not None)[0].device)
+        self.stats.add(time.perf_counter() - step_start, sum(x.numel() for x in feeds))
+        for (_, row), output in zip(rows, outputs):
+            if output is not None:
+                self._absorb(row, *output)
+        self.session.truncate([row.num_context for _, row in rows])
+        keep = [i for i, (_, row) in enumerate(rows) if not row.done(self.max_new_tokens, self.stops)]
+        if len(keep) < len(rows):
+            kept = set(keep)
+            for index, row in (rows[i] for i in range(len(rows)) if i not in kept):
+                row.result.wall_s = time.perf_counter() - row.start
+                results[index] = row.result
+                if on_done is not None:
+                    on_done()
+            self.session.select(keep)
+            rows = [rows[i] for i in keep]
+        return rows
 
     def _feeds(self, rows: list[_Row]) -> list[torch.Tensor]:
         """The tokens every row feeds this step: its prompt, or the anchor and the drafts of a new proposal. The
@@ -368,7 +388,8 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
                                temperature: float, generators: list[torch.Generator | None], batch_size: int,
                                stop_ids: Iterable[int] = (), confidence_threshold: float = 0.0,
                                on_done=None, batch_proposals: bool = True, verify_policy: str = "full", sps=None,
-                               stats: DecodeStats | None = None) -> list[GenerationResult]:
+                               stats: DecodeStats | None = None, prefill_apart: bool = True
+                               ) -> list[GenerationResult]:
     """``speculative_generate`` of every prompt (``generators[i]`` drives prompt i), ``batch_size`` at a time in
     one batched target forward per step (continuous batching: a finished prompt's slot goes to the next one).
 
@@ -377,7 +398,10 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
     it with the same generator, whatever the batch size (up to float rounding of the batched forward, which can
     flip a draw only on a near tie). ``on_done()`` is called as each prompt finishes. The rows in flight draft
     together (``drafter.propose_batch``); ``batch_proposals=False`` calls ``drafter.propose`` row by row instead
-    (the same tokens; kept to measure what batching the drafter buys).
+    (the same tokens; kept to measure what batching the drafter buys). A prompt admitted while other rows decode
+    is prefilled in a forward of its own, the other rows sitting it out, when the session allows it
+    (``partial_steps``); ``prefill_apart=False`` feeds it beside their drafts instead, padding every row to the
+    prompt's length (the same tokens up to float rounding; kept to measure what prefilling apart buys).
 
     ``verify_policy`` (``dspark.eval.scheduler.VERIFY_POLICIES``) chooses how many drafts each row verifies:
     ``full`` (all, cut by ``confidence_threshold`` when > 0), ``threshold`` (the same, the threshold required), or
@@ -401,7 +425,7 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
         session = _SequentialSessions(target)
     decoder = _Decoder(target, drafter, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
                        confidence_threshold=confidence_threshold, session=session, batch_proposals=batch_proposals,
-                       planner=planner, stats=stats)
+                       planner=planner, stats=stats, prefill_apart=prefill_apart)
     return decoder.run(prompts, generators, batch_size, on_done=on_done)
 
 

@@ -185,6 +185,8 @@ class HFBatchDecodeSession:
     junk never accumulates. Rows are added (``add_rows``) and removed (``select``) between steps.
     """
 
+    partial_steps = True  # extend may feed only some rows; the others sit the step out
+
     def __init__(self, target: HFTarget, num_rows: int = 0):
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
@@ -233,14 +235,40 @@ class HFBatchDecodeSession:
             self._set(lambda x: x[:, :, :width])
 
     @torch.no_grad()
-    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Feed ``ids[r]`` (1-D, at least one token) after row r's prefix, every row in one forward; returns per
-        row (logits ``[N_r, V]`` fp32, features ``[N_r, L, H]``)."""
+    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Feed ``ids[r]`` (1-D) after row r's prefix, every fed row in one forward; returns per row (logits
+        ``[N_r, V]`` fp32, features ``[N_r, L, H]``). A row fed no tokens sits the step out (None): the forward
+        runs on the fed rows' part of the cache alone, so a prompt admitted beside decoding rows is not padded
+        across them."""
+        if len(ids) != len(self.lengths) or all(x.numel() == 0 for x in ids):
+            raise ValueError(f"extend needs one id tensor per row ({len(self.lengths)} rows), at least one "
+                             f"non-empty, got sizes {[x.numel() for x in ids]}")
+        fed = [row for row, x in enumerate(ids) if x.numel()]
+        if len(fed) == len(ids):
+            return self._extend_all(ids)
+        lengths, index = self.lengths, torch.tensor(fed, dtype=torch.long)
+        whole = [(layer.keys, layer.values) if layer.is_initialized and layer.keys.dim() == 4 else None
+                 for layer in self.cache.layers]
+        self._set(lambda x: x.index_select(0, index.to(x.device)) if x.dim() == 4 else x)
+        self.lengths = [lengths[row] for row in fed]
+        outputs = self._extend_all([ids[row] for row in fed])
+        for layer, kept in zip(self.cache.layers, whole):
+            keys, values = kept if kept is not None else (None, None)
+            layer.keys = _put_rows(keys, layer.keys, index, len(ids))
+            layer.values = _put_rows(values, layer.values, index, len(ids))
+        for row, length in zip(fed, self.lengths):
+            lengths[row] = length
+        self.lengths = lengths
+        self._crop(max(self.lengths))
+        results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(ids)
+        for row, output in zip(fed, outputs):
+            results[row] = output
+        return results
+
+    def _extend_all(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``extend`` with every row fed at least one token."""
         model = self.target.model
         device = model.device
-        if len(ids) != len(self.lengths) or any(x.numel() == 0 for x in ids):
-            raise ValueError(f"extend needs one non-empty id tensor per row ({len(self.lengths)} rows), "
-                             f"got sizes {[x.numel() for x in ids]}")
         num_new_B = torch.tensor([x.numel() for x in ids], device=device)
         length_B = torch.tensor(self.lengths, device=device)
         width, n = self._width(), int(num_new_B.max())
@@ -279,3 +307,17 @@ class HFBatchDecodeSession:
         self.lengths = [m + x.numel() for m, x in zip(self.lengths, ids)]
         self._crop(max(self.lengths))
         return results
+
+
+def _put_rows(whole_BhWd: torch.Tensor | None, part_AhWd: torch.Tensor, index_A: torch.Tensor, num_rows: int
+              ) -> torch.Tensor:
+    """``whole`` with rows ``index_A`` replaced by ``part``, widened to the wider of the two (new columns and a
+    narrower part's columns past its end are junk, hidden by the rows' lengths); zeros when ``whole`` is None."""
+    if whole_BhWd is None:
+        whole_BhWd = part_AhWd.new_zeros((num_rows, *part_AhWd.shape[1:]))
+    extra = part_AhWd.shape[2] - whole_BhWd.shape[2]
+    if extra > 0:
+        whole_BhWd = torch.cat([whole_BhWd, whole_BhWd.new_zeros((*whole_BhWd.shape[:2], extra,
+                                                                  *whole_BhWd.shape[3:]))], dim=2)
+    whole_BhWd[:, :, : part_AhWd.shape[2]].index_copy_(0, index_A.to(part_AhWd.device), part_AhWd)
+    return whole_BhWd

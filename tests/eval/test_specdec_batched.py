@@ -52,7 +52,11 @@ def test_batched_session_matches_one_session_per_sequence(target):
     singles = [target.decode_session() for _ in range(3)]
 
     def check(outputs, rows, feeds):
-        for (logits_NV, features_NLH), row, ids in zip(outputs, rows, feeds):
+        for output, row, ids in zip(outputs, rows, feeds):
+            if ids.numel() == 0:  # the row sat the step out
+                assert output is None
+                continue
+            logits_NV, features_NLH = output
             ref_logits_NV, ref_features_NLH = singles[row].extend(ids)
             torch.testing.assert_close(logits_NV, ref_logits_NV, atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(features_NLH, ref_features_NLH, atol=2e-5, rtol=1e-4)
@@ -70,8 +74,19 @@ def test_batched_session_matches_one_session_per_sequence(target):
     feeds = [torch.tensor([9, 10]), torch.tensor([11, 12, 13, 14])]
     check(session.extend(feeds), [2, 0], feeds)
     assert session.lengths == [9, 10]
-    with pytest.raises(ValueError, match="one non-empty id tensor per row"):
+    # A prompt prefilled alone (the others sit out, the cache part narrower than the whole), then a step where
+    # it sits out and the others grow wider than the whole; the rows that sat out keep their cache.
+    session.add_rows(1)
+    singles.append(target.decode_session())
+    empty = torch.empty(0, dtype=torch.long)
+    for feeds in ([empty, empty, torch.tensor(PROMPTS[4][:4])], [torch.tensor([15, 16, 17]), torch.tensor([18]), empty],
+                  [torch.tensor([19]), torch.tensor([20, 21]), torch.tensor(PROMPTS[4][4:])]):
+        check(session.extend(feeds), [2, 0, 3], feeds)
+    assert session.lengths == [13, 13, 9]
+    with pytest.raises(ValueError, match="one id tensor per row"):
         session.extend([torch.tensor([1])])
+    with pytest.raises(ValueError, match="at least one non-empty"):
+        session.extend([empty, empty, empty])
     with pytest.raises(ValueError, match="none longer"):
         session.truncate([10, 10])
 
@@ -104,6 +119,51 @@ def test_results_do_not_depend_on_the_batch_size(target, temperature):
         if temperature == 0:
             assert alone.tokens == target_generate(target, prompt, max_new_tokens=14, temperature=0.0,
                                                    stop_ids=stop_ids)
+
+
+class _RecordingTarget:
+    """The target, with a batched session that records the tokens fed to each row at every step."""
+
+    def __init__(self, target):
+        self.target, self.steps = target, []
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def batch_decode_session(self):
+        session, steps = self.target.batch_decode_session(), self.steps
+
+        class Recording:
+            partial_steps = session.partial_steps
+
+            def __getattr__(self, name):
+                return getattr(session, name)
+
+            def extend(self, ids):
+                steps.append([x.numel() for x in ids])
+                return session.extend(ids)
+
+        return Recording()
+
+
+def test_prompts_admitted_mid_run_are_prefilled_apart(target):
+    # 6 prompts at batch 4: prompts 4 and 5 join rows that are decoding. Each is prefilled in a forward where the
+    # decoding rows sit out (fed beside their drafts it would pad them all to its length); the tokens are those
+    # of prefilling beside them (prefill_apart=False), where no row ever sits out.
+    drafter = SeededOracle(target, 4, corrupt_prob=0.3, draft_temperature_ratio=1.5)
+    runs, steps = [], []
+    for prefill_apart in (True, False):
+        recording = _RecordingTarget(target)
+        generators = [torch.Generator().manual_seed(prompt_seed(7, i)) for i in range(len(PROMPTS))]
+        runs.append(speculative_generate_batch(recording, drafter, PROMPTS, max_new_tokens=14, temperature=0.0,
+                                               generators=generators, batch_size=4, prefill_apart=prefill_apart))
+        steps.append(recording.steps)
+    assert _records(runs[0]) == _records(runs[1])
+    assert steps[0][0] == [len(p) for p in PROMPTS[:4]]  # the first prompts are prefilled together
+    partial = [[n for n in fed if n] for fed in steps[0] if 0 in fed]
+    assert sorted(n for fed in partial for n in fed) == sorted(len(p) for p in PROMPTS[4:])
+    assert all(len(fed) == 1 for fed in partial)  # one prompt per forward here (admitted at different steps)
+    assert not any(0 in fed for fed in steps[1])
 
 
 def test_evaluate_report_is_the_same_for_batch_sizes_1_and_4(tiny_llama_dir, one_thread):
