@@ -124,7 +124,7 @@ def v4_drafter_step(ctx: _Context) -> dict:
     cfg = load_config("deepseek_v4_flash_dspark", overrides)
     config = AutoConfig.for_model("deepseek_v4", **shapes)
     dtype = torch.float32 if ctx.small else torch.bfloat16
-    H, V, L, C = config.hidden_size, config.vocab_size, len(cfg.target.layer_ids), config.hc_mult
+    H, V, L = config.hidden_size, config.vocab_size, len(cfg.target.layer_ids)  # features: the mHC streams' mean
     B, T = (2, 64) if ctx.small else (1, 4096)
     gen = torch.Generator().manual_seed(0)
     embed_VH = (torch.randn(V, H, generator=gen) * 0.02).to(ctx.device, dtype)
@@ -134,7 +134,7 @@ def v4_drafter_step(ctx: _Context) -> dict:
     mask_BT[:, T // 8:] = True
     batch = {"input_ids_BT": torch.randint(0, V, (B, T), generator=gen).to(ctx.device),
              "loss_mask_BT": mask_BT.to(ctx.device),
-             "features_BTLH": torch.randn(B, T, L, C, H, generator=gen).to(ctx.device, dtype),
+             "features_BTLH": torch.randn(B, T, L, H, generator=gen).to(ctx.device, dtype),
              "final_BTH": torch.randn(B, T, H, generator=gen).to(ctx.device, dtype)}
     seconds, tokens, steps = 0.0, 0, 2
     for i in range(steps + 1):  # the first step warms up

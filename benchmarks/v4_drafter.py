@@ -48,10 +48,10 @@ def _batch(rank: int, step: int):
     import torch
 
     g = torch.Generator().manual_seed(1000 * rank + step)
-    V, H, C = SCALED["vocab_size"], SCALED["hidden_size"], SCALED["hc_mult"]
+    V, H = SCALED["vocab_size"], SCALED["hidden_size"]  # features: the backends hand over the mHC streams' mean
     return {"input_ids_BT": torch.randint(0, V, (BATCH, SEQ), generator=g),
             "loss_mask_BT": torch.ones(BATCH, SEQ, dtype=torch.bool),
-            "features_BTLH": torch.randn(BATCH, SEQ, 3, C, H, generator=g),
+            "features_BTLH": torch.randn(BATCH, SEQ, 3, H, generator=g),
             "final_BTH": torch.randn(BATCH, SEQ, H, generator=g)}, torch.Generator().manual_seed(step)
 
 
