@@ -21,10 +21,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from dspark.config import LengthPolicy, Thinking, choices
 from dspark.data.regenerate import conversation_row, unit_id
 from dspark.targets.sampling import prompt_seed
 
-LENGTH_POLICIES = ("keep", "drop", "mark")
+LENGTH_POLICIES = choices(LengthPolicy)
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
@@ -72,7 +73,7 @@ class ServerOptions:
         if self.length_policy not in LENGTH_POLICIES:
             raise ValueError(f"data.length_policy must be one of {', '.join(LENGTH_POLICIES)}, "
                              f"got {self.length_policy!r}")
-        if self.thinking not in ("default", "on", "off"):
+        if self.thinking not in choices(Thinking):
             raise ValueError(f"data.thinking must be default, on or off, got {self.thinking!r}")
         for name in ("max_in_flight", "max_new_tokens", "max_seq_len"):
             if getattr(self, name) < 1:
