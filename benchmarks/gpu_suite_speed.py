@@ -36,7 +36,6 @@ def drafter_step(ctx: _Context, algorithm: str) -> dict:
     from transformers import AutoConfig
 
     from dspark.config import load_config
-    from dspark.drafters import build_drafter
 
     shapes = SMALL if ctx.small else QWEN3_4B
     overrides = ["target.layer_ids=[0,1,2]", "drafter.num_anchors=16"] if ctx.small else []
@@ -45,16 +44,7 @@ def drafter_step(ctx: _Context, algorithm: str) -> dict:
     dtype = torch.float32 if ctx.small else torch.bfloat16
     H, V, L = shapes["hidden_size"], shapes["vocab_size"], len(cfg.target.layer_ids)
     B, T = (2, 128) if ctx.small else (1, 4096)
-    gen = torch.Generator().manual_seed(0)
-    embed_VH = (torch.randn(V, H, generator=gen) * 0.02).to(ctx.device, dtype)
-    drafter = build_drafter(cfg.drafter, config, cfg.target.layer_ids, embed_VH, embed_VH).to(ctx.device, dtype)
-    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=1e-4)
-    mask_BT = torch.zeros(B, T, dtype=torch.bool)
-    mask_BT[:, T // 8:] = True
-    batch = {"input_ids_BT": torch.randint(0, V, (B, T), generator=gen).to(ctx.device),
-             "loss_mask_BT": mask_BT.to(ctx.device),
-             "features_BTLH": torch.randn(B, T, L, H, generator=gen).to(ctx.device, dtype),
-             "final_BTH": torch.randn(B, T, H, generator=gen).to(ctx.device, dtype)}
+    drafter, optimizer, batch = _drafter_and_batch(ctx, cfg, config, dtype, (B, T, L, H, V))
 
     def step() -> int:
         out = drafter.forward_loss(batch, torch.Generator(device=ctx.device).manual_seed(1))
@@ -109,7 +99,6 @@ def v4_drafter_step(ctx: _Context) -> dict:
     from transformers import AutoConfig
 
     from dspark.config import load_config
-    from dspark.drafters import build_drafter
 
     if ctx.small:
         shapes = dict(vocab_size=4096, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
@@ -126,16 +115,7 @@ def v4_drafter_step(ctx: _Context) -> dict:
     dtype = torch.float32 if ctx.small else torch.bfloat16
     H, V, L = config.hidden_size, config.vocab_size, len(cfg.target.layer_ids)  # features: the mHC streams' mean
     B, T = (2, 64) if ctx.small else (1, 4096)
-    gen = torch.Generator().manual_seed(0)
-    embed_VH = (torch.randn(V, H, generator=gen) * 0.02).to(ctx.device, dtype)
-    drafter = build_drafter(cfg.drafter, config, cfg.target.layer_ids, embed_VH, embed_VH).to(ctx.device, dtype)
-    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=1e-4)
-    mask_BT = torch.zeros(B, T, dtype=torch.bool)
-    mask_BT[:, T // 8:] = True
-    batch = {"input_ids_BT": torch.randint(0, V, (B, T), generator=gen).to(ctx.device),
-             "loss_mask_BT": mask_BT.to(ctx.device),
-             "features_BTLH": torch.randn(B, T, L, H, generator=gen).to(ctx.device, dtype),
-             "final_BTH": torch.randn(B, T, H, generator=gen).to(ctx.device, dtype)}
+    drafter, optimizer, batch = _drafter_and_batch(ctx, cfg, config, dtype, (B, T, L, H, V))
     seconds, tokens, steps = 0.0, 0, 2
     for i in range(steps + 1):  # the first step warms up
         _sync(ctx.device)
@@ -244,3 +224,24 @@ ITEMS_SPEED = {
     "eval_batch": Item(eval_batch, 150),
     "cache_reader": Item(cache_reader, 60),
 }
+
+
+def _drafter_and_batch(ctx, cfg, config, dtype, dims):
+    """A fresh drafter (random frozen embedding = LM head), its AdamW, and one random batch of the real shapes:
+    ``dims`` = (batch, sequence, feature layers, hidden, vocab); the first eighth of each row is prompt."""
+    import torch
+
+    from dspark.drafters import build_drafter
+
+    B, T, L, H, V = dims
+    gen = torch.Generator().manual_seed(0)
+    embed_VH = (torch.randn(V, H, generator=gen) * 0.02).to(ctx.device, dtype)
+    drafter = build_drafter(cfg.drafter, config, cfg.target.layer_ids, embed_VH, embed_VH).to(ctx.device, dtype)
+    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=1e-4)
+    mask_BT = torch.zeros(B, T, dtype=torch.bool)
+    mask_BT[:, T // 8:] = True
+    batch = {"input_ids_BT": torch.randint(0, V, (B, T), generator=gen).to(ctx.device),
+             "loss_mask_BT": mask_BT.to(ctx.device),
+             "features_BTLH": torch.randn(B, T, L, H, generator=gen).to(ctx.device, dtype),
+             "final_BTH": torch.randn(B, T, H, generator=gen).to(ctx.device, dtype)}
+    return drafter, optimizer, batch
