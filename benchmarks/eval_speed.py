@@ -12,12 +12,14 @@ tokens (they must).
     nice -n 10 python benchmarks/eval_speed.py [--targets tiny,smollm2] [--prompts 4] [--tokens 16] [--threads 1]
         [--batches 1,4,12] [--temperature 1]
 
-``--compare prefill`` makes "before" prefill each prompt admitted mid-run beside the decoding rows' drafts
-(``prefill_apart=False``: every row padded to the prompt's length) and "after" in a forward of its own, and also
-times the target alone both ways ("target_before"); at batch 1 both are the same code path (one row, no
-neighbours), so only "after" and "target" run there. ``--drafter-dir`` evaluates a trained export
-(``load_drafter``) instead of the untrained recipe drafter; ``--prompts-file`` takes prompts from a jsonl file
-(e.g. ``../shared/eval_datasets/gsm8k.jsonl``) instead of the builtin set.
+``--compare prefill-logits`` makes "before" compute the LM head over every prompt position of a prefill (as before
+the batched session's ``last_only``) and "after" over the last one only. ``--compare prefill`` makes "before"
+prefill each prompt admitted mid-run beside the decoding rows' drafts (``prefill_apart=False``: every row padded to
+the prompt's length) and "after" in a forward of its own, and also times the target alone both ways
+("target_before"); at batch 1 both are the same code path (one row, no neighbours), so only "after" and "target" run
+there. ``--drafter-dir`` evaluates a trained export (``load_drafter``) instead of the untrained recipe drafter;
+``--prompts-file`` takes prompts from a jsonl file (e.g. ``../shared/eval_datasets/gsm8k.jsonl``) instead of the
+builtin set.
 """
 
 from __future__ import annotations
@@ -99,12 +101,40 @@ def _reference_decode(target, args, prompts, stop_ids) -> tuple[float, list]:
     return wall_s, tokens
 
 
+class _AllPrefillLogits:
+    """``target`` whose batched session ignores ``last_only``: a prefill gets the logits of every prompt position,
+    as before the LM head was limited to the last one (``--compare prefill-logits``'s "before")."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def batch_decode_session(self):
+        session = self.target.batch_decode_session()
+
+        class AllLogits:
+            partial_steps = session.partial_steps
+
+            def __getattr__(self, name):
+                return getattr(session, name)
+
+            def extend(self, ids, last_only=None):
+                return session.extend(ids)
+
+        return AllLogits()
+
+
 def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
     from dspark.eval.specdec import NoDrafts
 
-    # name -> (drafter, batch_proposals, prefill_apart)
+    # name -> (drafter, batch_proposals, prefill_apart[, target])
     if args.compare == "drafts":
         runs = {"before": (drafter, False, True), "after": (drafter, True, True),
+                "target": (NoDrafts(target), True, True)}
+    elif args.compare == "prefill-logits":
+        runs = {"before": (drafter, True, True, _AllPrefillLogits(target)), "after": (drafter, True, True),
                 "target": (NoDrafts(target), True, True)}
     else:
         no_drafts = NoDrafts(target)
@@ -115,9 +145,10 @@ def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
     best = dict.fromkeys(runs, float("inf"))
     records = {}
     for _ in range(args.repeats):
-        for name, (who, batched, apart) in runs.items():
-            wall_s, results = _decode(target, who, prompts, tokens=args.tokens, batch=batch, batched=batched,
-                                      stop_ids=stop_ids, temperature=args.temperature, prefill_apart=apart)
+        for name, (who, batched, apart, *host) in runs.items():
+            wall_s, results = _decode(host[0] if host else target, who, prompts, tokens=args.tokens, batch=batch,
+                                      batched=batched, stop_ids=stop_ids, temperature=args.temperature,
+                                      prefill_apart=apart)
             best[name] = min(best[name], wall_s)
             records[name] = [(r.tokens, r.accepted, r.proposed) for r in results]
     row = {}
@@ -160,9 +191,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads ran ~6x slower, not faster)")
     parser.add_argument("--out", default="benchmarks/results/eval_speed.json")
-    parser.add_argument("--compare", choices=["drafts", "prefill"], default="drafts",
-                        help="what before/after differ in: row-by-row vs batched drafts, or prompts prefilled beside "
-                             "the decoding rows vs apart")
+    parser.add_argument("--compare", choices=["drafts", "prefill", "prefill-logits"], default="drafts",
+                        help="what before/after differ in: row-by-row vs batched drafts, prompts prefilled beside "
+                             "the decoding rows vs apart, or prefill logits of every prompt position vs the last")
     parser.add_argument("--drafter-dir", default="", help="a trained drafter export (one target, one drafter)")
     parser.add_argument("--prompts-file", default="builtin", help="'builtin' or a jsonl file of prompts")
     parser.add_argument("--reference-dir", default="",
@@ -192,6 +223,8 @@ def main() -> None:
                "prompts_file": args.prompts_file,
                "note": ("before = one drafter.propose per row in flight (batch_proposals=False), after = one "
                         "propose_batch per step" if args.compare == "drafts" else
+                        "before = a prefill computes the logits of every prompt position, after = of its last "
+                        "position only (the default)" if args.compare == "prefill-logits" else
                         "before = a prompt admitted mid-run is prefilled beside the decoding rows' drafts "
                         "(prefill_apart=False), after = in a forward of its own (the default); target_before")
                        + ", target = plain target decoding (NoDrafts) at the same batch size; same process, "

@@ -153,8 +153,12 @@ class _SequentialSessions:
     def select(self, rows: list[int]) -> None:
         self.sessions = [self.sessions[r] for r in rows]
 
-    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        return [session.extend(x) if x.numel() else None for session, x in zip(self.sessions, ids)]
+    def extend(self, ids: list[torch.Tensor], last_only: list[bool] | None = None
+               ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """As ``HFBatchDecodeSession.extend`` (``last_only`` rows get their last position's logits alone)."""
+        outputs = [session.extend(x) if x.numel() else None for session, x in zip(self.sessions, ids)]
+        return [(out[0][-1:], out[1]) if out is not None and last else out
+                for out, last in zip(outputs, last_only or [False] * len(ids))]
 
     def truncate(self, lengths: list[int]) -> None:
         for session, length in zip(self.sessions, lengths):
@@ -246,7 +250,8 @@ class _Decoder:
         """One batched target forward over ``feeds`` (an empty feed: the row sits the step out), then every fed
         row takes its output; returns the rows still decoding (the finished ones go to ``results``)."""
         step_start = time.perf_counter()
-        outputs = self.session.extend(feeds)
+        # A row being prefilled needs the logits of its prompt's last position only.
+        outputs = self.session.extend(feeds, last_only=[row.result is None for _, row in rows])
         _synchronize(next(out for out in outputs if out is not None)[0].device)
         self.stats.add(time.perf_counter() - step_start, sum(x.numel() for x in feeds))
         for (_, row), output in zip(rows, outputs):

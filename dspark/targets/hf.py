@@ -235,23 +235,28 @@ class HFBatchDecodeSession:
             self._set(lambda x: x[:, :, :width])
 
     @torch.no_grad()
-    def extend(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def extend(self, ids: list[torch.Tensor], last_only: list[bool] | None = None
+               ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Feed ``ids[r]`` (1-D) after row r's prefix, every fed row in one forward; returns per row (logits
         ``[N_r, V]`` fp32, features ``[N_r, L, H]``). A row fed no tokens sits the step out (None): the forward
         runs on the fed rows' part of the cache alone, so a prompt admitted beside decoding rows is not padded
-        across them."""
+        across them. A row with ``last_only[r]`` gets the logits of its last position alone (``[1, V]``; a
+        prefill needs no more), so the LM head does not run over the whole prompt."""
         if len(ids) != len(self.lengths) or all(x.numel() == 0 for x in ids):
             raise ValueError(f"extend needs one id tensor per row ({len(self.lengths)} rows), at least one "
                              f"non-empty, got sizes {[x.numel() for x in ids]}")
+        last_only = list(last_only) if last_only is not None else [False] * len(ids)
+        if len(last_only) != len(ids):
+            raise ValueError(f"extend got {len(last_only)} last_only flags for {len(ids)} rows; expected one per row")
         fed = [row for row, x in enumerate(ids) if x.numel()]
         if len(fed) == len(ids):
-            return self._extend_all(ids)
+            return self._extend_all(ids, last_only)
         lengths, index = self.lengths, torch.tensor(fed, dtype=torch.long)
         whole = [(layer.keys, layer.values) if layer.is_initialized and layer.keys.dim() == 4 else None
                  for layer in self.cache.layers]
         self._set(lambda x: x.index_select(0, index.to(x.device)) if x.dim() == 4 else x)
         self.lengths = [lengths[row] for row in fed]
-        outputs = self._extend_all([ids[row] for row in fed])
+        outputs = self._extend_all([ids[row] for row in fed], [last_only[row] for row in fed])
         for layer, kept in zip(self.cache.layers, whole):
             keys, values = kept if kept is not None else (None, None)
             layer.keys = _put_rows(keys, layer.keys, index, len(ids))
@@ -265,7 +270,7 @@ class HFBatchDecodeSession:
             results[row] = output
         return results
 
-    def _extend_all(self, ids: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _extend_all(self, ids: list[torch.Tensor], last_only: list[bool]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``extend`` with every row fed at least one token."""
         model = self.target.model
         device = model.device
@@ -291,11 +296,13 @@ class HFBatchDecodeSession:
         features_BNLH = select_layers(out.hidden_states, self.target.layer_ids)
         # One LM-head call over every row's real positions (packed, padding skipped): per-row calls cost ~2x at
         # batch 4 on CPU, and the LM head is the largest product of a step for small targets.
-        real_BN = step_N < num_new_B[:, None]
-        logits_MV = softcap_logits(model.lm_head(out.last_hidden_state[real_BN]).float(), model.config)
+        wanted_BN = step_N < num_new_B[:, None]
+        last_B = torch.tensor(last_only, dtype=torch.bool, device=device)
+        wanted_BN &= ~last_B[:, None] | (step_N == num_new_B[:, None] - 1)
+        logits_MV = softcap_logits(model.lm_head(out.last_hidden_state[wanted_BN]).float(), model.config)
         counts = [x.numel() for x in ids]
-        results = [(logits_NV, features_BNLH[row, :num])
-                   for row, (logits_NV, num) in enumerate(zip(logits_MV.split(counts), counts))]
+        results = [(logits_NV, features_BNLH[row, :num]) for row, (logits_NV, num) in
+                   enumerate(zip(logits_MV.split([1 if last else n for n, last in zip(counts, last_only)]), counts))]
         # Move each row's new columns down to follow its prefix, then drop the junk past the widest row.
         for layer in self.cache.layers:
             for row, x in enumerate(ids):

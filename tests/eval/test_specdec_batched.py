@@ -83,12 +83,24 @@ def test_batched_session_matches_one_session_per_sequence(target):
                   [torch.tensor([19]), torch.tensor([20, 21]), torch.tensor(PROMPTS[4][4:])]):
         check(session.extend(feeds), [2, 0, 3], feeds)
     assert session.lengths == [13, 13, 9]
+    # last_only: a prefilled row gets its last position's logits alone, the others all of theirs; same values.
+    session.add_rows(1)
+    singles.append(target.decode_session())
+    feeds = [torch.tensor([22]), empty, torch.tensor([23, 24]), torch.tensor(PROMPTS[5])]
+    outputs = session.extend(feeds, last_only=[False, False, False, True])
+    assert outputs[1] is None and [out[0].shape[0] for i, out in enumerate(outputs) if i != 1] == [1, 2, 1]
+    for row, (out, ids) in zip([2, 3, 4], [(outputs[0], feeds[0]), (outputs[2], feeds[2]), (outputs[3], feeds[3])]):
+        ref_logits_NV, ref_features_NLH = singles[row].extend(ids)
+        torch.testing.assert_close(out[0], ref_logits_NV[-out[0].shape[0]:], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out[1], ref_features_NLH, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="last_only flags"):
+        session.extend(feeds, last_only=[True])
     with pytest.raises(ValueError, match="one id tensor per row"):
         session.extend([torch.tensor([1])])
     with pytest.raises(ValueError, match="at least one non-empty"):
         session.extend([empty, empty, empty])
     with pytest.raises(ValueError, match="none longer"):
-        session.truncate([10, 10])
+        session.truncate([10, 10, 10, 10])
 
 
 def _run(target, drafter, batch_size: int, temperature: float, stop_ids=()):
@@ -139,9 +151,9 @@ class _RecordingTarget:
             def __getattr__(self, name):
                 return getattr(session, name)
 
-            def extend(self, ids):
+            def extend(self, ids, last_only=None):
                 steps.append([x.numel() for x in ids])
-                return session.extend(ids)
+                return session.extend(ids, last_only)
 
         return Recording()
 
