@@ -8,9 +8,12 @@
 2. Acceptance of a tiny V4 draft trained vs untrained on the tiny V4 target (``tiny_deepseek_v4_dspark``: the target
    regenerates its answers, the cache keeps every mHC stream, the trainer trains the draft), measured by real
    speculative decoding at T=0 on the recipe's held-out prompts. The untrained draft is the trained one's
-   initialisation (the same seed).
+   initialisation (the same seed). Twice: on the plain random target, whose next-token distributions are nearly
+   uniform, and on the same target with its LM head scaled by ``--head-scale`` (the same greedy text, peaked
+   distributions), with the target's mean top-token probability recorded for each.
 
-    python benchmarks/v4_drafter.py [--steps 6] [--prompts 64] [--epochs 3] [--out benchmarks/results/v4_drafter.json]
+    python benchmarks/v4_drafter.py [--steps 6] [--prompts 64] [--epochs 8] [--head-scale 30]
+        [--out benchmarks/results/v4_drafter.json]
 
 Timings share the CPU with whatever else runs (the load average before and after is recorded).
 """
@@ -142,17 +145,48 @@ def measure_expert_parallel(work: Path, steps: int, timeout_s: float) -> dict:
     return result
 
 
-def measure_acceptance(work: Path, prompts: int, epochs: int) -> dict:
+def _sharpen(target_dir: Path, scale: float) -> None:
+    """Multiply the tiny target's LM head by ``scale`` in place: the same argmax everywhere (the same greedy
+    text), but peaked next-token distributions instead of the near-uniform ones of a random hidden-64 model."""
+    from safetensors.torch import load_file, save_file
+
+    path = target_dir / "model.safetensors"
+    tensors = load_file(path)
+    tensors["head.weight"] = tensors["head.weight"] * scale  # transformers' DeepSeek-V4 names its LM head "head"
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _mean_top_prob(target, prompts: list[list[int]]) -> float:
+    """The target's mean probability of its own argmax over the prompts' positions (1/vocab = uniform)."""
+    import torch
+
+    tops = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = target.model(input_ids=torch.tensor([ids])).logits[0].float()
+            tops.append(logits.softmax(-1).max(-1).values)
+    return float(torch.cat(tops).mean())
+
+
+def measure_acceptance(work: Path, prompts: int, epochs: int, head_scale: float) -> dict:
     """tiny_deepseek_v4_dspark end to end in this process: regenerate, cache, train, then speculative decoding at
-    T=0 with the trained draft and with its untrained initialisation."""
+    T=0 with the trained draft and with its untrained initialisation; with ``head_scale`` != 1 on the tiny target
+    with its LM head scaled (``_sharpen``)."""
     from dspark import stages
     from dspark.config import load_config
+    from dspark.data.chat import prompt_ids
+    from dspark.data.prompts import load_prompts
     from dspark.targets import load_target
     from dspark.targets.tiny import make_tiny_target, smollm2_tokenizer
 
-    target_dir = make_tiny_target(work / "tiny-v4", "deepseek_v4", smollm2_tokenizer(work / "tokenizer"))
+    name = f"x{head_scale:g}"
+    target_dir = work / f"tiny-v4-{name}"
+    if not (target_dir / "config.json").exists():
+        make_tiny_target(target_dir, "deepseek_v4", smollm2_tokenizer(work / "tokenizer"))
+        if head_scale != 1:
+            _sharpen(target_dir, head_scale)
     cfg = load_config("tiny_deepseek_v4_dspark", [
-        f"run_dir={work / 'run'}", f"target.name_or_path={target_dir}", f"data.max_prompts={prompts}",
+        f"run_dir={work / f'run-{name}'}", f"target.name_or_path={target_dir}", f"data.max_prompts={prompts}",
         "data.max_new_tokens=48", "data.num_eval_prompts=8", f"train.num_epochs={epochs}", "train.resume=false",
         "eval.num_prompts=8", "eval.max_new_tokens=32", "eval.temperatures=[0.0]"])
     target = load_target(cfg.target)
@@ -162,7 +196,10 @@ def measure_acceptance(work: Path, prompts: int, epochs: int) -> dict:
     trained = stages.train(cfg, progress=False)
     train_s = time.perf_counter() - start
     report = stages.evaluate(cfg, target=target, progress=False)["T0"]
-    out = {"train_steps": trained.steps, "train_s": round(train_s, 1), "final_loss": round(trained.final_loss, 4),
+    sample = [prompt_ids(target.tokenizer, p) for p in load_prompts("builtin", 8)]
+    out = {"lm_head_scale": head_scale, "target_mean_top_prob": round(_mean_top_prob(target, sample), 6),
+           "uniform_prob": round(1 / target.config.vocab_size, 6), "train_steps": trained.steps,
+           "train_s": round(train_s, 1), "final_loss": round(trained.final_loss, 4),
            "eval_prompts": cfg.eval.num_prompts, "new_tokens_per_prompt": cfg.eval.max_new_tokens}
     for name in ("untrained", "trained"):
         out[name] = {"tau": round(report[name]["tau"], 3), "num_rounds": report[name]["num_rounds"],
@@ -177,7 +214,9 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench_v4_drafter", help="scratch directory")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per EP setting (after one warm-up)")
     parser.add_argument("--prompts", type=int, default=64, help="prompts regenerated for training the tiny draft")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--head-scale", type=float, default=30.0,
+                        help="LM-head scale of the second, peaked tiny target (the first is the plain random one)")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", default="benchmarks/results/v4_drafter.json")
     args = parser.parse_args()
@@ -191,7 +230,8 @@ def main() -> None:
     load_before = os.getloadavg()
     ep = measure_expert_parallel(work, args.steps, args.timeout)
     print(f"expert parallel: {json.dumps(ep)}", flush=True)
-    acceptance = measure_acceptance(work, args.prompts, args.epochs)
+    acceptance = {f"lm_head_x{scale:g}": measure_acceptance(work, args.prompts, args.epochs, scale)
+                  for scale in (1.0, args.head_scale)}
     print(f"acceptance: {json.dumps(acceptance)}", flush=True)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

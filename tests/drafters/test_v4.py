@@ -91,6 +91,49 @@ def test_training_moves_every_trained_weight_and_balances_experts(one_thread):
     assert all(torch.equal(s.mlp.gate.e_score_correction_bias, f) for s, f in zip(drafter.stages, frozen))
 
 
+def _sharp_target_batch(scale: float):
+    """A batch whose target is peaked at the next token: ``final[t] = scale * lm_head[ids[t + 1]]``."""
+    batch = features(2, 48, seed=3)
+    drafter = make_drafter()
+    next_BT = torch.roll(batch["input_ids_BT"], -1, dims=1)
+    batch["final_BTH"] = scale * drafter.lm_head.weight[next_BT]
+    return batch
+
+
+def _agreement(drafter, batch, anchor_pos_BA) -> tuple[float, int]:
+    """Teacher-forced share of draft slots whose argmax is the target's argmax, and how many distinct tokens the
+    draft predicts."""
+    with torch.no_grad():
+        draft_BAKV = drafter.teacher_forced_logits(batch, anchor_pos_BA)
+        target_BTV = batch["final_BTH"] @ drafter.lm_head.weight.T
+    K = draft_BAKV.shape[2]
+    pos_BAK = anchor_pos_BA.unsqueeze(-1) + torch.arange(K)
+    target_BAK = target_BTV.argmax(-1).gather(1, pos_BAK.flatten(1)).view(pos_BAK.shape)
+    draft_BAK = draft_BAKV.argmax(-1)
+    return (draft_BAK == target_BAK).float().mean().item(), draft_BAK.unique().numel()
+
+
+def test_training_fits_a_peaked_target_instead_of_collapsing(one_thread):
+    """The DSpark loss drives the teacher-forced draft towards the target's argmax on every slot, with as many
+    distinct tokens as the target predicts (a collapse to one token, seen once on a near-uniform tiny target, fails
+    this). Overfits one batch of a target peaked at the next token."""
+    batch = _sharp_target_batch(scale=4.0)
+    drafter = make_drafter(moe_bias_update_rate=0.01).train()
+    anchors_BA = torch.tensor([[3, 11, 19, 27, 35], [5, 13, 21, 29, 37]])
+    before, _ = _agreement(drafter, batch, anchors_BA)
+    optimizer = torch.optim.Adam(drafter.trainable_parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        out = drafter.forward_loss(batch, generator)
+        optimizer.zero_grad()
+        (out.numerator / out.weight_sum).backward()
+        optimizer.step()
+    after, distinct = _agreement(drafter, batch, anchors_BA)
+    assert before < 0.15, before
+    assert after > 0.8, after
+    assert distinct >= 30  # 50 slots over 256 tokens: the draft spreads over the targets' tokens
+
+
 def test_selection_bias_step_follows_expert_load(one_thread):
     """The bias step is -rate * sign(load - mean load), with the load summed by the hook set from outside."""
     drafter = make_drafter(moe_bias_update_rate=0.5)
