@@ -114,14 +114,14 @@ def reference_chunked_vocab_loss(h_NH, u_NR, w2_VR, lm_head_VH, final_NH, labels
 @contextlib.contextmanager
 def reference_loss():
     """Within the block, DSpark/DFlash drafters train with ``reference_chunked_vocab_loss``."""
-    from dspark.drafters.dspark import heads, model
+    from dspark.drafters.dspark import model
 
-    saved = heads.chunked_vocab_loss, model.chunked_vocab_loss
-    heads.chunked_vocab_loss = model.chunked_vocab_loss = reference_chunked_vocab_loss
+    saved = model.chunked_vocab_loss
+    model.chunked_vocab_loss = reference_chunked_vocab_loss
     try:
         yield
     finally:
-        heads.chunked_vocab_loss, model.chunked_vocab_loss = saved
+        model.chunked_vocab_loss = saved
 
 
 def _batch(B: int, T: int, L: int, H: int, V: int, device, dtype, generator):

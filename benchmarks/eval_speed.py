@@ -44,8 +44,7 @@ def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool,
     from dspark.eval.specdec import prompt_seed, speculative_generate_batch
 
     generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(len(prompts))]
-    if hasattr(drafter, "_context_cache"):
-        drafter._context_cache = None  # every run starts cold
+    drafter.reset_context_cache()  # every run starts cold
     start = time.perf_counter()
     results = speculative_generate_batch(target, drafter, prompts, max_new_tokens=tokens, temperature=temperature,
                                          generators=generators, batch_size=batch, stop_ids=stop_ids,

@@ -563,7 +563,7 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
                          "raise eval.num_prompts or pass more prompts")
 
     drafter = load_drafter(drafter_dir, apply_calibration=False)  # the raw head: STS inverts its sigmoid
-    if getattr(drafter, "confidence_head", None) is None:
+    if drafter.confidence_head is None:
         raise ValueError(f"drafter at {drafter_dir} has no confidence head to calibrate "
                          f"(algorithm {drafter.algorithm}, enable_confidence_head off)")
     target = target or load_target(cfg.target, device=dist_utils.local_device())

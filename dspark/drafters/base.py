@@ -17,6 +17,8 @@ every term is normalised globally (DESIGN section 4).
 from __future__ import annotations
 
 import abc
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,9 +70,29 @@ def sample_rows(logits_BV: torch.Tensor, temperature: float, generators: list[to
 
 
 class Drafter(nn.Module, abc.ABC):
-    """Trainable drafter around the frozen target embedding and LM head."""
+    """Trainable drafter around the frozen target embedding and LM head.
+
+    Besides the loss and the proposals, the interface declares the optional parts callers may use; the defaults
+    here say "not supported", and a drafter that has the part overrides them.
+    """
 
     algorithm: str
+    block_size: int  # tokens drafted per proposal (K)
+    # The evaluator passes every row's context token ids to ``propose_batch`` (``context_ids``).
+    needs_context_ids: bool = False
+    # True while a pruned draft vocabulary still has to be fitted: the trainer then calls ``fit_draft_vocab``.
+    needs_token_counts: bool = False
+    # The export formats that can hold this drafter (``dspark.export`` refuses the others); None = every format
+    # that knows the algorithm.
+    export_formats: tuple[str, ...] | None = None
+    # Sums routed-expert loads over the data ranks (``counts_E -> counts_E``); set from outside (``dspark.train``)
+    # when there are several ranks, read by drafters with routed experts (aux-loss-free balancing).
+    reduce_expert_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __init__(self):
+        super().__init__()
+        # The confidence head (``ConfidenceHead``) of drafters that have one; None = no confidence per slot.
+        self.confidence_head: nn.Module | None = None
 
     @abc.abstractmethod
     def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
@@ -112,3 +134,34 @@ class Drafter(nn.Module, abc.ABC):
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters that ``forward`` uses outside their own module's ``forward`` (e.g. a weight passed to a fused
+        loss). A sharded wrapper must gather them for the whole drafter forward (``dspark.train`` registers them
+        with ZeRO-3). None by default."""
+        return []
+
+    def reset_context_cache(self) -> None:
+        """Forget what earlier proposals cached (a ``PrefixCache`` of context rows, for drafters that keep one), to
+        start cold or to free it when the weights' storage may be reused (ZeRO-3 gathers). Nothing by default."""
+
+    def fit_draft_vocab(self, samples) -> None:
+        """Fit a pruned draft vocabulary to the supervised tokens of ``samples`` (see ``needs_token_counts``)."""
+        raise ValueError(f"drafter {self.algorithm!r} has no draft vocabulary to fit")
+
+    def init_from_target(self, model_dir) -> list[str]:
+        """Copy draft layers from the target checkpoint at ``model_dir``; returns the names copied."""
+        raise ValueError(f"drafter.init_from_target is set, but drafter {self.algorithm!r} has no target layers to "
+                         "copy; expected algorithm dspark_v4")
+
+    def set_confidence_temperatures(self, temperatures: list[float]) -> None:
+        """Per-slot STS temperatures for the confidence head (``calibration.json``; ones = uncalibrated)."""
+        if self.confidence_head is None:
+            raise ValueError(f"drafter {self.algorithm} has no confidence head to calibrate "
+                             "(drafter.enable_confidence_head is off)")
+        if len(temperatures) != self.block_size or not all(math.isfinite(t) and t > 0 for t in temperatures):
+            raise ValueError(f"expected {self.block_size} confidence temperatures > 0 (one per slot), got "
+                             f"{list(temperatures)!r}")
+        buffer = self.confidence_head.temperature_K
+        # Replaced rather than copied into, so a drafter cast to bf16 still divides by the exact fp32 values.
+        self.confidence_head.temperature_K = torch.tensor(temperatures, dtype=torch.float32, device=buffer.device)

@@ -83,7 +83,7 @@ class PeriodicEval:
                     module.train(was_training)
                     # Decoding caches the fused context keyed on the weights' storage; ZeRO-3 gathers may reuse
                     # that storage for other weights, and it holds memory: drop it.
-                    module.__dict__.pop("_context_cache", None)
+                    module.reset_context_cache()
         dist_utils.barrier()
         return scalars if self.rank == 0 else None
 

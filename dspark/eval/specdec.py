@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dspark.drafters.base import Drafter, Proposal
 from dspark.eval.metrics import EvalReport, format_table
 
 __all__ = ["DecodeStats", "EvalReport", "GenerationResult", "NoDrafts", "confident_length", "decode_prompts",
@@ -280,7 +281,7 @@ class _Decoder:
             generators = [row.generator for row in drafting]
             # A drafter that embeds context tokens (Eagle3) says so with ``needs_context_ids``.
             ids = ([row.context_ids_T[: row.num_context] for row in drafting]
-                   if getattr(self.drafter, "needs_context_ids", False) else None)
+                   if self.drafter.needs_context_ids else None)
             if self.batch_proposals:
                 extra = {"context_ids": ids} if ids is not None else {}
                 proposals = self.drafter.propose_batch(contexts, anchors, temperature=self.temperature,
@@ -452,10 +453,13 @@ def target_generate(target, prompt_ids: list[int], *, max_new_tokens: int, tempe
     return tokens
 
 
-class NoDrafts(torch.nn.Module):
+class NoDrafts(Drafter):
     """A drafter that proposes nothing: speculative decoding with it is plain target decoding through the same
     (batched) decode session, each round one target token. The baseline a drafter's tokens/s is compared with at
     the same batch size. The empty parameter only says which device the target's logits are on."""
+
+    algorithm = "none"
+    block_size = 0
 
     def __init__(self, target):
         super().__init__()
@@ -463,9 +467,10 @@ class NoDrafts(torch.nn.Module):
         self.vocab_size = weight_VH.shape[0]
         self.anchor = torch.nn.Parameter(weight_VH.new_empty(0), requires_grad=False)
 
-    def propose(self, context_TLH, anchor_id: int, *, temperature: float, generator=None, **_):
-        from dspark.drafters.base import Proposal
+    def forward_loss(self, batch, generator=None):
+        raise ValueError("NoDrafts is the plain-decoding baseline; it has nothing to train")
 
+    def propose(self, context_TLH, anchor_id: int, *, temperature: float, generator=None, **_):
         return Proposal(tokens_K=torch.empty(0, dtype=torch.long),
                         probs_KV=torch.empty((0, self.vocab_size), dtype=torch.float32))
 

@@ -122,7 +122,7 @@ def export_drafter(drafter, out_dir: str | os.PathLike, fmt: str = "deepspec", t
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} unknown; expected one of: {', '.join(sorted(FORMATS))}")
     # A drafter that only one family of layouts can hold (DeepSeek-V4's mtp.* draft) lists them.
-    allowed = getattr(drafter, "export_formats", None)
+    allowed = drafter.export_formats
     if allowed is not None and fmt not in allowed:
         raise ValueError(f"export format {fmt!r} cannot hold drafter {drafter.algorithm!r}; expected one of: "
                          f"{', '.join(allowed)}")
@@ -158,9 +158,9 @@ def load_drafter(export_dir: str | os.PathLike, apply_calibration: bool = True, 
     from dspark.eval.sts import read_calibration
 
     drafter = load_exported(export_dir, verifier=verifier)
-    temperatures = read_calibration(export_dir, getattr(drafter, "block_size", None)) if apply_calibration else None
+    temperatures = read_calibration(export_dir, drafter.block_size) if apply_calibration else None
     if temperatures is not None:
-        if not hasattr(drafter, "set_confidence_temperatures"):
+        if drafter.confidence_head is None:
             raise ValueError(f"{Path(export_dir) / 'calibration.json'}: drafter {drafter.algorithm} has no "
                              "confidence head to calibrate")
         drafter.set_confidence_temperatures(temperatures)

@@ -1,4 +1,5 @@
-"""What every attach-on exporter shares: the tensor check against a layout and the atomic write of a directory."""
+"""What every attach-on exporter shares: the draft layers' config fields taken from the target, the tensor check
+against a layout and the atomic write of a directory."""
 
 from __future__ import annotations
 
@@ -14,6 +15,47 @@ import torch
 WEIGHTS_FILE = "model.safetensors"
 # Exports are handed to serving engines that often run as another user: world-readable files and folders.
 FILE_MODE, DIR_MODE = 0o644, 0o755
+# How the feature layer ids of an export's "dspark" section read.
+LAYER_SEMANTICS = "id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embeddings"
+# Target config fields copied into an exported config.json (a Qwen3 / Llama config describing the draft layers).
+TARGET_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "rms_norm_eps", "rope_parameters", "max_position_embeddings", "initializer_range",
+                 "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def target_fields(drafter) -> dict:
+    """``TARGET_FIELDS`` of the drafter's target config, with the attention geometry and norm epsilon its draft
+    layers were built with (a field the target lacks is None)."""
+    from dspark.drafters.common import config_get
+
+    fields = {k: config_get(drafter.target_config, k) for k in TARGET_FIELDS}
+    fields.update(head_dim=drafter.head_dim, num_key_value_heads=drafter.num_kv_heads,
+                  rms_norm_eps=drafter.rms_norm_eps)
+    return fields
+
+
+def gemma4_fields(drafter) -> dict:
+    """Every field of a Gemma4 target's text config as the reference's Gemma4 drafters read it (DESIGN 8.2):
+    ``global_head_dim`` / ``num_global_key_value_heads`` at the top level (transformers 5.10 reads them there),
+    ``rope_parameters`` with its per-layer-type sub-dicts plus the top-level ``rope_type``/``rope_theta`` the
+    reference's own save adds, and the target's model types. An exported config (a dict) passes through."""
+    config = drafter.target_config
+    if isinstance(config, dict):
+        fields = {k: v for k, v in config.items() if k not in ("dspark",)}
+    else:
+        fields = config.to_dict()
+        for key in ("per_layer_config", "architectures", "_name_or_path", "transformers_version", "dtype",
+                    "torch_dtype"):
+            fields.pop(key, None)
+    # The reference's Gemma4 targets are the multimodal checkpoints (gemma4 / gemma4_unified) around this text model.
+    fields.setdefault("target_text_model_type", fields.get("model_type"))
+    fields.setdefault("target_model_type", fields["target_text_model_type"].removesuffix("_text"))
+    rope = dict(fields.get("rope_parameters") or {})
+    rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", None)
+    fields.update(model_type="gemma4_text", global_head_dim=drafter.head_dim,
+                  num_global_key_value_heads=drafter.num_kv_heads, rope_parameters=rope)
+    return fields
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], layout: str, where: str,

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import torch
 
-from dspark.export.common import WEIGHTS_FILE, check_tensors, write_checkpoint
+from dspark.export.common import (
+    LAYER_SEMANTICS,
+    WEIGHTS_FILE,
+    check_tensors,
+    gemma4_fields,
+    target_fields,
+    write_checkpoint,
+)
+
+# Version of the "dspark" section of the exported config.json; readers refuse newer versions.
+DSPARK_SECTION_VERSION = 1
 
 REQUIRED_CONFIG_KEYS = (
     "architectures", "model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -44,6 +54,52 @@ def attention_geometry(config: dict) -> tuple[int, int, bool]:
     k_eq_v = bool(config["attention_k_eq_v"])
     kv_heads = config["num_global_key_value_heads"] if k_eq_v else config["num_key_value_heads"]
     return config["global_head_dim"], kv_heads, k_eq_v
+
+
+def deepspec_config(drafter) -> dict:
+    """The deepspec ``config.json`` of a DSpark / DFlash drafter (DESIGN section 8) plus a versioned ``dspark``
+    section: the reference's ``Qwen3DSparkModel`` or, on a Gemma4 target, its ``Gemma4DSparkModel`` (DESIGN 8.2:
+    the target's text config + the draft fields)."""
+    n = len(drafter.layers)
+    if drafter.variant.gemma4:
+        out = {"architectures": [GEMMA4_ARCHITECTURE], **gemma4_fields(drafter)}
+        out.update({"intermediate_size": drafter.intermediate_size, "num_hidden_layers": n,
+                    "layer_types": ["full_attention"] * n})
+    else:
+        out = {"architectures": [ARCHITECTURE], "model_type": "qwen3"}
+        out.update({k: v for k, v in target_fields(drafter).items() if v is not None})
+        out.update({"intermediate_size": drafter.intermediate_size, "num_hidden_layers": n,
+                    "layer_types": ["full_attention"] * n, "max_window_layers": n, "use_sliding_window": False,
+                    "sliding_window": None, "attention_bias": False, "attention_dropout": 0.0,
+                    "hidden_act": "silu"})
+    cfg = drafter.cfg
+    out.update({
+        # In the DFlash layout the block fed to the model holds the anchor plus K masks (DFlash convention).
+        "block_size": drafter.block_len,
+        "mask_token_id": drafter.mask_token_id,
+        "target_layer_ids": list(drafter.layer_ids),
+        "num_anchors": cfg.num_anchors,
+        "num_target_layers": drafter.num_target_layers,
+        "enable_confidence_head": drafter.confidence_head is not None,
+        "markov_rank": drafter.markov_rank,
+        "tie_word_embeddings": False,
+        "dtype": str(drafter.fc.weight.dtype).removeprefix("torch."),
+    })
+    if drafter.confidence_head is not None:
+        out["confidence_head_with_markov"] = drafter.confidence_head.with_markov
+    if drafter.markov_rank > 0:
+        out["markov_head_type"] = drafter.markov_head.kind
+    out["dspark"] = {
+        "format_version": DSPARK_SECTION_VERSION,
+        "algorithm": drafter.algorithm,
+        "dflash_layout": drafter.dflash_layout,
+        "layer_semantics": LAYER_SEMANTICS,
+        "loss_decay": cfg.loss_decay,
+        "ce_weight": cfg.ce_weight,
+        "l1_weight": cfg.l1_weight,
+        "bce_weight": cfg.bce_weight,
+    }
+    return out
 
 
 def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -115,7 +171,7 @@ def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
         from dspark.export.deepspec_eagle3 import export_deepspec_eagle3
 
         return export_deepspec_eagle3(drafter, target_config, out_dir)
-    config = drafter.drafter_config()
+    config = deepspec_config(drafter)
     for key in ("hidden_size", "vocab_size") if target_config is not None else ():
         if config_get(target_config, key) != config[key]:
             raise ValueError(f"drafter {key} {config[key]} does not match the target config's "
@@ -130,7 +186,6 @@ def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
 def drafter_config_from_deepspec(config: dict):
     """The ``DrafterConfig`` a deepspec ``config.json`` describes."""
     from dspark.config import DrafterConfig
-    from dspark.drafters.dspark.model import DSPARK_SECTION_VERSION
 
     section = config.get("dspark") or {}
     version = section.get("format_version", DSPARK_SECTION_VERSION)

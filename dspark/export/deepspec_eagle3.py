@@ -2,7 +2,8 @@
 
 ``config.json`` is the target's config with the draft fields: on a Gemma4 target every field of its text config
 (``model_type`` gemma4_text, the global attention geometry at the top level, ``target_model_type`` /
-``target_text_model_type``; see ``gemma4_export_fields``), otherwise the target's fields as a Qwen3 config; then
+``target_text_model_type``; see ``dspark.export.common.gemma4_fields``), otherwise the target's fields as a Qwen3
+config; then
 ``architectures``, ``num_hidden_layers`` = ``draft_num_hidden_layers`` = 1, ``num_target_layers``, ``layer_types``,
 ``target_model_name_or_path``, ``target_layer_ids``, ``ttt_length``, ``step_loss_decay``, ``tie_word_embeddings:
 false``, ``dtype``, plus a versioned ``dspark`` section (block size at decode time, layer-id semantics). The
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dspark.export.common import check_tensors, write_checkpoint
+from dspark.export.common import LAYER_SEMANTICS, check_tensors, gemma4_fields, target_fields, write_checkpoint
+from dspark.export.eagle3 import EAGLE3_SECTION_VERSION
 
 QWEN3_ARCHITECTURE = "Qwen3Eagle3Model"
 GEMMA4_ARCHITECTURE = "Gemma4Eagle3Model"
@@ -50,13 +52,11 @@ def _is_gemma4(config: dict) -> bool:
 
 def deepspec_eagle3_config(drafter) -> dict:
     """The ``config.json`` of an Eagle3 drafter whose midlayer is the reference's (``drafter.deepspec_layout``)."""
-    from dspark.drafters.eagle3.model import EAGLE3_SECTION_VERSION, LAYER_SEMANTICS
-
     if drafter.variant.gemma4:
-        out = {"architectures": [GEMMA4_ARCHITECTURE], **drafter.gemma4_config}
+        out = {"architectures": [GEMMA4_ARCHITECTURE], **gemma4_fields(drafter)}
     else:
         out = {"architectures": [QWEN3_ARCHITECTURE], "model_type": "qwen3"}
-        out.update({k: v for k, v in drafter.target_fields.items() if v is not None})
+        out.update({k: v for k, v in target_fields(drafter).items() if v is not None})
         out.update({"max_window_layers": 1, "use_sliding_window": False, "sliding_window": None,
                     "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu"})
     out.update({
@@ -148,7 +148,7 @@ def load_deepspec_eagle3(export_dir: str | os.PathLike):
     """Rebuild the ``Eagle3Drafter`` of a deepspec Eagle3 directory (strict: every tensor, none extra). A config
     without the ``dspark`` section (the reference's own) drafts ``ttt_length`` tokens per round."""
     from dspark.config import DrafterConfig
-    from dspark.drafters.eagle3.model import EAGLE3_SECTION_VERSION, Eagle3Drafter
+    from dspark.drafters.eagle3.model import Eagle3Drafter
     from dspark.export.eagle3 import _read
 
     path = Path(export_dir)

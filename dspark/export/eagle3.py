@@ -28,8 +28,11 @@ from pathlib import Path
 
 import torch
 
-from dspark.export.common import WEIGHTS_FILE, check_tensors, write_checkpoint
+from dspark.export.common import LAYER_SEMANTICS, WEIGHTS_FILE, check_tensors, target_fields, write_checkpoint
 
+# Version of the "dspark" section of the exported config.json (eagle3, speculators and deepspec Eagle3 layouts);
+# readers refuse newer versions.
+EAGLE3_SECTION_VERSION = 1
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 SPECULATORS_ARCHITECTURE = "Eagle3Speculator"
 SPECULATORS_VERSION = "0.9.0"
@@ -58,7 +61,7 @@ def _check_drafter(drafter, where: str) -> None:
 
 def _llama_fields(drafter) -> dict:
     """The Llama config of the one draft layer (HF names)."""
-    tf = drafter.target_fields
+    tf = target_fields(drafter)
     rope = tf.get("rope_parameters") or {}
     attn = drafter.midlayer.self_attn
     fields = {
@@ -89,8 +92,6 @@ def _llama_fields(drafter) -> dict:
 
 
 def _dspark_section(drafter) -> dict:
-    from dspark.drafters.eagle3.model import EAGLE3_SECTION_VERSION, LAYER_SEMANTICS
-
     return {"format_version": EAGLE3_SECTION_VERSION, "algorithm": "eagle3", "layer_ids": list(drafter.layer_ids),
             "layer_semantics": LAYER_SEMANTICS, "num_target_layers": drafter.num_target_layers,
             "block_size": drafter.block_size, "ttt_length": drafter.ttt_length, "ttt_decay": drafter.cfg.ttt_decay}
@@ -243,7 +244,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _build(layer: dict, section: dict, tensors: dict[str, torch.Tensor], layer_prefix: str, where: str):
     from dspark.config import DrafterConfig
-    from dspark.drafters.eagle3.model import EAGLE3_SECTION_VERSION, Eagle3Drafter
+    from dspark.drafters.eagle3.model import Eagle3Drafter
 
     version = section.get("format_version")
     if not isinstance(version, int) or version > EAGLE3_SECTION_VERSION:

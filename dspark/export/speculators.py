@@ -50,7 +50,9 @@ _FROZEN = ("embed_tokens.weight", "lm_head.weight")
 
 def speculators_config(drafter, target_config, where: str = "speculators export") -> dict:
     """The ``config.json`` of ``drafter`` (a DSpark/DFlash drafter) in vLLM speculators' layout."""
-    deepspec = drafter.drafter_config()
+    from dspark.export.deepspec import deepspec_config
+
+    deepspec = deepspec_config(drafter)
     algorithm = drafter.algorithm
     speculative_tokens = drafter.block_size  # K predicted tokens in both block layouts
     layer = {k: v for k, v in deepspec.items() if k not in _NOT_LAYER_FIELDS}

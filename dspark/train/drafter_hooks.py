@@ -1,9 +1,12 @@
 """What the trainer applies to a drafter from outside before training (the model code stays single-device).
 
-- ``drafter.init_from_target=true``: a drafter with ``init_from_target(model_dir)`` (DeepSeek-V4's mtp.* draft)
-  copies its stages from the target's own layers; every rank reads the same tensors, so replicas start equal.
-- Aux-loss-free MoE balancing across data ranks: a drafter with a ``reduce_expert_counts`` hook gets an all-reduce
-  (sum) of its routers' expert loads, so every rank moves the selection biases by the same step.
+- ``drafter.init_from_target=true``: ``Drafter.init_from_target(model_dir)`` (DeepSeek-V4's mtp.* draft) copies
+  the draft stages from the target's own layers; every rank reads the same tensors, so replicas start equal.
+- Aux-loss-free MoE balancing across data ranks: with several ranks ``Drafter.reduce_expert_counts`` becomes an
+  all-reduce (sum), so every rank moves the routers' selection biases by the same step.
+- ``train.zero_stage=3``: the parameters the drafter's forward uses outside their own module
+  (``Drafter.external_parameters``, e.g. the Markov W2 handed to the fused loss) are registered with ZeRO-3, which
+  then gathers them for the whole drafter forward and backward as it does a module's own weights.
 - ``train.expert_parallel > 1``: the routed experts are split over expert-parallel groups
   (``dspark.train.expert_parallel``), after init from target so each rank keeps its slice of the copied experts.
 """
@@ -16,11 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare_drafter(drafter, cfg, world: int) -> None:
-    """Apply ``cfg``'s drafter options that need the run (the target's path, the process group)."""
+    """Apply ``cfg``'s drafter options that need the run (the target's path, the process group, ZeRO-3)."""
     if cfg.drafter.init_from_target:
-        if not hasattr(drafter, "init_from_target"):
-            raise ValueError(f"drafter.init_from_target is set, but drafter {drafter.algorithm!r} has no target layers "
-                             "to copy; expected algorithm dspark_v4")
         from dspark.targets.source import resolve_target_source
 
         source, gguf_file, _ = resolve_target_source(cfg.target.name_or_path)
@@ -29,7 +29,7 @@ def prepare_drafter(drafter, cfg, world: int) -> None:
         copied = drafter.init_from_target(source)
         log.info("drafter.init_from_target: %d tensors copied from %s layers %s", len(copied), source,
                  cfg.target.layer_ids)
-    if hasattr(drafter, "reduce_expert_counts") and world > 1:
+    if world > 1:
         import torch.distributed as dist
 
         def all_ranks_sum(counts):
@@ -38,6 +38,11 @@ def prepare_drafter(drafter, cfg, world: int) -> None:
             return counts
 
         drafter.reduce_expert_counts = all_ranks_sum
+    if cfg.train.zero_stage == 3:
+        from deepspeed.zero import register_external_parameter
+
+        for param in drafter.external_parameters():
+            register_external_parameter(drafter, param)
     if cfg.train.expert_parallel > 1:
         from dspark.train.expert_parallel import apply_expert_parallel
 

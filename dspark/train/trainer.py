@@ -168,7 +168,7 @@ def _build_engine(cfg: RunConfig, frozen, conversations_path: Path, total_steps:
 
     torch.manual_seed(cfg.train.seed)
     drafter = build_drafter(cfg.drafter, frozen.hf_config, cfg.target.layer_ids, frozen.embed_VH, frozen.lm_head_VH)
-    if getattr(drafter, "needs_token_counts", False):  # a pruned draft vocab (Eagle3): the most frequent tokens
+    if drafter.needs_token_counts:  # a pruned draft vocab (Eagle3): the most frequent tokens
         from dspark.data.regenerate import read_conversations
 
         drafter.fit_draft_vocab(read_conversations(conversations_path))

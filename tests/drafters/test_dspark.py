@@ -13,6 +13,7 @@ from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_batch, make_drafter
 from dspark.config import DrafterConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.drafters.anchors import sample_anchors
+from dspark.export.deepspec import deepspec_config
 
 EPS = TINY_TARGET["rms_norm_eps"]
 THETA = TINY_TARGET["rope_parameters"]["rope_theta"]
@@ -277,7 +278,7 @@ def test_dflash_layout_block_is_the_dspark_block_one_longer_without_its_anchor_o
     h_long = long.block_hidden(ctx, anchor_ids, anchors)
     assert h_dflash.shape == (2, 2, 4, H)
     torch.testing.assert_close(h_dflash, h_long[:, :, 1:])
-    assert dflash.drafter_config()["block_size"] == 5 and long.drafter_config()["block_size"] == 5
+    assert deepspec_config(dflash)["block_size"] == 5 and deepspec_config(long)["block_size"] == 5
 
 
 def test_dflash_algorithm_ignores_heads_with_a_warning():

@@ -216,7 +216,7 @@ def test_draft_vocab_maps_draft_ids_to_target_ids():
         assert torch.all(p.probs_KV[torch.arange(4), p.tokens_K] > 0)
     # Greedy: the proposal is the argmax of the draft head, mapped through d2t.
     first = d.propose(ctx, 4, temperature=0.0, context_ids_T=torch.arange(9)).tokens_K[0]
-    d._context_cache = None
+    d.reset_context_cache()
     ((k0, v0, q, h),) = d._contexts_kv([ctx], [torch.cat([torch.arange(1, 9), torch.tensor([4])])])
     h1 = d.midlayer.finish(h, ttt_attention(q, k0, v0, torch.ones(1, 9, dtype=torch.bool), []))
     assert int(first) == int(ids[(d.norm(h1)[0, 0] @ d.lm_head.weight.T).argmax()])
@@ -230,7 +230,7 @@ def test_decoding_cache_matches_cold_proposals(temperature):
     for step, length in enumerate([8, 12, 12, 20, 6, 30]):  # grows, repeats, restarts shorter
         kwargs = {"temperature": temperature, "context_ids_T": ids[:length]}
         warm = d.propose(ctx[:length], 7, generator=torch.Generator().manual_seed(step), **kwargs)
-        d._context_cache = None
+        d.reset_context_cache()
         cold = d.propose(ctx[:length], 7, generator=torch.Generator().manual_seed(step), **kwargs)
         assert torch.equal(warm.tokens_K, cold.tokens_K)
         torch.testing.assert_close(warm.probs_KV, cold.probs_KV, rtol=0, atol=1e-6)

@@ -53,8 +53,8 @@ def _rows(num_rows: int = len(LENGTHS), max_len: int = 40, seed: int = 3):
 
 def _alone(drafter, context_TLH, ids_T, anchor, temperature, generator):
     """The row drafted by itself with an empty cache."""
-    drafter._context_cache = None
-    extra = {"context_ids_T": ids_T} if getattr(drafter, "needs_context_ids", False) else {}
+    drafter.reset_context_cache()
+    extra = {"context_ids_T": ids_T} if drafter.needs_context_ids else {}
     return drafter.propose(context_TLH, anchor, temperature=temperature, generator=generator, **extra)
 
 
@@ -74,7 +74,7 @@ def test_batched_proposals_equal_per_row_proposals(kind, temperature):
     anchors = [7, 250, 31, 4]
     extra = {"context_ids": [i[:n] for i, n in zip(ids, LENGTHS)]} if kind.startswith("eagle3") else {}
     generators = [torch.Generator().manual_seed(100 + b) for b in range(len(LENGTHS))]
-    drafter._context_cache = None
+    drafter.reset_context_cache()
     batched = drafter.propose_batch([c[:n] for c, n in zip(contexts, LENGTHS)], anchors, temperature=temperature,
                                     generators=generators, **extra)
     assert len(batched) == len(LENGTHS)
@@ -91,7 +91,7 @@ def test_batched_proposals_equal_per_row_proposals(kind, temperature):
     order = [2, 0, 3, 1]
     generators = [torch.Generator().manual_seed(100 + b) for b in order]
     extra = {"context_ids": [ids[b][: LENGTHS[b]] for b in order]} if extra else {}
-    drafter._context_cache = None
+    drafter.reset_context_cache()
     shuffled = drafter.propose_batch([contexts[b][: LENGTHS[b]] for b in order], [anchors[b] for b in order],
                                      temperature=temperature, generators=generators, **extra)
     for proposal, b in zip(shuffled, order):
@@ -111,12 +111,12 @@ def test_batched_rounds_with_growing_contexts_match_cold_proposals(kind):
         batched = drafter.propose_batch([contexts[b][:n] for b, n in zip(rows, lengths)], [step + 1] * len(lengths),
                                         temperature=1.0, generators=[torch.Generator().manual_seed(step + 10 * b)
                                                                      for b in rows], **extra)
-        cache = drafter._context_cache
+        cache = drafter._prefix_cache
         for b, n in zip(rows, lengths):
             alone = _alone(drafter, contexts[b][:n], ids[b][:n], step + 1, 1.0,
                            torch.Generator().manual_seed(step + 10 * b))
             _assert_same(batched[b], alone)
-        drafter._context_cache = cache  # the next round continues from the batched call's cache
+        drafter._prefix_cache = cache  # the next round continues from the batched call's cache
 
 
 def test_default_propose_batch_drafts_row_by_row():

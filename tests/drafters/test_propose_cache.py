@@ -8,7 +8,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cold(drafter, context_TLH, anchor, seed, temperature):
-    drafter._context_cache = None
+    drafter.reset_context_cache()
     return drafter.propose(context_TLH, anchor, temperature=temperature,
                            generator=torch.Generator().manual_seed(seed))
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from dspark.config import DrafterConfig
 from dspark.drafters import build_drafter
 from dspark.export import load_drafter
-from dspark.export.deepspec import expected_tensor_shapes, export_deepspec, load_deepspec
+from dspark.export.deepspec import deepspec_config, expected_tensor_shapes, export_deepspec, load_deepspec
 
 V, H = 300, 64
 TARGET = dict(model_type="llama", hidden_size=H, vocab_size=V, num_attention_heads=4, num_key_value_heads=2,
@@ -64,7 +64,7 @@ def test_export_round_trip_gives_identical_logits(case, tmp_path):
     loaded = load_drafter(out)
     # -1 (mask token) and 0 (intermediate size) are stored resolved.
     assert loaded.cfg == dataclasses.replace(d.cfg, mask_token_id=V - 1, intermediate_size=d.intermediate_size)
-    assert loaded.drafter_config() == config
+    assert deepspec_config(loaded) == config
     anchors = torch.tensor([[3, 9], [0, 14]])
     torch.testing.assert_close(loaded.teacher_forced_logits(_batch(), anchors),
                                d.teacher_forced_logits(_batch(), anchors), rtol=0, atol=0)

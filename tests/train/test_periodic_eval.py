@@ -242,7 +242,7 @@ def test_eval_reports_what_specdec_measures_and_restores_the_drafter(tmp_path, t
     rng_before = torch.get_rng_state()
     scalars = periodic.run(engine)
     assert torch.equal(torch.get_rng_state(), rng_before)
-    assert drafter.training and "_context_cache" not in drafter.__dict__
+    assert drafter.training and not drafter._prefix_cache.rows
 
     prompts = [prompt_ids(target.tokenizer, p) for p in load_prompts(str(tmp_path / "data" / "eval_prompts.jsonl"),
                                                                        cfg.eval.num_prompts)]

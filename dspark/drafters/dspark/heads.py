@@ -18,23 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dspark.drafters.dspark.loss import chunked_vocab_loss
-
 HEAD_TYPES = ("vanilla", "gated", "rnn")
-
-
-class LowRankVocabProjection(nn.Linear):
-    """``W2: R -> V`` without bias. Given ``loss_args`` it runs the chunked vocabulary loss (``loss.py``) on
-    ``u`` instead of returning ``[.., V]`` bias logits; doing that inside its own ``forward`` means a sharded
-    wrapper (ZeRO-3) gathers the weight for the loss exactly as for a plain call."""
-
-    def __init__(self, rank: int, vocab_size: int):
-        super().__init__(rank, vocab_size, bias=False)
-
-    def forward(self, u: torch.Tensor, loss_args: dict | None = None):
-        if loss_args is None:
-            return super().forward(u)
-        return chunked_vocab_loss(u_NR=u, w2_VR=self.weight, **loss_args)
 
 
 class MarkovHead(nn.Module):
@@ -48,7 +32,7 @@ class MarkovHead(nn.Module):
             raise ValueError(f"markov_rank must be >= 1 for a Markov head, got {rank}")
         self.kind, self.rank = kind, rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = LowRankVocabProjection(rank, vocab_size)
+        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
         if kind == "gated":
             self.gate_proj = nn.Linear(hidden_size + rank, rank)
         elif kind == "rnn":

@@ -13,12 +13,12 @@ Block layouts (anchor at position p, both predict the K tokens at p+1..p+K):
 Tensor names (the deepspec export layout, DESIGN section 8): ``fc``, ``hidden_norm``, ``layers.{i}.*``,
 ``norm``, ``markov_head.*``, ``confidence_head.proj``, and the frozen ``embed_tokens.weight`` and
 ``lm_head.weight``. The frozen two are non-persistent buffers: training checkpoints (``state_dict()``) hold
-only what is trained; ``full_state_dict()`` and the exporter add them back.
+only what is trained; ``full_state_dict()`` and the exporter add them back. The exported ``config.json`` is
+assembled by ``dspark.export.deepspec`` from the drafter's attributes.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -46,15 +46,16 @@ from dspark.drafters.common import (
 )
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
+from dspark.drafters.parts import (
+    FrozenWeight,
+    PrefixCache,
+    check_layer_ids,
+    check_proposal_rows,
+    check_target_matrix,
+    num_target_layers,
+)
 
 ALGORITHMS = ("dspark", "dflash")
-# Version of the "dspark" section of the exported config.json; readers refuse newer versions.
-DSPARK_SECTION_VERSION = 1
-LAYER_SEMANTICS = "id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embeddings"
-# Target config fields copied into the exported config.json (a Qwen3 config describing the draft layers).
-TARGET_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "rms_norm_eps", "rope_parameters", "max_position_embeddings", "initializer_range",
-                 "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def resolve_mask_token_id(mask_token_id: int, vocab_size: int) -> int:
@@ -67,14 +68,6 @@ def resolve_mask_token_id(mask_token_id: int, vocab_size: int) -> int:
         raise ValueError(f"drafter.mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab_size}); "
                          f"use -1 for the default ({vocab_size - 1})")
     return mask_token_id
-
-
-class _FrozenWeight(nn.Module):
-    """Holds a frozen target matrix as a non-persistent buffer named ``weight`` (never trained, never sharded)."""
-
-    def __init__(self, weight_VH: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight_VH.detach(), persistent=False)
 
 
 class DSparkDrafter(Drafter):
@@ -94,13 +87,10 @@ class DSparkDrafter(Drafter):
         self.cfg = cfg
         H = config_get(target_config, "hidden_size")
         V = config_get(target_config, "vocab_size")
-        for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
-            if tuple(w.shape) != (V, H):
-                raise ValueError(f"target {name} has shape {tuple(w.shape)}, expected [vocab_size, hidden_size] = "
-                                 f"[{V}, {H}] from the target config")
-        self.num_target_layers = (config_get(target_config, "num_target_layers")
-                                  or config_get(target_config, "num_hidden_layers"))
-        self.layer_ids = self._check_layer_ids(layer_ids, self.num_target_layers)
+        check_target_matrix("embedding", embed_weight, V, H)
+        check_target_matrix("LM head", lm_head_weight, V, H)
+        self.num_target_layers = num_target_layers(target_config)
+        self.layer_ids = check_layer_ids(layer_ids, self.num_target_layers)
         num_heads = config_get(target_config, "num_attention_heads")
         num_kv_heads = config_get(target_config, "num_key_value_heads") or num_heads
         head_dim = config_get(target_config, "head_dim") or H // num_heads
@@ -116,15 +106,14 @@ class DSparkDrafter(Drafter):
                                  "draft layers would need double-wide MLPs) is not supported by the drafter yet")
             head_dim, num_kv_heads = gemma4_global_geometry(target_config)
             rope_theta = float(config_get(target_config, "rope_parameters")["full_attention"]["rope_theta"])
-            self.gemma4_config = gemma4_export_fields(target_config, head_dim, num_kv_heads)
         self.intermediate_size = cfg.intermediate_size or config_get(target_config, "intermediate_size")
         self.hidden_size, self.vocab_size, self.block_size = H, V, cfg.block_size
         self.mask_token_id = resolve_mask_token_id(cfg.mask_token_id, V)
         self.dflash_layout = cfg.dflash_layout
-        self.target_fields = {k: config_get(target_config, k) for k in TARGET_FIELDS}
-        self.target_fields["head_dim"] = head_dim
-        self.target_fields["num_key_value_heads"] = num_kv_heads
-        self.target_fields["rms_norm_eps"] = eps
+        # The target's config (HF object or an exported drafter config) and the draft layers' attention geometry,
+        # as built: the exporters describe the draft layers from them.
+        self.target_config = target_config
+        self.head_dim, self.num_kv_heads, self.rms_norm_eps = head_dim, num_kv_heads, eps
         self.initializer_range = config_get(target_config, "initializer_range", 0.02) or 0.02
 
         L = len(self.layer_ids)
@@ -137,8 +126,9 @@ class DSparkDrafter(Drafter):
         self.norm = RMSNorm(H, eps, gemma=variant.gemma4)
         self.rotary = RotaryEmbedding(head_dim, rope_theta or rope_theta_from_config(target_config),
                                       variant.rotary_fraction)
-        self.embed_tokens = _FrozenWeight(embed_weight)
-        self.lm_head = _FrozenWeight(lm_head_weight)
+        self.embed_tokens = FrozenWeight(embed_weight)
+        self.lm_head = FrozenWeight(lm_head_weight)
+        self._prefix_cache = PrefixCache()
 
         if cfg.algorithm == "dflash":
             if cfg.markov_rank or cfg.enable_confidence_head:
@@ -152,14 +142,6 @@ class DSparkDrafter(Drafter):
                                     else None)
         self.loss_chunk_rows = default_chunk_rows(V)
         self._init_weights()
-
-    @staticmethod
-    def _check_layer_ids(layer_ids, num_target: int) -> list[int]:
-        ids = list(layer_ids)
-        if not ids or any(b <= a for a, b in zip(ids, ids[1:])) or ids[0] < -1 or ids[-1] >= num_target - 1:
-            raise ValueError(f"layer_ids {ids} must be strictly increasing within -1..{num_target - 2} "
-                             f"(the target has {num_target} layers; the last one is excluded)")
-        return ids
 
     def _init_weights(self) -> None:
         # HF-style init; the Markov W2 starts at zero so an untrained head adds no bias to the target's LM head.
@@ -260,10 +242,10 @@ class DSparkDrafter(Drafter):
         loss_args = dict(h_NH=h_BAKH[b_N, a_N, k_N], lm_head_VH=self.lm_head.weight, final_NH=final_NH,
                          labels_N=labels_BAK[b_N, a_N, k_N], coef_ce_N=coef_ce_N, coef_l1_N=coef_l1_N,
                          chunk_rows=self.loss_chunk_rows, softcap=self.variant.softcap)
-        if u_BAKR is not None:
-            numerator, ce_N, l1_N = self.markov_head.markov_w2(u_BAKR[b_N, a_N, k_N], loss_args=loss_args)
-        else:
-            numerator, ce_N, l1_N = chunked_vocab_loss(u_NR=None, w2_VR=None, **loss_args)
+        # W2 enters the fused loss as a tensor, outside markov_w2's own forward (see ``external_parameters``).
+        u_NR = u_BAKR[b_N, a_N, k_N] if u_BAKR is not None else None
+        w2_VR = self.markov_head.markov_w2.weight if u_BAKR is not None else None
+        numerator, ce_N, l1_N = chunked_vocab_loss(u_NR=u_NR, w2_VR=w2_VR, **loss_args)
         terms = {"ce": (w_N * ce_N).sum()}
         if dspark:
             terms["l1"] = (w_N * l1_N).sum()
@@ -292,19 +274,21 @@ class DSparkDrafter(Drafter):
         longest prefix it shares with a context fused by the previous call are fused (the ``fc`` matmul over the
         whole context was ~55% of a proposal at SmolLM2 size), all rows' new parts in one matmul. The cache holds
         the previous call's rows (one entry per row) and is keyed on the weights' versions so training in between
-        invalidates it; setting ``_context_cache = None`` empties it.
+        invalidates it; ``reset_context_cache`` empties it.
         """
         version = (self.fc.weight._version, self.hidden_norm.weight._version, self.fc.weight.data_ptr())
-        cached = getattr(self, "_context_cache", None)
-        entries = cached[1] if cached is not None and cached[0] == version else []
-        reused = [_longest_cached_prefix(context_TLH, entries) for context_TLH in contexts]
+        reused = [self._prefix_cache.longest_prefix(version, (context_TLH,), context_TLH.shape[0])
+                  for context_TLH in contexts]
         tails = [context_TLH[n:] for context_TLH, (n, _) in zip(contexts, reused)]
         fused_NH = self.fuse_context(torch.cat(tails).unsqueeze(0))[0]  # every row's new part, packed
         fused = []
         for (n, prev_fused_TH), new_NH in zip(reused, fused_NH.split([len(t) for t in tails])):
             fused.append(torch.cat([prev_fused_TH[:n], new_NH]) if n else new_NH)
-        self._context_cache = (version, list(zip(contexts, fused)))
+        self._prefix_cache.store(version, [((c,), f) for c, f in zip(contexts, fused)])
         return fused
+
+    def reset_context_cache(self) -> None:
+        self._prefix_cache = PrefixCache()
 
     @torch.no_grad()
     def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
@@ -323,11 +307,7 @@ class DSparkDrafter(Drafter):
         positions at or after each row's anchor (``DraftAttention``), which covers the padding. The sequential
         heads then run slot by slot over all rows, each row drawing from its own generator.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not len(contexts) == len(anchor_ids) == len(generators) or not contexts:
-            raise ValueError(f"propose_batch got {len(contexts)} contexts, {len(anchor_ids)} anchors and "
-                             f"{len(generators)} generators; expected one of each per row (at least one row)")
+        check_proposal_rows(contexts, anchor_ids, generators, temperature)
         device = self.fc.weight.device
         B = len(contexts)
         fused = self._fuse_contexts_incremental([c.to(device) for c in contexts])
@@ -358,17 +338,9 @@ class DSparkDrafter(Drafter):
         return [Proposal(tokens_K=tokens_BK[b], probs_KV=probs_BKV[b],
                          confidence_K=conf_BK[b] if conf_BK is not None else None) for b in range(B)]
 
-    def set_confidence_temperatures(self, temperatures: list[float]) -> None:
-        """Per-slot STS temperatures for the confidence head (``calibration.json``; ones = uncalibrated)."""
-        if self.confidence_head is None:
-            raise ValueError(f"drafter {self.algorithm} has no confidence head to calibrate "
-                             "(drafter.enable_confidence_head is off)")
-        if len(temperatures) != self.block_size or not all(math.isfinite(t) and t > 0 for t in temperatures):
-            raise ValueError(f"expected {self.block_size} confidence temperatures > 0 (one per slot), got "
-                             f"{list(temperatures)!r}")
-        buffer = self.confidence_head.temperature_K
-        # Replaced rather than copied into, so a drafter cast to bf16 still divides by the exact fp32 values.
-        self.confidence_head.temperature_K = torch.tensor(temperatures, dtype=torch.float32, device=buffer.device)
+    def external_parameters(self) -> list[nn.Parameter]:
+        """W2 of the Markov head: ``forward_loss`` hands it to the fused vocabulary loss as a tensor."""
+        return [self.markov_head.markov_w2.weight] if self.markov_head is not None else []
 
     # -- export ----------------------------------------------------------------------------------------------
 
@@ -378,89 +350,3 @@ class DSparkDrafter(Drafter):
         state["embed_tokens.weight"] = self.embed_tokens.weight
         state["lm_head.weight"] = self.lm_head.weight
         return state
-
-    def drafter_config(self) -> dict:
-        """The deepspec ``config.json`` contents (DESIGN section 8) plus a versioned ``dspark`` section: the
-        reference's ``Qwen3DSparkModel`` or, on a Gemma4 target, its ``Gemma4DSparkModel`` (DESIGN 8.2: the target's
-        text config + the draft fields)."""
-        n = len(self.layers)
-        if self.variant.gemma4:
-            out = {"architectures": ["Gemma4DSparkModel"], **self.gemma4_config}
-            out.update({"intermediate_size": self.intermediate_size, "num_hidden_layers": n,
-                        "layer_types": ["full_attention"] * n})
-        else:
-            out = {"architectures": ["Qwen3DSparkModel"], "model_type": "qwen3"}
-            out.update({k: v for k, v in self.target_fields.items() if v is not None})
-            out.update({"intermediate_size": self.intermediate_size, "num_hidden_layers": n,
-                        "layer_types": ["full_attention"] * n, "max_window_layers": n, "use_sliding_window": False,
-                        "sliding_window": None, "attention_bias": False, "attention_dropout": 0.0,
-                        "hidden_act": "silu"})
-        out.update({
-            # In the DFlash layout the block fed to the model holds the anchor plus K masks (DFlash convention).
-            "block_size": self.block_len,
-            "mask_token_id": self.mask_token_id,
-            "target_layer_ids": list(self.layer_ids),
-            "num_anchors": self.cfg.num_anchors,
-            "num_target_layers": self.num_target_layers,
-            "enable_confidence_head": self.confidence_head is not None,
-            "markov_rank": self.markov_rank,
-            "tie_word_embeddings": False,
-            "dtype": str(self.fc.weight.dtype).removeprefix("torch."),
-        })
-        return self._with_heads_and_section(out)
-
-    def _with_heads_and_section(self, out: dict) -> dict:
-        cfg = self.cfg
-        if self.confidence_head is not None:
-            out["confidence_head_with_markov"] = self.confidence_head.with_markov
-        if self.markov_rank > 0:
-            out["markov_head_type"] = self.markov_head.kind
-        out["dspark"] = {
-            "format_version": DSPARK_SECTION_VERSION,
-            "algorithm": self.algorithm,
-            "dflash_layout": self.dflash_layout,
-            "layer_semantics": LAYER_SEMANTICS,
-            "loss_decay": cfg.loss_decay,
-            "ce_weight": cfg.ce_weight,
-            "l1_weight": cfg.l1_weight,
-            "bce_weight": cfg.bce_weight,
-        }
-        return out
-
-
-
-def gemma4_export_fields(target_config, head_dim: int, num_kv_heads: int) -> dict:
-    """Every field of a Gemma4 target's text config as the reference's Gemma4 drafters read it (DESIGN 8.2):
-    ``global_head_dim`` / ``num_global_key_value_heads`` at the top level (transformers 5.10 reads them there),
-    ``rope_parameters`` with its per-layer-type sub-dicts plus the top-level ``rope_type``/``rope_theta`` the
-    reference's own save adds, and the target's model types. An exported config (a dict) passes through."""
-    if isinstance(target_config, dict):
-        fields = {k: v for k, v in target_config.items() if k not in ("dspark",)}
-    else:
-        fields = target_config.to_dict()
-        for key in ("per_layer_config", "architectures", "_name_or_path", "transformers_version", "dtype",
-                    "torch_dtype"):
-            fields.pop(key, None)
-    # The reference's Gemma4 targets are the multimodal checkpoints (gemma4 / gemma4_unified) around this text model.
-    fields.setdefault("target_text_model_type", fields.get("model_type"))
-    fields.setdefault("target_model_type", fields["target_text_model_type"].removesuffix("_text"))
-    rope = dict(fields.get("rope_parameters") or {})
-    rope.setdefault("rope_type", "default")
-    rope.setdefault("rope_theta", None)
-    fields.update(model_type="gemma4_text", global_head_dim=head_dim, num_global_key_value_heads=num_kv_heads,
-                  rope_parameters=rope)
-    return fields
-
-
-def _longest_cached_prefix(context_TLH: torch.Tensor, entries: list[tuple[torch.Tensor, torch.Tensor]]
-                           ) -> tuple[int, torch.Tensor | None]:
-    """``(n, fused)``: the longest prefix of ``context_TLH`` that a cached context ``[T', L, H]`` shares (its fused
-    rows ``fused[:n]`` can be reused), compared exactly; ``(0, None)`` when none does."""
-    best, best_fused = 0, None
-    for prev_TLH, prev_fused_TH in entries:
-        n = min(prev_TLH.shape[0], context_TLH.shape[0])
-        # The last shared row depends on the whole prefix in a real context: a cheap filter before the full check.
-        if (n > best and prev_TLH.dtype == context_TLH.dtype and prev_TLH.device == context_TLH.device
-                and torch.equal(prev_TLH[n - 1], context_TLH[n - 1]) and torch.equal(prev_TLH[:n], context_TLH[:n])):
-            best, best_fused = n, prev_fused_TH
-    return best, best_fused

@@ -29,7 +29,6 @@ drafter, and one with ``drafter.eagle3_qk_norm`` (Qwen3's q/k norms), is written
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import torch
@@ -60,21 +59,14 @@ from dspark.drafters.eagle3.vocab import (
     count_supervised_tokens,
     draft_to_target_ids,
 )
-
-# Version of the "dspark" section of the exported config.json; readers refuse newer versions.
-EAGLE3_SECTION_VERSION = 1
-LAYER_SEMANTICS = "id i = output of decoder layer i (HF hidden_states[i+1]); -1 = embeddings"
-TARGET_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "rms_norm_eps", "rope_parameters", "max_position_embeddings", "initializer_range",
-                 "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-class _FrozenWeight(nn.Module):
-    """A frozen matrix as a non-persistent buffer named ``weight`` (never trained, never in training checkpoints)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight.detach(), persistent=False)
+from dspark.drafters.parts import (
+    FrozenWeight,
+    PrefixCache,
+    check_layer_ids,
+    check_proposal_rows,
+    check_target_matrix,
+    num_target_layers,
+)
 
 
 def _chunk_rows(vocab_size: int) -> int:
@@ -109,20 +101,12 @@ class Eagle3Drafter(Drafter):
         W = cfg.draft_vocab_size or V
         if not 1 <= W <= V:
             raise ValueError(f"drafter.draft_vocab_size {cfg.draft_vocab_size} must be within 0..{V} (0 = full)")
-        if tuple(embed_weight.shape) != (V, H):
-            raise ValueError(f"target embedding has shape {tuple(embed_weight.shape)}, expected [vocab_size, "
-                             f"hidden_size] = [{V}, {H}] from the target config")
+        check_target_matrix("embedding", embed_weight, V, H)
         if tuple(lm_head_weight.shape) not in ((V, H), (W, H)):
             raise ValueError(f"LM head has shape {tuple(lm_head_weight.shape)}, expected the target's [{V}, {H}] "
                              f"(or the draft head [{W}, {H}] of an export)")
-        self.num_target_layers = (config_get(target_config, "num_target_layers")
-                                  or config_get(target_config, "num_hidden_layers"))
-        ids = list(layer_ids)
-        if (not ids or any(b <= a for a, b in itertools.pairwise(ids)) or ids[0] < -1
-                or ids[-1] >= self.num_target_layers - 1):
-            raise ValueError(f"layer_ids {ids} must be strictly increasing within -1..{self.num_target_layers - 2} "
-                             f"(the target has {self.num_target_layers} layers; the last one is excluded)")
-        self.layer_ids = ids
+        self.num_target_layers = num_target_layers(target_config)
+        self.layer_ids = ids = check_layer_ids(layer_ids, self.num_target_layers)
         num_heads = config_get(target_config, "num_attention_heads")
         num_kv_heads = config_get(target_config, "num_key_value_heads") or num_heads
         head_dim = config_get(target_config, "head_dim") or H // num_heads
@@ -141,8 +125,10 @@ class Eagle3Drafter(Drafter):
         self.intermediate_size = cfg.intermediate_size or config_get(target_config, "intermediate_size")
         self.hidden_size, self.vocab_size, self.draft_vocab_size = H, V, W
         self.block_size, self.ttt_length = cfg.block_size, cfg.ttt_length
-        self.target_fields = {k: config_get(target_config, k) for k in TARGET_FIELDS}
-        self.target_fields.update(head_dim=head_dim, num_key_value_heads=num_kv_heads, rms_norm_eps=eps)
+        # The target's config (HF object or an exported config) and the midlayer's attention geometry, as built:
+        # the exporters describe the draft layer from them.
+        self.target_config = target_config
+        self.head_dim, self.num_kv_heads, self.rms_norm_eps = head_dim, num_kv_heads, eps
         self.initializer_range = config_get(target_config, "initializer_range", 0.02) or 0.02
 
         self.fc = nn.Linear(len(ids) * H, H, bias=False)
@@ -151,11 +137,12 @@ class Eagle3Drafter(Drafter):
         self.norm = RMSNorm(H, eps, gemma=variant.gemma4)
         self.rotary = RotaryEmbedding(head_dim, rope_theta or rope_theta_from_config(target_config),
                                       variant.rotary_fraction)
-        self.embed_tokens = _FrozenWeight(embed_weight)
+        self.embed_tokens = FrozenWeight(embed_weight)
+        self._prefix_cache = PrefixCache()
         self.pruned = W < V
         has_target_head = tuple(lm_head_weight.shape) == (V, H)
         # The full target head defines the training targets; with the full vocab it is also the draft head.
-        self.target_lm_head = _FrozenWeight(lm_head_weight) if has_target_head else None
+        self.target_lm_head = FrozenWeight(lm_head_weight) if has_target_head else None
         if self.pruned:
             if (d2t is None) != (t2d is None):
                 raise ValueError("pass both d2t and t2d, or neither")
@@ -169,10 +156,10 @@ class Eagle3Drafter(Drafter):
             self.register_buffer("d2t", d2t.long().clone())
             self.register_buffer("t2d", t2d.bool().clone())
             draft_head = lm_head_weight[draft_to_target_ids(self.d2t)] if has_target_head else lm_head_weight
-            self.lm_head = _FrozenWeight(draft_head)
+            self.lm_head = FrozenWeight(draft_head)
         else:
             self.d2t = self.t2d = None
-            self.lm_head = _FrozenWeight(lm_head_weight)
+            self.lm_head = FrozenWeight(lm_head_weight)
         self.loss_chunk_rows = _chunk_rows(V)
         self._init_weights()
 
@@ -188,15 +175,11 @@ class Eagle3Drafter(Drafter):
                              f"full vocabulary (the reference stores lm_head [V, H]); set it to 0")
 
     def _gemma4_geometry(self, target_config) -> tuple[int, int, float]:
-        """(head dim, kv heads, RoPE theta) of a Gemma4 target's global layers, which the midlayer uses. Keeps the
-        text config fields Gemma4Eagle3Model exports."""
-        from dspark.drafters.dspark.model import gemma4_export_fields
-
+        """(head dim, kv heads, RoPE theta) of a Gemma4 target's global layers, which the midlayer uses."""
         if config_get(target_config, "use_double_wide_mlp") and config_get(target_config, "num_kv_shared_layers"):
             raise ValueError("a Gemma4 target with use_double_wide_mlp and num_kv_shared_layers > 0 (the draft layer "
                              "would need a double-wide MLP) is not supported by the drafter yet")
         head_dim, num_kv_heads = gemma4_global_geometry(target_config)
-        self.gemma4_config = gemma4_export_fields(target_config, head_dim, num_kv_heads)
         theta = config_get(target_config, "rope_parameters")["full_attention"]["rope_theta"]
         return head_dim, num_kv_heads, float(theta)
 
@@ -340,13 +323,13 @@ class Eagle3Drafter(Drafter):
 
         Only context rows past the longest prefix a row shares with one of the previous call's rows (same features,
         same tokens, same weights) are projected, all rows' new parts packed into one ``qkv`` call (the projections
-        are row-wise): decoding extends each context by the accepted tokens every round. ``_context_cache = None``
-        empties the cache.
+        are row-wise): decoding extends each context by the accepted tokens every round. ``reset_context_cache``
+        empties the cache. A cached row's last row embedded its anchor, so it is reused only while it is still a
+        prefix row, and a row's own last row is always redone (at most ``T - 1`` rows reused).
         """
         version = self._weights_version()
-        cached = getattr(self, "_context_cache", None)
-        entries = cached[1] if cached is not None and cached[0] == version else []
-        reused = [_longest_cached_prefix(context_TLH, ids_T, entries) for context_TLH, ids_T in zip(contexts, row_ids)]
+        reused = [self._prefix_cache.longest_prefix(version, (context_TLH, ids_T), context_TLH.shape[0] - 1)
+                  for context_TLH, ids_T in zip(contexts, row_ids)]
         device = self.fc.weight.device
         tails = [context_TLH[n:] for context_TLH, (n, _) in zip(contexts, reused)]
         hidden_1NH = self.fuse(torch.cat(tails).unsqueeze(0))
@@ -363,9 +346,12 @@ class Eagle3Drafter(Drafter):
                 k = torch.cat([prev[0][:, :, :n], k], dim=2)
                 v = torch.cat([prev[1][:, :, :n], v], dim=2)
             out.append((k, v, q_all[:, :, :, last - 1 : last], hidden_1NH[:, last - 1 : last]))
-            new_entries.append((contexts[b], row_ids[b], k, v))
-        self._context_cache = (version, new_entries)
+            new_entries.append(((contexts[b], row_ids[b]), (k, v)))
+        self._prefix_cache.store(version, new_entries)
         return out
+
+    def reset_context_cache(self) -> None:
+        self._prefix_cache = PrefixCache()
 
     @torch.no_grad()
     def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
@@ -388,11 +374,7 @@ class Eagle3Drafter(Drafter):
         The rows' step-0 keys/values are right-padded to the longest context and the padding masked out of the
         attention; each row's drafted tokens sit at its own positions ``T_b - 1 + s``.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not len(contexts) == len(anchor_ids) == len(generators) or not contexts:
-            raise ValueError(f"propose_batch got {len(contexts)} contexts, {len(anchor_ids)} anchors and "
-                             f"{len(generators)} generators; expected one of each per row (at least one row)")
+        check_proposal_rows(contexts, anchor_ids, generators, temperature)
         if context_ids is None:
             context_ids = [None] * len(contexts)
         for context_TLH, ids_T in zip(contexts, context_ids):
@@ -454,18 +436,3 @@ class Eagle3Drafter(Drafter):
         state["lm_head.weight"] = self.lm_head.weight
         return state
 
-
-def _longest_cached_prefix(context_TLH: torch.Tensor, row_ids_T: torch.Tensor, entries: list[tuple]
-                           ) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
-    """``(n, (k, v))``: the most leading context rows whose step-0 keys/values a cached row ``(context, ids, k, v)``
-    holds (same features and tokens, compared exactly); ``(0, None)`` when none does. The cached row's last row
-    embedded its anchor, so it is reused only while it is still a prefix row, and a row's own last row is always
-    redone (``n <= T - 1``)."""
-    best, best_kv = 0, None
-    for prev_TLH, prev_ids_T, k, v in entries:
-        n = min(prev_TLH.shape[0], context_TLH.shape[0] - 1)
-        if (n > best and prev_TLH.dtype == context_TLH.dtype and prev_TLH.device == context_TLH.device
-                and torch.equal(prev_TLH[n - 1], context_TLH[n - 1]) and torch.equal(prev_TLH[:n], context_TLH[:n])
-                and torch.equal(prev_ids_T[:n], row_ids_T[:n])):
-            best, best_kv = n, (k, v)
-    return best, best_kv

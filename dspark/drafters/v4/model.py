@@ -21,8 +21,6 @@ embedding and LM head (non-persistent buffers, as in ``DSparkDrafter``). The sel
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,8 +29,9 @@ from dspark.config import DrafterConfig
 from dspark.drafters.anchors import block_labels, position_weights, sample_anchors
 from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch, sample_rows
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
-from dspark.drafters.dspark.loss import default_chunk_rows
-from dspark.drafters.dspark.model import _FrozenWeight, resolve_mask_token_id
+from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
+from dspark.drafters.dspark.model import resolve_mask_token_id
+from dspark.drafters.parts import FrozenWeight, check_proposal_rows, check_target_matrix
 from dspark.drafters.v4.layers import DraftStage, gather_windows, rope_cos_sin, v4_modules
 
 ALGORITHM = "dspark_v4"
@@ -75,10 +74,8 @@ class DSparkV4Drafter(Drafter):
                              f"{cfg.markov_head_type!r}")
         self.cfg, self.config = cfg, config
         H, V = config.hidden_size, config.vocab_size
-        for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
-            if tuple(w.shape) != (V, H):
-                raise ValueError(f"target {name} has shape {tuple(w.shape)}, expected [vocab_size, hidden_size] = "
-                                 f"[{V}, {H}] from the target config")
+        check_target_matrix("embedding", embed_weight, V, H)
+        check_target_matrix("LM head", lm_head_weight, V, H)
         self.num_target_layers = config.num_hidden_layers
         ids = list(layer_ids)
         if not ids or any(not 0 <= i < self.num_target_layers for i in ids):
@@ -96,16 +93,13 @@ class DSparkV4Drafter(Drafter):
         self.hc_head = m.DeepseekV4HyperHead(config)
         self.norm = m.DeepseekV4RMSNorm(H, eps=config.rms_norm_eps)
         self.markov_head = MarkovHead("vanilla", V, cfg.markov_rank, H)
-        self.confidence_head = None
         if cfg.enable_confidence_head:
             self.confidence_head = ConfidenceHead(H, cfg.markov_rank, cfg.block_size)
             # DeepSeek's confidence_head.proj has no bias slot [1, H + R] (V4_DSPARK.md section 1).
             self.confidence_head.proj = nn.Linear(H + cfg.markov_rank, 1, bias=False)
-        self.embed_tokens = _FrozenWeight(embed_weight)
-        self.lm_head = _FrozenWeight(lm_head_weight)
+        self.embed_tokens = FrozenWeight(embed_weight)
+        self.lm_head = FrozenWeight(lm_head_weight)
         self.loss_chunk_rows = default_chunk_rows(V)
-        # Aux-loss-free balancing: hooks set from outside (dspark.train) to sum expert loads over data ranks.
-        self.reduce_expert_counts = None
         self._init_weights(config.initializer_range)
 
     def _init_weights(self, std: float) -> None:
@@ -249,7 +243,9 @@ class DSparkV4Drafter(Drafter):
         loss_args = dict(h_NH=h_BAKH[b_N, a_N, k_N], lm_head_VH=self.lm_head.weight, final_NH=final_NH,
                          labels_N=labels_BAK[b_N, a_N, k_N], coef_ce_N=w_N * self.cfg.ce_weight,
                          coef_l1_N=w_N * self.cfg.l1_weight, chunk_rows=self.loss_chunk_rows)
-        numerator, ce_N, l1_N = self.markov_head.markov_w2(e_BAKR[b_N, a_N, k_N], loss_args=loss_args)
+        # W2 enters the fused loss as a tensor, outside markov_w2's own forward (see ``external_parameters``).
+        numerator, ce_N, l1_N = chunked_vocab_loss(u_NR=e_BAKR[b_N, a_N, k_N], w2_VR=self.markov_head.markov_w2.weight,
+                                                   **loss_args)
         terms = {"ce": (w_N * ce_N).sum(), "l1": (w_N * l1_N).sum()}
         if self.confidence_head is not None:
             # Soft label = the analytic acceptance 1 - TV(p_draft, p_target), detached.
@@ -263,6 +259,10 @@ class DSparkV4Drafter(Drafter):
         return LossOutput(numerator=numerator, weight_sum=w_N.sum().detach(), terms=terms,
                           accept_sum_K=torch.zeros(K, device=ids_BT.device).index_add_(0, k_N, 1.0 - 0.5 * l1_N),
                           count_K=torch.bincount(k_N, minlength=K).float(), num_tokens=int(k_N.numel()))
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """W2 of the Markov head: ``forward_loss`` hands it to the fused vocabulary loss as a tensor."""
+        return [self.markov_head.markov_w2.weight]
 
     @torch.no_grad()
     def update_selection_bias(self) -> None:
@@ -295,11 +295,7 @@ class DSparkV4Drafter(Drafter):
         """Draft K tokens after each row's anchor (at position ``len(context)``). Only the last W context rows
         enter the window, so a proposal costs the same at any context length; the Markov head then samples slot
         by slot (``prev_0`` = the anchor), each row from its own generator."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not len(contexts) == len(anchor_ids) == len(generators) or not contexts:
-            raise ValueError(f"propose_batch got {len(contexts)} contexts, {len(anchor_ids)} anchors and "
-                             f"{len(generators)} generators; expected one of each per row (at least one row)")
+        check_proposal_rows(contexts, anchor_ids, generators, temperature)
         device = self.main_proj.weight.device
         B, W = len(contexts), self.window
         lengths = [c.shape[0] for c in contexts]
@@ -328,13 +324,3 @@ class DSparkV4Drafter(Drafter):
         conf_BK = torch.stack(confs, dim=1) if confs else None
         return [Proposal(tokens_K=tokens_BK[b], probs_KV=probs_BKV[b],
                          confidence_K=conf_BK[b] if conf_BK is not None else None) for b in range(B)]
-
-    def set_confidence_temperatures(self, temperatures: list[float]) -> None:
-        """Per-slot STS temperatures for the confidence head (``calibration.json``)."""
-        if self.confidence_head is None:
-            raise ValueError("drafter dspark_v4 has no confidence head to calibrate")
-        if len(temperatures) != self.block_size or not all(math.isfinite(t) and t > 0 for t in temperatures):
-            raise ValueError(f"expected {self.block_size} confidence temperatures > 0 (one per slot), got "
-                             f"{list(temperatures)!r}")
-        self.confidence_head.temperature_K = torch.tensor(temperatures, dtype=torch.float32,
-                                                          device=self.confidence_head.temperature_K.device)
