@@ -134,7 +134,8 @@ class DrafterConfig:
     # have them (their layer is Gemma4's).
     eagle3_qk_norm: bool = False
     # dspark_v4 (DeepSeek-V4's mtp.* draft): per-micro-batch sign step of the routers' selection biases
-    # (aux-loss-free balancing; 0 = frozen biases), and whether to copy the stages from the target's layer_ids.
+    # (aux-loss-free balancing; 0 = frozen biases). init_from_target (dspark, dflash, dspark_v4): the draft layers start
+    # as copies of the target's own decoder layers (the feature layers, see each drafter's init_from_target).
     moe_bias_update_rate: float = 1e-3
     init_from_target: bool = False
 

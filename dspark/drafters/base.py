@@ -152,7 +152,7 @@ class Drafter(nn.Module, abc.ABC):
     def init_from_target(self, model_dir) -> list[str]:
         """Copy draft layers from the target checkpoint at ``model_dir``; returns the names copied."""
         raise ValueError(f"drafter.init_from_target is set, but drafter {self.algorithm!r} has no target layers to "
-                         "copy; expected algorithm dspark_v4")
+                         "copy; expected algorithm dspark, dflash or dspark_v4")
 
     def set_confidence_temperatures(self, temperatures: list[float]) -> None:
         """Per-slot STS temperatures for the confidence head (``calibration.json``; ones = uncalibrated)."""

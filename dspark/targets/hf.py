@@ -86,11 +86,34 @@ def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_gguf_cached(folder: str, gguf_file: str, dtype: torch.dtype):
-    """Dequantising a GGUF takes ~15 s; keep a float safetensors copy under ~/.cache/dspark/targets."""
+def _gguf_copy_dir(folder: str, gguf_file: str) -> Path:
+    """Where the float safetensors copy of a GGUF lives (``~/.cache/dspark/targets/<name>-<key>``)."""
     gguf_path = Path(folder) / gguf_file
     key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
-    cached = dspark_cache_dir() / "targets" / f"{gguf_path.stem}-{key}"
+    return dspark_cache_dir() / "targets" / f"{gguf_path.stem}-{key}"
+
+
+def safetensors_dir(name_or_path: str) -> Path:
+    """A directory of safetensors holding the target's own tensors, for readers of single tensors (``WeightIndex``):
+    the target's directory, or for a GGUF target (the built-in one included) its dequantised float copy, made on
+    first use (about 15 s)."""
+    source, gguf_file, _ = resolve_target_source(name_or_path)
+    if gguf_file is None:
+        if not Path(source).is_dir():
+            raise ValueError(f"target {name_or_path} is not a local checkpoint directory; its tensors cannot be read "
+                             "one by one (download it first)")
+        return Path(source)
+    cached = _gguf_copy_dir(source, gguf_file)
+    if not (cached / "model.safetensors").is_file():
+        _load_gguf_cached(source, gguf_file, torch.float32)
+    if not (cached / "model.safetensors").is_file():
+        raise ValueError(f"could not write the dequantised copy of {name_or_path} to {cached} (read-only cache?)")
+    return cached
+
+
+def _load_gguf_cached(folder: str, gguf_file: str, dtype: torch.dtype):
+    """Dequantising a GGUF takes ~15 s; keep a float safetensors copy under ~/.cache/dspark/targets."""
+    cached = _gguf_copy_dir(folder, gguf_file)
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         return _load_hf(str(cached), None, dtype)
     model, tokenizer = _load_hf(folder, gguf_file, dtype)

@@ -216,6 +216,51 @@ class DSparkDrafter(Drafter):
             logits = logits + self.markov_head.markov_w2(u_BAKR).float()
         return logits
 
+    # Where the target's decoder layers live in its checkpoint (causal LMs; multimodal Gemma4).
+    TARGET_LAYER_PREFIXES = ("model.layers.", "model.language_model.layers.")
+    # The parts a copied draft layer must get from the target (the rest, e.g. q/k norms a Llama target lacks,
+    # keep their initialisation).
+    REQUIRED_COPIES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                       "self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+    def target_layers_to_copy(self) -> list[int]:
+        """The target layer each draft layer starts from: the deepest feature layers (``layer_ids``' last
+        ``num_layers``, the deepest one repeated when there are more draft layers than ids)."""
+        ids, n = self.layer_ids, len(self.layers)
+        start = max(0, len(ids) - n)
+        return [ids[min(start + s, len(ids) - 1)] for s in range(n)]
+
+    @torch.no_grad()
+    def init_from_target(self, model_dir) -> list[str]:
+        """Copy each draft layer's attention, MLP and norms from the target's own decoder layer
+        (``target_layers_to_copy``) in the checkpoint at ``model_dir``, read through ``WeightIndex`` (sharded,
+        dequantising). Parameters the target layer lacks (Qwen3's q/k norms on a Llama target) keep their
+        initialisation; the projections must all be there with the draft's shapes. Returns the names copied."""
+        from dspark.targets.weights import WeightIndex
+
+        index = WeightIndex(model_dir)
+        copied = []
+        for s, (layer, source_layer) in enumerate(zip(self.layers, self.target_layers_to_copy())):
+            prefix = next((p + f"{source_layer}." for p in self.TARGET_LAYER_PREFIXES
+                           if p + f"{source_layer}.self_attn.q_proj.weight" in index), None)
+            if prefix is None:
+                raise ValueError(f"{model_dir} has no decoder layer {source_layer} (looked for "
+                                 f"{' or '.join(p + str(source_layer) for p in self.TARGET_LAYER_PREFIXES)}.*) to "
+                                 f"initialise draft layer {s} from")
+            for name, tensor in layer.state_dict().items():
+                if prefix + name not in index:
+                    if name in self.REQUIRED_COPIES:
+                        raise ValueError(f"{model_dir} has no {prefix + name} for draft layer {s}")
+                    continue
+                value = index.load(prefix + name, torch.float32)
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{prefix + name} has shape {tuple(value.shape)} in {model_dir}; draft layer "
+                                     f"{s} expects {tuple(tensor.shape)} (drafter.intermediate_size and the head "
+                                     "layout must be the target's to copy its layers)")
+                tensor.copy_(value.to(tensor.dtype))
+                copied.append(f"layers.{s}.{name}")
+        return copied
+
     # -- training --------------------------------------------------------------------------------------------
 
     def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
