@@ -212,7 +212,8 @@ def main() -> None:
     from dspark.config import load_config
     from dspark.data.chat import prompt_ids
     from dspark.data.prompts import load_prompts
-    from dspark.drafters import build_drafter, load_drafter
+    from dspark.drafters import build_drafter
+    from dspark.export import load_drafter
     from dspark.targets import load_target
 
     torch.set_num_threads(args.threads)
