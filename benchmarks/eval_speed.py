@@ -13,7 +13,8 @@ tokens (they must).
         [--batches 1,4,12] [--temperature 1]
 
 ``--compare prefill-logits`` makes "before" compute the LM head over every prompt position of a prefill (as before
-the batched session's ``last_only``) and "after" over the last one only. ``--compare prefill`` makes "before"
+the batched session's ``last_only``) and "after" over the last one only, and also times the prefill forward of the
+batch alone both ways (fastest of 5). ``--compare prefill`` makes "before"
 prefill each prompt admitted mid-run beside the decoding rows' drafts (``prefill_apart=False``: every row padded to
 the prompt's length) and "after" in a forward of its own, and also times the target alone both ways
 ("target_before"); at batch 1 both are the same code path (one row, no neighbours), so only "after" and "target" run
@@ -123,6 +124,28 @@ class _AllPrefillLogits:
                 return session.extend(ids)
 
         return AllLogits()
+
+
+def _prefill_only(target, prompts, batch: int, repeats: int) -> dict:
+    """The prefill step alone: ``batch`` prompts in one batched forward, with the LM head over every position
+    ("before") and over each prompt's last one ("after", ``last_only``), alternating, fastest of ``repeats``; the
+    last-position logits must agree."""
+    import torch
+
+    best = {"before": float("inf"), "after": float("inf")}
+    feeds = [torch.tensor(p, dtype=torch.long) for p in prompts[:batch]]
+    last = {}
+    for _ in range(repeats):
+        for name, flags in (("before", None), ("after", [True] * len(feeds))):
+            session = target.batch_decode_session(len(feeds))
+            start = time.perf_counter()
+            outputs = session.extend(feeds, last_only=flags)
+            best[name] = min(best[name], time.perf_counter() - start)
+            last[name] = torch.stack([logits[-1] for logits, _ in outputs])
+    return {"prefill_before_s": round(best["before"], 3), "prefill_after_s": round(best["after"], 3),
+            "prefill_speedup": round(best["before"] / best["after"], 3),
+            "prefill_positions": sum(len(p) for p in prompts[:batch]),
+            "prefill_last_logits_equal": bool(torch.allclose(last["before"], last["after"], atol=1e-4, rtol=1e-4))}
 
 
 def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
@@ -252,6 +275,8 @@ def main() -> None:
             for batch in [int(b) for b in args.batches.split(",")]:
                 row = _measure(target, drafter, prompts, args, batch, stop_ids)
                 row["prompt_lengths"] = [len(p) for p in prompts]
+                if args.compare == "prefill-logits":
+                    row.update(_prefill_only(target, prompts, batch, repeats=5))
                 results["runs"][f"{name}/{algorithm}/batch{batch}"] = row
                 print(f"{name}/{algorithm}/batch{batch}", json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
