@@ -212,7 +212,7 @@ def nan_stop(ctx: _Context) -> dict:
         out = forward_loss(self, batch, generator)
         calls["n"] += 1
         if calls["n"] == 2:
-            out.numerator = out.numerator * float("nan")
+            out = out._replace(numerator=out.numerator * float("nan"))
         return out
 
     DSparkDrafter.forward_loss = poisoned

@@ -19,7 +19,8 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +36,14 @@ def check_training_batch(batch: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"training batch lacks {', '.join(missing)}; expected keys {', '.join(BATCH_KEYS)}")
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
+    """What ``forward_loss`` returns. A tuple, so a wrapper that hooks a module's tensor outputs (ZeRO-3 regathers
+    the parameters the forward used when the gradient reaches them) sees its tensors."""
+
     numerator: torch.Tensor  # scalar, differentiable: sum over valid slots of w_k * (combined loss terms)
     weight_sum: torch.Tensor  # scalar, detached: sum of w_k over valid slots on this rank
     # Per-term weighted sums (detached, same normalisation as numerator), e.g. {"ce": ..., "l1": ..., "bce": ...}
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor]
     # Per-position sums for logging: accept_sum_K = sum over valid slots at k of (1 - TV), count_K = #valid.
     accept_sum_K: torch.Tensor | None = None
     count_K: torch.Tensor | None = None

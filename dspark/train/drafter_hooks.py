@@ -38,7 +38,7 @@ def prepare_drafter(drafter, cfg, world: int) -> None:
 
         drafter.reduce_expert_counts = all_ranks_sum
     if cfg.train.zero_stage == 3:
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero import register_external_parameter
 
         for param in drafter.external_parameters():
             register_external_parameter(drafter, param)

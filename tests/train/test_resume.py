@@ -208,7 +208,7 @@ def test_nan_loss_stops_without_saving(tmp_path, tiny_llama_dir, cache_dir, monk
         out = forward_loss(self, batch, generator)
         calls["n"] += 1
         if calls["n"] == 3:  # the third micro batch = optimizer step 3 (no accumulation)
-            out.numerator = out.numerator * float("nan")
+            out = out._replace(numerator=out.numerator * float("nan"))
         return out
 
     monkeypatch.setattr(DSparkDrafter, "forward_loss", poisoned)
