@@ -154,14 +154,14 @@ class Drafter(nn.Module, abc.ABC):
 
     def init_from_target(self, model_dir) -> list[str]:
         """Copy draft layers from the target checkpoint at ``model_dir``; returns the names copied."""
-        raise ValueError(f"drafter.init_from_target is set, but drafter {self.algorithm!r} has no target layers to "
+        raise ValueError(f"drafter.v4.init_from_target is set, but drafter {self.algorithm!r} has no target layers to "
                          "copy; expected algorithm dspark_v4")
 
     def set_confidence_temperatures(self, temperatures: list[float]) -> None:
         """Per-slot STS temperatures for the confidence head (``calibration.json``; ones = uncalibrated)."""
         if self.confidence_head is None:
             raise ValueError(f"drafter {self.algorithm} has no confidence head to calibrate "
-                             "(drafter.enable_confidence_head is off)")
+                             "(drafter.dspark.enable_confidence_head is off)")
         if len(temperatures) != self.block_size or not all(math.isfinite(t) and t > 0 for t in temperatures):
             raise ValueError(f"expected {self.block_size} confidence temperatures > 0 (one per slot), got "
                              f"{list(temperatures)!r}")

@@ -1,6 +1,6 @@
 """What the trainer applies to a drafter from outside before training (the model code stays single-device).
 
-- ``drafter.init_from_target=true``: ``Drafter.init_from_target(model_dir)`` (DeepSeek-V4's mtp.* draft) copies
+- ``drafter.v4.init_from_target=true``: ``Drafter.init_from_target(model_dir)`` (DeepSeek-V4's mtp.* draft) copies
   the draft stages from the target's own layers; every rank reads the same tensors, so replicas start equal.
 - Aux-loss-free MoE balancing across data ranks: with several ranks ``Drafter.reduce_expert_counts`` becomes an
   all-reduce (sum), so every rank moves the routers' selection biases by the same step.
@@ -20,14 +20,15 @@ log = logging.getLogger(__name__)
 
 def prepare_drafter(drafter, cfg, world: int) -> None:
     """Apply ``cfg``'s drafter options that need the run (the target's path, the process group, ZeRO-3)."""
-    if cfg.drafter.init_from_target:
+    if cfg.drafter.v4.init_from_target:
         from dspark.targets.source import resolve_target_source
 
         source, gguf_file, _ = resolve_target_source(cfg.target.name_or_path)
         if gguf_file is not None:
-            raise ValueError(f"drafter.init_from_target reads safetensors; target {cfg.target.name_or_path} is a GGUF")
+            raise ValueError(f"drafter.v4.init_from_target reads safetensors; target {cfg.target.name_or_path} is a "
+                             "GGUF")
         copied = drafter.init_from_target(source)
-        log.info("drafter.init_from_target: %d tensors copied from %s layers %s", len(copied), source,
+        log.info("drafter.v4.init_from_target: %d tensors copied from %s layers %s", len(copied), source,
                  cfg.target.layer_ids)
     if world > 1:
         import torch.distributed as dist

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_families import save_tiny_with
 
-from dspark.config import DrafterConfig, TargetConfig
+from dspark.config import DrafterConfig, DSparkConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.export import load_drafter
 from dspark.targets import load_target
@@ -40,7 +40,8 @@ def hf_v4(v4_dir):
 
 def make_drafter(target, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, markov_rank=16, num_anchors=4)
+    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, num_anchors=4,
+                        dspark=DSparkConfig(markov_rank=16))
     drafter = build_drafter(cfg, target.config, LAYER_IDS, target.embed_weight, target.lm_head_weight)
     with torch.no_grad():
         drafter.markov_head.markov_w2.weight.normal_(std=0.05)
@@ -150,7 +151,7 @@ def test_demo_trains_and_exports_the_v4_draft_end_to_end(tmp_path, tokenizer_dir
     proc = run_cli(["demo", "-c", "tiny_deepseek_v4_dspark", "--set", f"run_dir={run_dir}",
                     "--set", f"target.name_or_path={target_dir}", "--set", "data.max_prompts=6",
                     "--set", "data.max_new_tokens=12", "--set", "eval.batch_size=2",
-                    "--set", "drafter.init_from_target=true"])
+                    "--set", "drafter.v4.init_from_target=true"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert all(report[tag][name]["num_rounds"] > 0 for tag in ("T1", "T0") for name in ("trained", "untrained"))
