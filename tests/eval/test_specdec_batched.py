@@ -171,7 +171,7 @@ def test_evaluate_report_is_the_same_for_batch_sizes_1_and_4(tiny_llama_dir, one
 
     dspark_target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 2]))
     torch.manual_seed(0)
-    drafter = build_drafter(DrafterConfig(block_size=4, markov_rank=16), dspark_target.config,
+    drafter = build_drafter(DrafterConfig(block_size=4, dspark=DSparkConfig(markov_rank=16)), dspark_target.config,
                             dspark_target.layer_ids, dspark_target.embed_weight, dspark_target.lm_head_weight)
     reports = [evaluate(dspark_target, drafter, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3,
                         batch_size=batch_size).to_dict() for batch_size in (1, 4)]
