@@ -106,7 +106,7 @@ def v4_drafter_step(ctx: _Context) -> dict:
                       partial_rotary_factor=0.25, n_routed_experts=4, num_experts_per_tok=2, hc_mult=2,
                       hc_sinkhorn_iters=3, sliding_window=8, o_groups=2, o_lora_rank=16,
                       layer_types=["sliding_attention"] * 4, mlp_layer_types=["moe"] * 4)
-        overrides = ["target.layer_ids=[0,1,2]", "drafter.num_anchors=16", "drafter.markov_rank=16",
+        overrides = ["target.layer_ids=[0,1,2]", "drafter.num_anchors=16", "drafter.dspark.markov_rank=16",
                      "drafter.mask_token_id=4095"]
     else:
         shapes, overrides = {"n_routed_experts": 32}, []

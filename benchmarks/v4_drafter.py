@@ -63,14 +63,15 @@ def _engine(ep: int):
     import torch
     from transformers import AutoConfig
 
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, DSparkConfig
     from dspark.drafters import build_drafter
     from dspark.train.expert_parallel import apply_expert_parallel
 
     config = AutoConfig.for_model("deepseek_v4", **SCALED)
     torch.manual_seed(0)
     V, H = SCALED["vocab_size"], SCALED["hidden_size"]
-    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, markov_rank=64, num_anchors=32)
+    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, num_anchors=32,
+                        dspark=DSparkConfig(markov_rank=64))
     drafter = build_drafter(cfg, config, [0, 1, 2], torch.randn(V, H), torch.randn(V, H) * 0.05).train()
     if ep > 1:
         apply_expert_parallel(drafter, ep, WORLD)

@@ -34,7 +34,7 @@ def _free_port() -> int:
 def _overrides(run_dir: Path, target_dir: Path, stage: int, epochs: int, markov_rank: int) -> list[str]:
     return [f"run_dir={run_dir}", f"target.name_or_path={target_dir}", f"train.zero_stage={stage}",
             f"train.num_epochs={epochs}", "train.micro_batch_size=2", "train.num_threads=1",
-            f"drafter.markov_rank={markov_rank}", "train.resume=false"]
+            f"drafter.dspark.markov_rank={markov_rank}", "train.resume=false"]
 
 
 def _worker(rank: int, port: int, cache_dir: str, run_dir: str, target_dir: str, stage: int, epochs: int,

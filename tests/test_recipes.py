@@ -3,7 +3,7 @@ settings: gamma 7, 5 draft layers (Eagle3: 1), lr 6e-4 with 4% warmup then cosin
 
 import pytest
 
-from dspark.config import list_recipes, load_config
+from dspark.config import DSparkConfig, list_recipes, load_config
 
 QWEN3_LAYERS = {"4b": [1, 9, 17, 25, 33], "8b": [1, 9, 17, 25, 33], "14b": [1, 10, 19, 28, 37]}
 
@@ -14,9 +14,11 @@ def test_every_recipe_loads_and_validates(name):
     if name.endswith(("_dspark", "_dflash", "_eagle3")):
         # DeepSeek-V4's recipes train its own mtp.* DSpark draft (algorithm dspark_v4).
         assert cfg.drafter.algorithm == name.rsplit("_", 1)[1] + ("_v4" if "deepseek_v4" in name else "")
+    if cfg.drafter.algorithm in ("eagle3", "dflash"):
+        # DSpark's heads are not theirs: the recipe leaves drafter.dspark alone (it is not read).
+        assert cfg.drafter.dspark == DSparkConfig()
     if cfg.drafter.algorithm == "eagle3":
-        assert cfg.drafter.num_layers == 1 and cfg.drafter.markov_rank == 0
-        assert not cfg.drafter.enable_confidence_head
+        assert cfg.drafter.num_layers == 1
 
 
 @pytest.mark.parametrize("size", sorted(QWEN3_LAYERS))
@@ -30,9 +32,10 @@ def test_qwen3_recipes(size, algorithm):
     assert cfg.drafter.num_layers == (1 if algorithm == "eagle3" else 5)
     assert (cfg.train.lr, cfg.train.warmup_ratio, cfg.train.grad_clip) == (6e-4, 0.04, 1.0)
     if algorithm == "eagle3":
-        assert (cfg.drafter.ttt_length, cfg.drafter.ttt_decay, cfg.drafter.draft_vocab_size) == (7, 0.8, 0)
+        e3 = cfg.drafter.eagle3
+        assert (e3.ttt_length, e3.ttt_decay, e3.draft_vocab_size) == (7, 0.8, 0)
     if algorithm == "dspark":
-        assert cfg.drafter.markov_rank == 256 and cfg.drafter.enable_confidence_head
+        assert cfg.drafter.dspark.markov_rank == 256 and cfg.drafter.dspark.enable_confidence_head
 
 
 @pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
@@ -51,8 +54,8 @@ def test_gemma4_12b_recipes(algorithm):
 def test_deepseek_v4_recipes_carry_the_released_draft_settings(size, layers, rank):
     cfg = load_config(f"deepseek_v4_{size}_dspark")
     assert cfg.target.name_or_path == f"deepseek-ai/DeepSeek-V4-{size.capitalize()}"
-    assert cfg.target.layer_ids == layers and cfg.drafter.markov_rank == rank
+    assert cfg.target.layer_ids == layers and cfg.drafter.dspark.markov_rank == rank
     d = cfg.drafter
-    assert (d.num_layers, d.block_size, d.mask_token_id, d.markov_head_type) == (3, 5, 128799, "vanilla")
-    assert (d.ce_weight, d.l1_weight, d.bce_weight, d.loss_decay) == (0.1, 0.9, 1.0, 4.0)
-    assert d.enable_confidence_head and d.init_from_target
+    assert (d.num_layers, d.block_size, d.mask_token_id, d.dspark.markov_head_type) == (3, 5, 128799, "vanilla")
+    assert (d.dspark.ce_weight, d.dspark.l1_weight, d.dspark.bce_weight, d.loss_decay) == (0.1, 0.9, 1.0, 4.0)
+    assert d.dspark.enable_confidence_head and d.init_from_target

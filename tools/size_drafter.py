@@ -33,7 +33,7 @@ def count_params(name: str) -> dict:
     import torch
     from transformers import DeepseekV4Config
 
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, DSparkConfig
     from dspark.drafters.v4 import DSparkV4Drafter
 
     config = DeepseekV4Config(**TARGETS[name])
@@ -41,7 +41,8 @@ def count_params(name: str) -> dict:
     with torch.device("meta"):
         frozen = torch.empty(config.vocab_size, config.hidden_size)
         drafter = DSparkV4Drafter(DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5,
-                                                markov_rank=released["markov_rank"], mask_token_id=128799),
+                                                dspark=DSparkConfig(markov_rank=released["markov_rank"]),
+                                                mask_token_id=128799),
                                   config, released["layer_ids"], frozen, frozen)
     routed = sum(p.numel() for n, p in drafter.named_parameters() if ".experts." in n and "shared" not in n)
     trained = sum(p.numel() for p in drafter.parameters())

@@ -161,7 +161,7 @@ class Drafter(nn.Module, abc.ABC):
         """Per-slot STS temperatures for the confidence head (``calibration.json``; ones = uncalibrated)."""
         if self.confidence_head is None:
             raise ValueError(f"drafter {self.algorithm} has no confidence head to calibrate "
-                             "(drafter.enable_confidence_head is off)")
+                             "(drafter.dspark.enable_confidence_head is off)")
         if len(temperatures) != self.block_size or not all(math.isfinite(t) and t > 0 for t in temperatures):
             raise ValueError(f"expected {self.block_size} confidence temperatures > 0 (one per slot), got "
                              f"{list(temperatures)!r}")

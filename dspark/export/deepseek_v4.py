@@ -165,8 +165,8 @@ def mtp_config(drafter, quantization: str) -> dict:
         "dspark_target_layer_ids": list(drafter.layer_ids),
         "dspark_noise_token_id": drafter.mask_token_id,
         "dspark": {"format_version": SECTION_VERSION, "algorithm": "dspark_v4", "num_anchors": cfg.num_anchors,
-                   "loss_decay": cfg.loss_decay, "ce_weight": cfg.ce_weight, "l1_weight": cfg.l1_weight,
-                   "bce_weight": cfg.bce_weight, "moe_bias_update_rate": cfg.moe_bias_update_rate},
+                   "loss_decay": cfg.loss_decay, "ce_weight": cfg.dspark.ce_weight, "l1_weight": cfg.dspark.l1_weight,
+                   "bce_weight": cfg.dspark.bce_weight, "moe_bias_update_rate": cfg.v4.moe_bias_update_rate},
     })
     if quantization == "fp8":
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK] * 2,
@@ -200,7 +200,7 @@ def _our_name(deepseek_name: str) -> str | None:
 def load_deepseek_v4_mtp(model_dir) -> torch.nn.Module:
     """The DSpark draft stored as ``mtp.*`` in ``model_dir`` (an export, or a whole V4 checkpoint such as the
     released one; quantised tensors are dequantised by ``WeightIndex``) as a ``dspark_v4`` drafter in fp32."""
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, DSparkConfig, V4Config
     from dspark.drafters.v4 import DSparkV4Drafter
     from dspark.targets.weights import WeightIndex, fuse_expert_pieces
 
@@ -230,12 +230,16 @@ def load_deepseek_v4_mtp(model_dir) -> torch.nn.Module:
         raise ValueError(f"{model_dir}/config.json has mtp.* tensors but lacks {', '.join(missing)}; expected "
                          "DeepSeek's DSpark config keys")
     stages = sorted({int(n.split(".")[1]) for n in ours if n.startswith("stages.")})
-    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=config.get("n_mtp_layers") or len(stages),
-                        block_size=config["dspark_block_size"], markov_rank=config["dspark_markov_rank"],
-                        mask_token_id=config["dspark_noise_token_id"],
-                        enable_confidence_head="confidence_head.proj.weight" in ours,
-                        **{k: section[k] for k in ("num_anchors", "loss_decay", "ce_weight", "l1_weight",
-                                                   "bce_weight", "moe_bias_update_rate") if k in section})
+    given = {k: section[k] for k in ("num_anchors", "loss_decay", "ce_weight", "l1_weight", "bce_weight",
+                                     "moe_bias_update_rate") if k in section}
+    cfg = DrafterConfig(
+        algorithm="dspark_v4", num_layers=config.get("n_mtp_layers") or len(stages),
+        block_size=config["dspark_block_size"], mask_token_id=config["dspark_noise_token_id"],
+        **{k: given[k] for k in ("num_anchors", "loss_decay") if k in given},
+        dspark=DSparkConfig(markov_rank=config["dspark_markov_rank"],
+                            enable_confidence_head="confidence_head.proj.weight" in ours,
+                            **{k: given[k] for k in ("ce_weight", "l1_weight", "bce_weight") if k in given}),
+        v4=V4Config(**{k: given[k] for k in ("moe_bias_update_rate",) if k in given}))
     target = {k: v for k, v in config.items() if k != "quantization_config"}
     embed, head = (index.load(frozen_name(index, *names), torch.float32)
                    for names in (("embed.weight", "model.embed_tokens.weight"), ("head.weight", "lm_head.weight")))

@@ -95,9 +95,9 @@ def deepspec_config(drafter) -> dict:
         "dflash_layout": drafter.dflash_layout,
         "layer_semantics": LAYER_SEMANTICS,
         "loss_decay": cfg.loss_decay,
-        "ce_weight": cfg.ce_weight,
-        "l1_weight": cfg.l1_weight,
-        "bce_weight": cfg.bce_weight,
+        "ce_weight": cfg.dspark.ce_weight,
+        "l1_weight": cfg.dspark.l1_weight,
+        "bce_weight": cfg.dspark.bce_weight,
     }
     return out
 
@@ -185,31 +185,36 @@ def export_deepspec(drafter, target_config, out_dir: str | os.PathLike) -> Path:
 
 def drafter_config_from_deepspec(config: dict):
     """The ``DrafterConfig`` a deepspec ``config.json`` describes."""
-    from dspark.config import DrafterConfig
-
     section = config.get("dspark") or {}
     version = section.get("format_version", DSPARK_SECTION_VERSION)
     if version > DSPARK_SECTION_VERSION:
         raise ValueError(f"deepspec config 'dspark' section has format_version {version}; this dspark reads "
                          f"versions up to {DSPARK_SECTION_VERSION} (upgrade dspark)")
     dflash_layout = bool(section.get("dflash_layout", False))
+    return block_drafter_config(
+        section.get("algorithm", "dspark"), section, num_layers=config["num_hidden_layers"],
+        block_size=config["block_size"] - int(dflash_layout), mask_token_id=config["mask_token_id"],
+        dflash_layout=dflash_layout, num_anchors=config["num_anchors"], intermediate_size=config["intermediate_size"],
+        markov_rank=config["markov_rank"], markov_head_type=config.get("markov_head_type", "vanilla"),
+        enable_confidence_head=config["enable_confidence_head"])
+
+
+def block_drafter_config(algorithm: str, section: dict, *, markov_rank: int, markov_head_type: str,
+                         enable_confidence_head: bool, **shared):
+    """The ``DrafterConfig`` of an exported DSpark / DFlash drafter: ``shared`` fields, the heads, and the loss
+    settings of the export's ``dspark`` section (defaults where it has none). A DFlash drafter has no
+    ``drafter.dspark`` section (it trains without the heads)."""
+    from dspark.config import DrafterConfig, DSparkConfig
+
     defaults = DrafterConfig()
-    return DrafterConfig(
-        algorithm=section.get("algorithm", "dspark"),
-        num_layers=config["num_hidden_layers"],
-        block_size=config["block_size"] - int(dflash_layout),
-        mask_token_id=config["mask_token_id"],
-        dflash_layout=dflash_layout,
-        markov_rank=config["markov_rank"],
-        markov_head_type=config.get("markov_head_type", "vanilla"),
-        enable_confidence_head=config["enable_confidence_head"],
-        num_anchors=config["num_anchors"],
-        loss_decay=section.get("loss_decay", defaults.loss_decay),
-        ce_weight=section.get("ce_weight", defaults.ce_weight),
-        l1_weight=section.get("l1_weight", defaults.l1_weight),
-        bce_weight=section.get("bce_weight", defaults.bce_weight),
-        intermediate_size=config["intermediate_size"],
-    )
+    shared["loss_decay"] = section.get("loss_decay", defaults.loss_decay)
+    if algorithm == "dflash":
+        return DrafterConfig(algorithm=algorithm, **shared)
+    heads = DSparkConfig(markov_rank=markov_rank, markov_head_type=markov_head_type,
+                         enable_confidence_head=enable_confidence_head,
+                         **{k: section.get(k, getattr(defaults.dspark, k)) for k in ("ce_weight", "l1_weight",
+                                                                                     "bce_weight")})
+    return DrafterConfig(algorithm=algorithm, dspark=heads, **shared)
 
 
 def load_deepspec(export_dir: str | os.PathLike):

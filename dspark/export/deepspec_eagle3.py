@@ -68,7 +68,7 @@ def deepspec_eagle3_config(drafter) -> dict:
         "target_model_name_or_path": str(drafter.target_name),
         "target_layer_ids": list(drafter.layer_ids),
         "ttt_length": drafter.ttt_length,
-        "step_loss_decay": drafter.cfg.ttt_decay,
+        "step_loss_decay": drafter.cfg.eagle3.ttt_decay,
         "tie_word_embeddings": False,
         "dtype": str(drafter.fc.weight.dtype).removeprefix("torch."),
         "dspark": {"format_version": EAGLE3_SECTION_VERSION, "algorithm": "eagle3", "block_size": drafter.block_size,
@@ -132,7 +132,7 @@ def export_deepspec_eagle3(drafter, target_config, out_dir: str | os.PathLike) -
 
         raise ValueError(f"this Eagle3 drafter has SGLang/vLLM's Llama midlayer (no q/k norms): it exports as "
                          f"eagle3 (architectures {eagle3_config(drafter)['architectures']}) or speculators, not in "
-                         f"the deepspec layout: use --format eagle3 (or train with drafter.eagle3_qk_norm=true "
+                         f"the deepspec layout: use --format eagle3 (or train with drafter.eagle3.qk_norm=true "
                          f"for the reference's Qwen3Eagle3Model)")
     config = deepspec_eagle3_config(drafter)
     _check_config(config, str(out))
@@ -147,7 +147,7 @@ def export_deepspec_eagle3(drafter, target_config, out_dir: str | os.PathLike) -
 def load_deepspec_eagle3(export_dir: str | os.PathLike):
     """Rebuild the ``Eagle3Drafter`` of a deepspec Eagle3 directory (strict: every tensor, none extra). A config
     without the ``dspark`` section (the reference's own) drafts ``ttt_length`` tokens per round."""
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, Eagle3Config
     from dspark.drafters.eagle3.model import Eagle3Drafter
     from dspark.export.eagle3 import _read
 
@@ -161,9 +161,9 @@ def load_deepspec_eagle3(export_dir: str | os.PathLike):
         raise ValueError(f"{path}: 'dspark' section format_version {version!r}; this dspark reads versions up to "
                          f"{EAGLE3_SECTION_VERSION}")
     cfg = DrafterConfig(algorithm="eagle3", num_layers=1, block_size=section.get("block_size", config["ttt_length"]),
-                        markov_rank=0, enable_confidence_head=False, ttt_length=config["ttt_length"],
-                        ttt_decay=config["step_loss_decay"], intermediate_size=config["intermediate_size"],
-                        eagle3_qk_norm=not _is_gemma4(config))
+                        intermediate_size=config["intermediate_size"],
+                        eagle3=Eagle3Config(ttt_length=config["ttt_length"], ttt_decay=config["step_loss_decay"],
+                                            qk_norm=not _is_gemma4(config)))
     embed, lm_head = tensors.pop("embed_tokens.weight"), tensors.pop("lm_head.weight")
     drafter = Eagle3Drafter(cfg, config, config["target_layer_ids"], embed, lm_head)
     drafter.to(tensors["fc.weight"].dtype)

@@ -53,7 +53,7 @@ def _check_drafter(drafter, where: str) -> None:
         raise ValueError(f"{where}: the eagle3 layout holds only Eagle3 drafters, got algorithm "
                          f"{getattr(drafter, 'algorithm', type(drafter).__name__)!r} (export it as deepspec)")
     if drafter.deepspec_layout:
-        layer = "Gemma4's layer" if drafter.variant.gemma4 else "q/k norms (drafter.eagle3_qk_norm)"
+        layer = "Gemma4's layer" if drafter.variant.gemma4 else "q/k norms (drafter.eagle3.qk_norm)"
         raise ValueError(f"{where}: this Eagle3 drafter's midlayer has {layer}, which the Llama midlayer of the "
                          f"eagle3 and speculators layouts cannot hold; export it with --format deepspec (the "
                          f"reference's {'Gemma4' if drafter.variant.gemma4 else 'Qwen3'}Eagle3Model)")
@@ -94,7 +94,8 @@ def _llama_fields(drafter) -> dict:
 def _dspark_section(drafter) -> dict:
     return {"format_version": EAGLE3_SECTION_VERSION, "algorithm": "eagle3", "layer_ids": list(drafter.layer_ids),
             "layer_semantics": LAYER_SEMANTICS, "num_target_layers": drafter.num_target_layers,
-            "block_size": drafter.block_size, "ttt_length": drafter.ttt_length, "ttt_decay": drafter.cfg.ttt_decay}
+            "block_size": drafter.block_size, "ttt_length": drafter.ttt_length,
+            "ttt_decay": drafter.cfg.eagle3.ttt_decay}
 
 
 def eagle3_config(drafter) -> dict:
@@ -243,7 +244,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _build(layer: dict, section: dict, tensors: dict[str, torch.Tensor], layer_prefix: str, where: str):
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, Eagle3Config
     from dspark.drafters.eagle3.model import Eagle3Drafter
 
     version = section.get("format_version")
@@ -253,9 +254,9 @@ def _build(layer: dict, section: dict, tensors: dict[str, torch.Tensor], layer_p
     _check_tensors(tensors, expected_tensor_shapes({**layer, "dspark": section}, layer_prefix), where)
     V, W = layer["vocab_size"], layer["draft_vocab_size"]
     cfg = DrafterConfig(algorithm="eagle3", num_layers=1, block_size=section["block_size"],
-                        markov_rank=0, enable_confidence_head=False, ttt_length=section["ttt_length"],
-                        ttt_decay=section["ttt_decay"], draft_vocab_size=W if W < V else 0,
-                        intermediate_size=layer["intermediate_size"])
+                        intermediate_size=layer["intermediate_size"],
+                        eagle3=Eagle3Config(ttt_length=section["ttt_length"], ttt_decay=section["ttt_decay"],
+                                            draft_vocab_size=W if W < V else 0))
     target = {**layer, "num_target_layers": section["num_target_layers"]}
     embed, lm_head = tensors.pop("embed_tokens.weight"), tensors.pop("lm_head.weight")
     maps = {"d2t": tensors.pop("d2t"), "t2d": tensors.pop("t2d")} if W < V else {}

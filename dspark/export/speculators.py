@@ -274,23 +274,12 @@ def _resolve_verifier(verifier, config: dict, layer_ids: list[int], where: str):
 def _drafter_config(config: dict, view: dict, section: dict):
     """The ``DrafterConfig`` a speculators config describes (training-only fields from the dspark section)."""
     from dspark.config import DrafterConfig
+    from dspark.export.deepspec import block_drafter_config
 
-    algorithm = config["speculators_model_type"]
     dflash_layout = not config["sample_from_anchor"]
-    defaults = DrafterConfig()
-    return DrafterConfig(
-        algorithm=algorithm,
-        num_layers=config["transformer_layer_config"]["num_hidden_layers"],
-        block_size=config["block_size"] - int(dflash_layout),
-        mask_token_id=config["mask_token_id"],
-        dflash_layout=dflash_layout,
-        markov_rank=view["markov_rank"],
-        markov_head_type=view.get("markov_head_type", "vanilla"),
-        enable_confidence_head=view["enable_confidence_head"],
-        num_anchors=section.get("num_anchors", defaults.num_anchors),
-        loss_decay=section.get("loss_decay", defaults.loss_decay),
-        ce_weight=section.get("ce_weight", defaults.ce_weight),
-        l1_weight=section.get("l1_weight", defaults.l1_weight),
-        bce_weight=section.get("bce_weight", defaults.bce_weight),
-        intermediate_size=config["transformer_layer_config"]["intermediate_size"],
-    )
+    return block_drafter_config(
+        config["speculators_model_type"], section, num_layers=config["transformer_layer_config"]["num_hidden_layers"],
+        block_size=config["block_size"] - int(dflash_layout), mask_token_id=config["mask_token_id"],
+        dflash_layout=dflash_layout, num_anchors=section.get("num_anchors", DrafterConfig().num_anchors),
+        intermediate_size=config["transformer_layer_config"]["intermediate_size"], markov_rank=view["markov_rank"],
+        markov_head_type=view.get("markov_head_type", "vanilla"), enable_confidence_head=view["enable_confidence_head"])

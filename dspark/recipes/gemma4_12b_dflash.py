@@ -4,4 +4,5 @@ from dspark.config import load_recipe_dict
 
 RECIPE = load_recipe_dict("gemma4_12b_dspark")
 RECIPE["run_dir"] = "runs/gemma4_12b_dflash"
-RECIPE["drafter"].update(algorithm="dflash", markov_rank=0, enable_confidence_head=False)
+RECIPE["drafter"].pop("dspark")  # DSpark's sequential heads: DFlash trains without them
+RECIPE["drafter"]["algorithm"] = "dflash"

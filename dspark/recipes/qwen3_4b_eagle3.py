@@ -5,5 +5,6 @@ from dspark.config import load_recipe_dict
 
 RECIPE = load_recipe_dict("qwen3_4b_dspark")
 RECIPE["run_dir"] = "runs/qwen3_4b_eagle3"
-RECIPE["drafter"].update(algorithm="eagle3", num_layers=1, markov_rank=0, enable_confidence_head=False,
-                         ttt_length=7, ttt_decay=0.8, draft_vocab_size=0)
+RECIPE["drafter"].pop("dspark")  # DSpark's sequential heads are not Eagle3's
+RECIPE["drafter"].update(algorithm="eagle3", num_layers=1,
+                         eagle3={"ttt_length": 7, "ttt_decay": 0.8, "draft_vocab_size": 0})

@@ -154,9 +154,7 @@ def load(engine, ckpt_dir: Path, generator: torch.Generator, *, rank: int, world
             f"{world}: exact resume needs the same world size (or move {Path(ckpt_dir)} away to start afresh)"
         )
     for key, value in run_info.items():
-        saved, defaults = record.get(key), (run_defaults or {}).get(key)
-        if isinstance(saved, dict) and isinstance(value, dict) and isinstance(defaults, dict):
-            saved = {**{k: defaults[k] for k in value.keys() - saved.keys() if k in defaults}, **saved}
+        saved = _fill_defaults(record.get(key), value, (run_defaults or {}).get(key))
         if saved != value:
             raise ValueError(
                 f"checkpoint {tag_dir} was saved with {key}={record.get(key)} but this run has {key}={value}: "
@@ -168,6 +166,16 @@ def load(engine, ckpt_dir: Path, generator: torch.Generator, *, rank: int, world
     restore_rng_state(torch.load(_rank_file(tag_dir, rank), weights_only=True), generator)
     return Position(step=record["step"], epoch=record["epoch"], micro_in_epoch=record["micro_in_epoch"],
                     stream_positions=record.get("stream_positions"))
+
+
+def _fill_defaults(saved, value, defaults):
+    """``saved`` plus, in every nested mapping, the keys ``value`` has and ``saved`` lacks (fields an older dspark
+    did not write), taken from ``defaults``."""
+    if not (isinstance(saved, dict) and isinstance(value, dict) and isinstance(defaults, dict)):
+        return saved
+    filled = {k: defaults[k] for k in value.keys() - saved.keys() if k in defaults}
+    filled.update({k: _fill_defaults(v, value.get(k), defaults.get(k)) for k, v in saved.items()})
+    return filled
 
 
 class Checkpointer:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_batch, make_drafter
 
-from dspark.config import DrafterConfig, TargetConfig
+from dspark.config import ConfigError, DrafterConfig, DSparkConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.drafters.anchors import sample_anchors
 from dspark.export.deepspec import deepspec_config
@@ -121,24 +121,24 @@ def reference_loss(d, batch, generator):
                     num = num + w * ce
                     continue
                 terms["l1"] += w * l1.item()
-                num = num + w * (cfg.ce_weight * ce + cfg.l1_weight * l1)
+                num = num + w * (cfg.dspark.ce_weight * ce + cfg.dspark.l1_weight * l1)
                 if conf is not None:
                     c_star = 1 - 0.5 * l1.detach()
                     c = torch.sigmoid(conf[j])
                     bce = -(c_star * torch.log(c) + (1 - c_star) * torch.log(1 - c))
                     terms["bce"] += w * bce.item()
-                    num = num + cfg.bce_weight * w * bce
+                    num = num + cfg.dspark.bce_weight * w * bce
     return num, wsum, terms, accept, count
 
 
 CASES = {
-    "vanilla": dict(markov_head_type="vanilla"),
-    "gated": dict(markov_head_type="gated"),
-    "rnn": dict(markov_head_type="rnn", block_size=5),
-    "no_markov": dict(markov_rank=0),
-    "no_heads": dict(markov_rank=0, enable_confidence_head=False),
+    "vanilla": dict(dspark={"markov_head_type": "vanilla"}),
+    "gated": dict(dspark={"markov_head_type": "gated"}),
+    "rnn": dict(dspark={"markov_head_type": "rnn"}, block_size=5),
+    "no_markov": dict(dspark={"markov_rank": 0}),
+    "no_heads": dict(dspark={"markov_rank": 0, "enable_confidence_head": False}),
     "dflash_layout": dict(dflash_layout=True, block_size=4),
-    "dflash": dict(algorithm="dflash", markov_rank=0, enable_confidence_head=False),
+    "dflash": dict(algorithm="dflash"),
 }
 
 
@@ -164,7 +164,7 @@ def test_loss_and_gradients_match_a_direct_per_block_computation(case):
     expected_terms = {"ce"} if d.algorithm == "dflash" else {"ce", "l1"} | ({"bce"} if d.confidence_head else set())
     assert set(out.terms) == expected_terms
     if d.algorithm == "dspark":
-        combined = sum(getattr(d.cfg, f"{k}_weight") * v for k, v in out.terms.items())
+        combined = sum(getattr(d.cfg.dspark, f"{k}_weight") * v for k, v in out.terms.items())
         assert out.numerator.item() == pytest.approx(combined.item(), rel=1e-5)
     for name, p in d.named_parameters():
         assert grads[name].abs().max() > 0, name  # every trainable tensor is reached
@@ -251,7 +251,7 @@ def test_propose_with_empty_context_and_bad_temperature():
 
 def test_rnn_head_with_state_and_hidden_zeroed_is_a_markov_bias():
     torch.manual_seed(0)
-    rnn = make_drafter(markov_head_type="rnn").markov_head
+    rnn = make_drafter(dspark={"markov_head_type": "rnn"}).markov_head
     r = rnn.rank
     with torch.no_grad():
         rnn.joint_proj.weight[:, :r] = 0  # no state input ...
@@ -281,11 +281,13 @@ def test_dflash_layout_block_is_the_dspark_block_one_longer_without_its_anchor_o
     assert deepspec_config(dflash)["block_size"] == 5 and deepspec_config(long)["block_size"] == 5
 
 
-def test_dflash_algorithm_ignores_heads_with_a_warning():
+def test_dflash_algorithm_has_no_heads_and_refuses_the_dspark_section():
     tiny_batch = make_batch()
-    with pytest.warns(UserWarning, match="algorithm dflash trains with CE only: ignoring markov_rank=256"):
-        d = build_drafter(DrafterConfig(algorithm="dflash", num_layers=1), TINY_TARGET, LAYER_IDS,
-                          torch.randn(V, H), torch.randn(V, H))
+    with pytest.raises(ConfigError, match=r"^drafter.dspark.markov_rank is set \(64\), but algorithm dflash does not "
+                                          r"read the dspark section \(only dspark, dspark_v4\); remove it$"):
+        DrafterConfig(algorithm="dflash", dspark=DSparkConfig(markov_rank=64))
+    d = build_drafter(DrafterConfig(algorithm="dflash", num_layers=1), TINY_TARGET, LAYER_IDS,
+                      torch.randn(V, H), torch.randn(V, H))
     assert d.markov_head is None and d.confidence_head is None
     assert d.propose(tiny_batch["features_BTLH"][0, :5], 1, temperature=1.0).confidence_K is None
 
@@ -339,7 +341,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"layer_ids \[0, 5\] must be strictly increasing within -1..4"):
         build_drafter(DrafterConfig(), TINY_TARGET, [0, 5], emb, emb)
     with pytest.raises(ValueError, match="markov_head_type must be one of vanilla, gated, rnn, got 'lstm'"):
-        build_drafter(DrafterConfig(markov_head_type="lstm"), TINY_TARGET, LAYER_IDS, emb, emb)
+        build_drafter(DrafterConfig(dspark=DSparkConfig(markov_head_type="lstm")), TINY_TARGET, LAYER_IDS, emb, emb)
     with pytest.raises(ValueError, match="drafter.algorithm 'eagle9' unknown"):
         build_drafter(DrafterConfig(algorithm="eagle9"), TINY_TARGET, LAYER_IDS, emb, emb)
     assert build_drafter(DrafterConfig(), TINY_TARGET, LAYER_IDS, emb, emb).mask_token_id == V - 1
@@ -349,8 +351,8 @@ def test_builds_from_a_real_target_and_trains_on_its_features(tiny_llama_dir):
     from dspark.targets import load_target
 
     target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 1, 2]))
-    d = build_drafter(DrafterConfig(num_layers=1, markov_rank=8, num_anchors=4), target.config, target.layer_ids,
-                      target.embed_weight, target.lm_head_weight)
+    d = build_drafter(DrafterConfig(num_layers=1, num_anchors=4, dspark=DSparkConfig(markov_rank=8)), target.config,
+                      target.layer_ids, target.embed_weight, target.lm_head_weight)
     assert d.layers[0].self_attn.head_dim == 16 and d.rotary.theta == target.config.rope_parameters["rope_theta"]
     ids = torch.randint(0, 1000, (2, 16))
     feats = target.features(ids)

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_batch
 
-from dspark.config import ConfigError, DrafterConfig, TargetConfig, config_from_dict
+from dspark.config import (
+    ConfigError,
+    DrafterConfig,
+    DSparkConfig,
+    Eagle3Config,
+    TargetConfig,
+    config_from_dict,
+)
 from dspark.drafters import build_drafter
 from dspark.drafters.common import apply_rope
 from dspark.drafters.eagle3 import (
@@ -23,9 +30,10 @@ from dspark.drafters.eagle3.layer import ttt_attention
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:draft vocab")]
 
 
-def eagle3_cfg(**overrides) -> DrafterConfig:
-    return DrafterConfig(**{"algorithm": "eagle3", "markov_rank": 0, "enable_confidence_head": False,
-                            "ttt_length": 3, "block_size": 4, **overrides})
+def eagle3_cfg(*, block_size: int = 4, num_layers: int = 1, **section) -> DrafterConfig:
+    """An Eagle3 config; ``section``: fields of ``drafter.eagle3`` (TTT length 3 unless given)."""
+    return DrafterConfig(algorithm="eagle3", block_size=block_size, num_layers=num_layers,
+                         eagle3=Eagle3Config(**{"ttt_length": 3, **section}))
 
 
 def make_eagle3(seed: int = 0, embed=None, counts=None, **overrides):
@@ -257,11 +265,11 @@ def test_decoding_step_equals_the_training_step():
 
 def test_config_and_construction_refuse_what_eagle3_cannot_be():
     base = {"target": {"name_or_path": "x", "layer_ids": [0, 1]}}
-    assert config_from_dict({**base, "drafter": {"algorithm": "eagle3"}}).drafter.ttt_length == 7
+    assert config_from_dict({**base, "drafter": {"algorithm": "eagle3"}}).drafter.eagle3.ttt_length == 7
     with pytest.raises(ConfigError, match="num_layers"):
         config_from_dict({**base, "drafter": {"algorithm": "eagle3", "num_layers": 2}})
     with pytest.raises(ConfigError, match="draft_vocab_size"):
-        config_from_dict({**base, "drafter": {"algorithm": "eagle3", "draft_vocab_size": -1}})
+        config_from_dict({**base, "drafter": {"algorithm": "eagle3", "eagle3": {"draft_vocab_size": -1}}})
     emb = torch.randn(V, H)
     with pytest.raises(ValueError, match="one decoder layer"):
         build_drafter(eagle3_cfg(num_layers=2), TINY_TARGET, LAYER_IDS, emb, emb)
@@ -269,8 +277,11 @@ def test_config_and_construction_refuse_what_eagle3_cannot_be():
         build_drafter(eagle3_cfg(draft_vocab_size=V + 1), TINY_TARGET, LAYER_IDS, emb, emb)
     with pytest.raises(ValueError, match="layer_ids"):
         build_drafter(eagle3_cfg(), TINY_TARGET, [0, 5], emb, emb)
-    with pytest.warns(UserWarning, match="ignores"):
-        build_drafter(DrafterConfig(algorithm="eagle3"), TINY_TARGET, LAYER_IDS, emb, emb)
+    # DSpark's heads and block layout are not Eagle3's: setting them is refused when the config is built.
+    with pytest.raises(ConfigError, match="drafter.dspark.enable_confidence_head is set .* algorithm eagle3 does not"):
+        DrafterConfig(algorithm="eagle3", dspark=DSparkConfig(enable_confidence_head=False))
+    with pytest.raises(ConfigError, match="drafter.dflash_layout .* algorithm eagle3 has its own"):
+        DrafterConfig(algorithm="eagle3", dflash_layout=True)
 
 
 @pytest.mark.parametrize("draft_vocab_size", [0, 2000])

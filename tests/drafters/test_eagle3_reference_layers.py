@@ -2,14 +2,14 @@
 reference's Gemma4 Eagle3 forward written with transformers' own Gemma4 modules (sandwich and q/k/v norms, K = V,
 global geometry, proportional RoPE, GELU MLP, sqrt(H) embedding, attention scale 1, softcapped logits), the
 softcapped soft cross-entropy has autograd's gradient, and the loss compares softcapped draft and target
-distributions. With ``drafter.eagle3_qk_norm`` (DESIGN 8.1) a step equals the Qwen3Eagle3Model layer written with
+distributions. With ``drafter.eagle3.qk_norm`` (DESIGN 8.1) a step equals the Qwen3Eagle3Model layer written with
 transformers' Qwen3 modules (q/k RMSNorm before RoPE)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, Eagle3Config
 from dspark.drafters import build_drafter
 from dspark.drafters.eagle3.loss import soft_cross_entropy
 
@@ -26,8 +26,7 @@ def _target_config():
 
 def _drafter(ttt_length: int = 2):
     torch.manual_seed(0)
-    cfg = DrafterConfig(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, ttt_length=ttt_length,
-                        block_size=4)
+    cfg = DrafterConfig(algorithm="eagle3", block_size=4, eagle3=Eagle3Config(ttt_length=ttt_length))
     embed = torch.randn(V, H)
     d = build_drafter(cfg, _target_config(), LAYER_IDS, embed, embed)
     with torch.no_grad():
@@ -145,11 +144,11 @@ def test_softcapped_soft_cross_entropy_gradient_is_the_autograd_one(pruned):
 
 def test_gemma4_eagle3_refuses_what_its_layout_cannot_hold():
     config, embed = _target_config(), torch.randn(V, H)
-    base = dict(algorithm="eagle3", markov_rank=0, enable_confidence_head=False)
     with pytest.raises(ValueError, match=r"layer_ids \[-1, 0, 2\]: Eagle3 with a Gemma4 target reads decoder layers"):
-        build_drafter(DrafterConfig(**base), config, [-1, 0, 2], embed, embed)
+        build_drafter(DrafterConfig(algorithm="eagle3"), config, [-1, 0, 2], embed, embed)
     with pytest.raises(ValueError, match="draft_vocab_size 64: Eagle3 with a Gemma4 target drafts over the full"):
-        build_drafter(DrafterConfig(**base, draft_vocab_size=64), config, LAYER_IDS, embed, embed)
+        build_drafter(DrafterConfig(algorithm="eagle3", eagle3=Eagle3Config(draft_vocab_size=64)), config, LAYER_IDS,
+                      embed, embed)
 
 
 def test_qk_norm_midlayer_equals_the_reference_qwen3_eagle3_step():
@@ -164,8 +163,7 @@ def test_qk_norm_midlayer_equals_the_reference_qwen3_eagle3_step():
     config = Qwen3Config(vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6)
     torch.manual_seed(0)
-    cfg = DrafterConfig(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, ttt_length=1,
-                        eagle3_qk_norm=True)
+    cfg = DrafterConfig(algorithm="eagle3", eagle3=Eagle3Config(ttt_length=1, qk_norm=True))
     d = build_drafter(cfg, config, LAYER_IDS, torch.randn(V, H), torch.randn(V, H) / 8)
     with torch.no_grad():
         for p in d.parameters():

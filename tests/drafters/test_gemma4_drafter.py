@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, DSparkConfig
 from dspark.drafters import build_drafter
 from dspark.drafters.common import DraftDecoderLayer, layer_variant
 from dspark.drafters.dspark.loss import chunked_vocab_loss
@@ -92,8 +92,7 @@ def test_deepspec_export_is_the_gemma4_contract(algorithm, tmp_path):
     config = _target_config()
     torch.manual_seed(0)
     embed = torch.randn(V, H)
-    extra = dict(markov_rank=8, markov_head_type="rnn") if algorithm == "dspark" else dict(markov_rank=0,
-                                                                                          enable_confidence_head=False)
+    extra = dict(dspark=DSparkConfig(markov_rank=8, markov_head_type="rnn")) if algorithm == "dspark" else {}
     cfg = DrafterConfig(algorithm=algorithm, num_layers=2, num_anchors=4, mask_token_id=4, **extra)
     drafter = build_drafter(cfg, config, LAYER_IDS, embed, embed)
     with torch.no_grad():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.config import DrafterConfig, RunConfig, TargetConfig
+from dspark.config import ConfigError, DrafterConfig, DSparkConfig, RunConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.targets.hf import safetensors_dir
 from dspark.targets.weights import WeightIndex
@@ -26,7 +26,7 @@ def _drafter(target_dir, layer_ids, **cfg):
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_draft_layers_become_the_targets_deepest_feature_layers(family, tiny_qwen3_dir, tiny_llama_dir):
     target_dir = tiny_qwen3_dir if family == "qwen3" else tiny_llama_dir
-    drafter = _drafter(target_dir, [0, 1, 2], num_layers=2, block_size=4, markov_rank=8)
+    drafter = _drafter(target_dir, [0, 1, 2], num_layers=2, block_size=4)
     assert drafter.target_layers_to_copy() == [1, 2]
     untouched = {n: p.clone() for n, p in drafter.named_parameters()}
     copied = drafter.init_from_target(target_dir)
@@ -54,8 +54,8 @@ def test_the_trainer_hook_copies_through_the_checkpoint_of_the_target(tiny_qwen3
     from dspark.train.drafter_hooks import prepare_drafter
 
     cfg = RunConfig(target=TargetConfig(name_or_path=str(tiny_qwen3_dir), layer_ids=[0, 2]),
-                    drafter=DrafterConfig(block_size=4, markov_rank=8, init_from_target=True))
-    drafter = _drafter(tiny_qwen3_dir, [0, 2], block_size=4, markov_rank=8)
+                    drafter=DrafterConfig(block_size=4, init_from_target=True, dspark=DSparkConfig(markov_rank=8)))
+    drafter = _drafter(tiny_qwen3_dir, [0, 2], block_size=4)
     prepare_drafter(drafter, cfg, world=1)
     torch.testing.assert_close(drafter.layers[0].mlp.up_proj.weight,
                                WeightIndex(tiny_qwen3_dir).load("model.layers.2.mlp.up_proj.weight", torch.float32))
@@ -70,5 +70,7 @@ def test_what_cannot_be_copied_is_refused_in_one_line(tiny_qwen3_dir, tmp_path):
     eagle3 = _drafter(tiny_qwen3_dir, [0, 1, 2], algorithm="eagle3")
     with pytest.raises(ValueError, match="drafter 'eagle3' has no target layers to copy"):
         eagle3.init_from_target(tiny_qwen3_dir)
+    with pytest.raises(ConfigError, match="eagle3's layer takes .embedding ; hidden. and has no target counterpart"):
+        DrafterConfig(algorithm="eagle3", init_from_target=True)
     with pytest.raises(ValueError, match="does not exist"):
         safetensors_dir(str(tmp_path / "missing"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_drafters import LAYER_IDS, TINY_TARGET, H, V, make_drafter
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, Eagle3Config
 from dspark.drafters import build_drafter
 from dspark.drafters.base import Drafter
 from dspark.drafters.eagle3 import build_draft_vocab
@@ -22,8 +22,7 @@ LENGTHS = [9, 3, 17, 1]  # context lengths of the rows drafted together (the lon
 def make_eagle3(draft_vocab_size: int = 0):
     """An Eagle3 drafter with random trainable tensors; pruned to a draft vocab fitted on skewed counts."""
     torch.manual_seed(0)
-    cfg = DrafterConfig(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, block_size=5,
-                        draft_vocab_size=draft_vocab_size)
+    cfg = DrafterConfig(algorithm="eagle3", block_size=5, eagle3=Eagle3Config(draft_vocab_size=draft_vocab_size))
     drafter = build_drafter(cfg, TINY_TARGET, LAYER_IDS, torch.randn(V, H), torch.randn(V, H) / H**0.5)
     if draft_vocab_size:
         counts_V = torch.randint(0, 50, (V,), generator=torch.Generator().manual_seed(1))
@@ -36,9 +35,8 @@ def make_eagle3(draft_vocab_size: int = 0):
 
 DRAFTERS = {
     "dspark": lambda: make_drafter().eval(),
-    "dspark_rnn": lambda: make_drafter(markov_head_type="rnn").eval(),
-    "dflash": lambda: make_drafter(algorithm="dflash", markov_rank=0, enable_confidence_head=False,
-                                   dflash_layout=True).eval(),
+    "dspark_rnn": lambda: make_drafter(dspark={"markov_head_type": "rnn"}).eval(),
+    "dflash": lambda: make_drafter(algorithm="dflash", dflash_layout=True).eval(),
     "eagle3": lambda: make_eagle3(),
     "eagle3_pruned": lambda: make_eagle3(draft_vocab_size=40),
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_v4 import V, features, make_drafter, v4_config
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, DSparkConfig
 from dspark.drafters import build_drafter
 
 
@@ -69,7 +69,7 @@ def test_proposal_equals_teacher_forced_training_path(one_thread):
 
 
 def test_training_moves_every_trained_weight_and_balances_experts(one_thread):
-    drafter = make_drafter(moe_bias_update_rate=0.01).train()
+    drafter = make_drafter(v4={"moe_bias_update_rate": 0.01}).train()
     bias_before = [s.mlp.gate.e_score_correction_bias.clone() for s in drafter.stages]
     out = drafter.forward_loss(features(2, 24), torch.Generator().manual_seed(0))
     out.numerator.backward()
@@ -118,7 +118,7 @@ def test_training_fits_a_peaked_target_instead_of_collapsing(one_thread):
     distinct tokens as the target predicts (a collapse to one token, seen once on a near-uniform tiny target, fails
     this). Overfits one batch of a target peaked at the next token."""
     batch = _sharp_target_batch(scale=4.0)
-    drafter = make_drafter(moe_bias_update_rate=0.01).train()
+    drafter = make_drafter(v4={"moe_bias_update_rate": 0.01}).train()
     anchors_BA = torch.tensor([[3, 11, 19, 27, 35], [5, 13, 21, 29, 37]])
     before, _ = _agreement(drafter, batch, anchors_BA)
     optimizer = torch.optim.Adam(drafter.trainable_parameters(), lr=1e-2)
@@ -136,7 +136,7 @@ def test_training_fits_a_peaked_target_instead_of_collapsing(one_thread):
 
 def test_selection_bias_step_follows_expert_load(one_thread):
     """The bias step is -rate * sign(load - mean load), with the load summed by the hook set from outside."""
-    drafter = make_drafter(moe_bias_update_rate=0.5)
+    drafter = make_drafter(v4={"moe_bias_update_rate": 0.5})
     stage = drafter.stages[0]
     stage.mlp.expert_counts_E = torch.tensor([6.0, 1.0, 3.0, 2.0])
     seen = []
@@ -157,7 +157,7 @@ def test_bad_input_is_refused_in_one_line():
                                          r"deepseek_v4\), got model_type 'qwen3'; use algorithm dspark for other "
                                          r"targets$"):
         make_drafter(qwen)
-    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, markov_rank=16)
+    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, dspark=DSparkConfig(markov_rank=16))
     with pytest.raises(ValueError, match=r"^dspark_v4 target layer ids \[0, 1, 4\] must lie in 0..3 \(the target has "
                                          r"4 decoder layers\)$"):
         build_drafter(cfg, v4_config(), [0, 1, 4], torch.randn(V, 64), torch.randn(V, 64))

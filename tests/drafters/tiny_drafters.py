@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark.config import DrafterConfig
+from dspark.config import drafter_config
 from dspark.drafters import build_drafter
 
 V, H = 300, 64
@@ -15,11 +15,15 @@ LAYER_IDS = [0, 2, 4]
 
 
 def make_drafter(seed: int = 0, **overrides):
-    """A drafter with every trainable tensor random (including the zero-initialised Markov W2) so all paths matter."""
+    """A drafter with every trainable tensor random (including the zero-initialised Markov W2) so all paths matter.
+    ``overrides`` are ``drafter`` fields as a recipe writes them (``dspark={...}`` merges into the Markov rank 16)."""
     torch.manual_seed(seed)
     embed = torch.randn(V, H)
     lm_head = torch.randn(V, H) / H**0.5
-    cfg = DrafterConfig(**{"num_layers": 2, "markov_rank": 16, "num_anchors": 6, **overrides})
+    data = {"num_layers": 2, "num_anchors": 6, **overrides}
+    if data.get("algorithm", "dspark") == "dspark":
+        data["dspark"] = {"markov_rank": 16, **overrides.get("dspark", {})}
+    cfg = drafter_config(data)
     drafter = build_drafter(cfg, TINY_TARGET, LAYER_IDS, embed, lm_head)
     with torch.no_grad():
         for name, p in drafter.named_parameters():

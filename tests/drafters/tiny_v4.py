@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark.config import DrafterConfig
+from dspark.config import drafter_config
 from dspark.drafters import build_drafter
 
 V = 256
@@ -23,11 +23,12 @@ def v4_config(**updates):
 
 
 def make_drafter(config=None, seed: int = 0, **cfg):
+    """``cfg``: ``drafter`` fields as a recipe writes them (e.g. ``v4={"moe_bias_update_rate": 0.5}``)."""
     config = config or v4_config()
     torch.manual_seed(seed)
     embed, head = torch.randn(V, 64), torch.randn(V, 64) * 0.2
-    drafter_cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, markov_rank=16, num_anchors=6,
-                                **cfg)
+    drafter_cfg = drafter_config({"algorithm": "dspark_v4", "num_layers": 3, "block_size": 5, "num_anchors": 6,
+                                  "dspark": {"markov_rank": 16}, **cfg})
     drafter = build_drafter(drafter_cfg, config, [0, 1, 3], embed, head)
     with torch.no_grad():  # untrained biases, sinks and Markov W2 are zero: give every path a real value
         for name, p in drafter.named_parameters():

@@ -17,7 +17,7 @@ BLOCK = 4
 
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory, tiny_llama_dir):
-    from dspark.config import DrafterConfig, TargetConfig
+    from dspark.config import DrafterConfig, DSparkConfig, TargetConfig
     from dspark.drafters import build_drafter
     from dspark.export import export_drafter
     from dspark.targets import load_target
@@ -27,8 +27,8 @@ def run_dirs(tmp_path_factory, tiny_llama_dir):
     dirs = {}
     for algorithm in ("dspark", "dflash"):
         torch.manual_seed(0)
-        cfg = DrafterConfig(algorithm=algorithm, block_size=BLOCK, markov_rank=16 if algorithm == "dspark" else 0,
-                            enable_confidence_head=algorithm == "dspark")
+        heads = {"dspark": DSparkConfig(markov_rank=16)} if algorithm == "dspark" else {}
+        cfg = DrafterConfig(algorithm=algorithm, block_size=BLOCK, **heads)
         drafter = build_drafter(cfg, target.config, target.layer_ids, target.embed_weight, target.lm_head_weight)
         export_drafter(drafter, root / algorithm / "drafter")
         dirs[algorithm] = root / algorithm

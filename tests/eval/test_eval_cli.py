@@ -13,7 +13,7 @@ from conftest import decoded_report, run_cli, timeless
 
 @pytest.fixture(scope="module")
 def drafter_dirs(tmp_path_factory, tiny_llama_dir):
-    from dspark.config import DrafterConfig, TargetConfig
+    from dspark.config import DrafterConfig, DSparkConfig, TargetConfig
     from dspark.drafters import build_drafter
     from dspark.export import export_drafter
     from dspark.targets import load_target
@@ -23,8 +23,8 @@ def drafter_dirs(tmp_path_factory, tiny_llama_dir):
     dirs = []
     for seed, name in enumerate(["a", "b"]):
         torch.manual_seed(seed)
-        drafter = build_drafter(DrafterConfig(block_size=4, markov_rank=16), target.config, target.layer_ids,
-                                target.embed_weight, target.lm_head_weight)
+        drafter = build_drafter(DrafterConfig(block_size=4, dspark=DSparkConfig(markov_rank=16)),
+                                target.config, target.layer_ids, target.embed_weight, target.lm_head_weight)
         dirs.append(export_drafter(drafter, root / name / "drafter"))
     return dirs
 

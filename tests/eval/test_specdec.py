@@ -112,12 +112,12 @@ def test_untrained_dspark_drafter_is_lossless_under_greedy_decoding(tiny_llama_d
     drafters = pytest.importorskip("dspark.drafters")
     if not hasattr(drafters, "build_drafter"):
         pytest.skip("dspark.drafters.build_drafter is not available yet")
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, DSparkConfig
 
     target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 2]))
     torch.manual_seed(0)
-    drafter = drafters.build_drafter(DrafterConfig(block_size=4, markov_rank=16), target.config, target.layer_ids,
-                                     target.embed_weight, target.lm_head_weight).eval()
+    drafter = drafters.build_drafter(DrafterConfig(block_size=4, dspark=DSparkConfig(markov_rank=16)),
+                                     target.config, target.layer_ids, target.embed_weight, target.lm_head_weight).eval()
     for prompt in PROMPTS[:2]:
         result = speculative_generate(target, drafter, prompt, max_new_tokens=16, temperature=0.0)
         assert result.tokens == target_generate(target, prompt, max_new_tokens=16, temperature=0.0)

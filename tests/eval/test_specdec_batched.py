@@ -14,7 +14,7 @@ from eval_drafters import (
     arbitrary_distribution,
 )
 
-from dspark.config import DrafterConfig, TargetConfig
+from dspark.config import DrafterConfig, DSparkConfig, Eagle3Config, TargetConfig
 from dspark.eval.specdec import (
     evaluate,
     prompt_seed,
@@ -183,7 +183,7 @@ def test_evaluate_report_is_the_same_for_batch_sizes_1_and_4(tiny_llama_dir, one
 
     dspark_target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 2]))
     torch.manual_seed(0)
-    drafter = build_drafter(DrafterConfig(block_size=4, markov_rank=16), dspark_target.config,
+    drafter = build_drafter(DrafterConfig(block_size=4, dspark=DSparkConfig(markov_rank=16)), dspark_target.config,
                             dspark_target.layer_ids, dspark_target.embed_weight, dspark_target.lm_head_weight)
     reports = [evaluate(dspark_target, drafter, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3,
                         batch_size=batch_size).to_dict() for batch_size in (1, 4)]
@@ -228,8 +228,8 @@ def test_batched_proposals_decode_like_row_by_row_proposals(tiny_llama_dir, one_
 
     features_target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 2]))
     dspark = algorithm == "dspark"
-    cfg = DrafterConfig(algorithm=algorithm, block_size=4, markov_rank=16 if dspark else 0,
-                        enable_confidence_head=dspark, draft_vocab_size=0 if dspark else 600)
+    cfg = (DrafterConfig(block_size=4, dspark=DSparkConfig(markov_rank=16)) if dspark else
+           DrafterConfig(algorithm=algorithm, block_size=4, eagle3=Eagle3Config(draft_vocab_size=600)))
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="draft vocab") if not dspark else contextlib.nullcontext():
         drafter = build_drafter(cfg, features_target.config, features_target.layer_ids,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_specdec_lossless import _chi2_pvalue
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, DSparkConfig
 from dspark.drafters.base import Drafter, Proposal
 from dspark.eval.specdec import prompt_seed, speculative_generate_batch, target_generate
 from dspark.targets.hf import HFTarget
@@ -36,8 +36,8 @@ def setup(one_thread):
     model.lm_head.weight.data *= 15
     target = HFTarget(model, tokenizer=None, layer_ids=[0], name="tiny-llama-v32")
     torch.manual_seed(1)
-    drafter = build_drafter(DrafterConfig(block_size=3, markov_rank=8, enable_confidence_head=True), target.config,
-                            target.layer_ids, target.embed_weight, target.lm_head_weight).eval()
+    cfg = DrafterConfig(block_size=3, dspark=DSparkConfig(markov_rank=8, enable_confidence_head=True))
+    drafter = build_drafter(cfg, target.config, target.layer_ids, target.embed_weight, target.lm_head_weight).eval()
     assert drafter.markov_head is not None and drafter.confidence_head is not None
     return target, drafter
 

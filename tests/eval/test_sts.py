@@ -122,7 +122,7 @@ BLOCK = 4
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_llama_dir):
-    from dspark.config import DrafterConfig, TargetConfig
+    from dspark.config import DrafterConfig, DSparkConfig, TargetConfig
     from dspark.drafters import build_drafter
     from dspark.export import export_drafter
     from dspark.targets import load_target
@@ -132,8 +132,8 @@ def exported(tmp_path_factory, tiny_llama_dir):
     dirs = {}
     for algorithm in ("dspark", "dflash"):
         torch.manual_seed(0)
-        cfg = DrafterConfig(algorithm=algorithm, block_size=BLOCK, markov_rank=16 if algorithm == "dspark" else 0,
-                            enable_confidence_head=algorithm == "dspark")
+        heads = {"dspark": DSparkConfig(markov_rank=16)} if algorithm == "dspark" else {}
+        cfg = DrafterConfig(algorithm=algorithm, block_size=BLOCK, **heads)
         drafter = build_drafter(cfg, target.config, target.layer_ids, target.embed_weight, target.lm_head_weight)
         dirs[algorithm] = export_drafter(drafter, root / algorithm)
     context_TLH = torch.randn(6, 3, target.config.hidden_size, generator=torch.Generator().manual_seed(0))

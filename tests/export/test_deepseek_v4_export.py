@@ -91,15 +91,16 @@ def test_v4_flash_drafter_has_the_released_shapes_on_the_meta_device():
     shapes, and with scales they number 4,705 (1,565 per stage), as counted from the released shard headers."""
     from transformers import DeepseekV4Config
 
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, DSparkConfig
     from dspark.drafters.v4 import DSparkV4Drafter
     from dspark.export.deepseek_v4 import mtp_tensors
 
     config = DeepseekV4Config()
     with torch.device("meta"):
         frozen = torch.empty(129280, 4096)
-        drafter = DSparkV4Drafter(DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, markov_rank=256,
-                                                mask_token_id=128799), config, [40, 41, 42], frozen, frozen)
+        drafter = DSparkV4Drafter(DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, mask_token_id=128799,
+                                                dspark=DSparkConfig(markov_rank=256)), config, [40, 41, 42], frozen,
+                                  frozen)
     tensors = mtp_tensors(drafter)
     table = spec_table(H=4096, N=64, D=512, q_lora=1024, G=8, o_lora=1024, E=256, F=2048, C=4, L=3, V=129280,
                        r=256, stages=3)

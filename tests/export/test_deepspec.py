@@ -6,7 +6,7 @@ import torch
 from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
-from dspark.config import DrafterConfig
+from dspark.config import drafter_config
 from dspark.drafters import build_drafter
 from dspark.export import load_drafter
 from dspark.export.deepspec import deepspec_config, expected_tensor_shapes, export_deepspec, load_deepspec
@@ -22,7 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _drafter(**overrides):
     torch.manual_seed(0)
-    cfg = DrafterConfig(**{"num_layers": 2, "markov_rank": 8, "num_anchors": 5, **overrides})
+    data = {"num_layers": 2, "num_anchors": 5, **overrides}  # drafter fields as a recipe writes them
+    if data.get("algorithm", "dspark") == "dspark":
+        data["dspark"] = {"markov_rank": 8, **overrides.get("dspark", {})}
+    cfg = drafter_config(data)
     d = build_drafter(cfg, TARGET, LAYER_IDS, torch.randn(V, H), torch.randn(V, H))
     return perturbed(d)
 
@@ -33,11 +36,11 @@ def _batch():
 
 CASES = {
     "vanilla": {},
-    "gated": dict(markov_head_type="gated"),
-    "rnn": dict(markov_head_type="rnn", ce_weight=0.3, loss_decay=7.0),
-    "confidence_without_markov": dict(markov_rank=0),
-    "dflash_layout": dict(dflash_layout=True, block_size=5, enable_confidence_head=False),
-    "dflash": dict(algorithm="dflash", markov_rank=0, enable_confidence_head=False, intermediate_size=48),
+    "gated": dict(dspark={"markov_head_type": "gated"}),
+    "rnn": dict(dspark={"markov_head_type": "rnn", "ce_weight": 0.3}, loss_decay=7.0),
+    "confidence_without_markov": dict(dspark={"markov_rank": 0}),
+    "dflash_layout": dict(dflash_layout=True, block_size=5, dspark={"enable_confidence_head": False}),
+    "dflash": dict(algorithm="dflash", intermediate_size=48),
 }
 
 
@@ -114,7 +117,7 @@ def test_export_refuses_bad_weights_and_mismatched_targets(tmp_path):
 
 
 def test_loader_is_strict_and_versioned(tmp_path):
-    out = export_deepspec(_drafter(markov_head_type="rnn"), TARGET, tmp_path / "d")
+    out = export_deepspec(_drafter(dspark={"markov_head_type": "rnn"}), TARGET, tmp_path / "d")
     tensors = load_file(str(out / "model.safetensors"))
     config = json.loads((out / "config.json").read_text())
 

@@ -1,5 +1,5 @@
 """The deepspec Eagle3 layout (DESIGN 8.1, 8.2): a Gemma4 Eagle3 drafter exports as the reference's
-Gemma4Eagle3Model and a q/k-normed Qwen3 one (drafter.eagle3_qk_norm) as its Qwen3Eagle3Model, with the contract's
+Gemma4Eagle3Model and a q/k-normed Qwen3 one (drafter.eagle3.qk_norm) as its Qwen3Eagle3Model, with the contract's
 config fields, tensor names and shapes; load_drafter gives the native logits and proposals back; the Llama midlayer
 stays in the eagle3 / speculators layouts and each layout refuses the other's drafters."""
 
@@ -10,7 +10,7 @@ import torch
 from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, Eagle3Config
 from dspark.drafters import build_drafter
 from dspark.export import detect_format, export_drafter, load_drafter
 
@@ -37,10 +37,10 @@ def _target(family: str):
     return tiny_gemma4_config(V, 4) if family == "gemma4" else QWEN3
 
 
-def _drafter(family: str, **overrides):
+def _drafter(family: str, qk_norm: bool | None = None):
     torch.manual_seed(0)
-    cfg = DrafterConfig(**{"algorithm": "eagle3", "markov_rank": 0, "enable_confidence_head": False, "ttt_length": 3,
-                           "block_size": 5, "eagle3_qk_norm": family == "qwen3", **overrides})
+    qk_norm = family == "qwen3" if qk_norm is None else qk_norm
+    cfg = DrafterConfig(algorithm="eagle3", block_size=5, eagle3=Eagle3Config(ttt_length=3, qk_norm=qk_norm))
     embed = torch.randn(V, H)
     return perturbed(build_drafter(cfg, _target(family), LAYER_IDS, embed, embed if family == "gemma4" else
                                    torch.randn(V, H) / 8))
@@ -114,16 +114,16 @@ def test_deepspec_eagle3_export_is_the_contract_and_round_trips(family, tmp_path
     assert detect_format(out) == "deepspec"
     loaded = load_drafter(out)
     _same_behaviour(d, loaded)
-    assert loaded.cfg.eagle3_qk_norm is (family == "qwen3") and loaded.block_size == 5
+    assert loaded.cfg.eagle3.qk_norm is (family == "qwen3") and loaded.block_size == 5
 
 
 def test_each_eagle3_layout_refuses_the_other_midlayer(tmp_path):
     with pytest.raises(ValueError, match="midlayer has Gemma4's layer, which the Llama midlayer of the eagle3 and "
                                          "speculators layouts cannot hold; export it with --format deepspec"):
         export_drafter(_drafter("gemma4"), tmp_path / "a", "eagle3")
-    with pytest.raises(ValueError, match=r"midlayer has q/k norms \(drafter.eagle3_qk_norm\)"):
+    with pytest.raises(ValueError, match=r"midlayer has q/k norms \(drafter.eagle3.qk_norm\)"):
         export_drafter(_drafter("qwen3"), tmp_path / "b", "speculators", target_config=QWEN3)
-    llama = _drafter("qwen3", eagle3_qk_norm=False)
+    llama = _drafter("qwen3", qk_norm=False)
     with pytest.raises(ValueError, match="Llama midlayer .*: use --format eagle3"):
         export_drafter(llama, tmp_path / "c", "deepspec")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()

@@ -32,7 +32,7 @@ import torch
 from export_helpers import perturbed
 from safetensors.torch import load_file
 
-from dspark.config import DrafterConfig, TargetConfig
+from dspark.config import DrafterConfig, Eagle3Config, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.drafters.eagle3 import build_draft_vocab
 from dspark.export import export_drafter
@@ -122,8 +122,7 @@ def target(tiny_llama_dir):
 
 def _drafter(target, layer_ids, draft_vocab_size=0):
     torch.manual_seed(0)
-    cfg = DrafterConfig(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, ttt_length=2,
-                        draft_vocab_size=draft_vocab_size)
+    cfg = DrafterConfig(algorithm="eagle3", eagle3=Eagle3Config(ttt_length=2, draft_vocab_size=draft_vocab_size))
     d = build_drafter(cfg, target.config, layer_ids, target.embed_weight.detach().clone(),
                       target.lm_head_weight.detach().clone())
     if draft_vocab_size:

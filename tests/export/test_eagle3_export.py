@@ -8,7 +8,7 @@ import torch
 from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, DSparkConfig, Eagle3Config
 from dspark.drafters import build_drafter
 from dspark.drafters.eagle3 import build_draft_vocab
 from dspark.export import export_drafter, load_drafter
@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 
 def _drafter(draft_vocab_size: int = 0):
     torch.manual_seed(0)
-    cfg = DrafterConfig(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, ttt_length=3,
-                        block_size=5, draft_vocab_size=draft_vocab_size)
+    cfg = DrafterConfig(algorithm="eagle3", block_size=5,
+                        eagle3=Eagle3Config(ttt_length=3, draft_vocab_size=draft_vocab_size))
     d = build_drafter(cfg, TARGET, LAYER_IDS, torch.randn(V, H), torch.randn(V, H) / 8)
     if draft_vocab_size:
         d.set_draft_vocab(*build_draft_vocab((torch.arange(V) * 7919) % 101, draft_vocab_size))
@@ -110,8 +110,8 @@ def test_speculators_round_trip(draft_vocab_size, tmp_path):
 
 
 def test_refuses_what_the_layout_cannot_express(tmp_path):
-    dspark = build_drafter(DrafterConfig(num_layers=1, markov_rank=8), TARGET, LAYER_IDS, torch.randn(V, H),
-                           torch.randn(V, H))
+    dspark = build_drafter(DrafterConfig(num_layers=1, dspark=DSparkConfig(markov_rank=8)), TARGET, LAYER_IDS,
+                           torch.randn(V, H), torch.randn(V, H))
     with pytest.raises(ValueError, match="only Eagle3 drafters"):
         export_drafter(dspark, tmp_path / "x", "eagle3")
     with pytest.raises(ValueError, match="only Eagle3 drafters"):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import run_cli
 from export_helpers import perturbed
 
-from dspark.config import DrafterConfig, TargetConfig
+from dspark.config import TargetConfig, drafter_config
 from dspark.drafters import build_drafter
 from dspark.eval.specdec import speculative_generate
 from dspark.export import detect_format, export_drafter, load_drafter
@@ -21,11 +21,9 @@ from dspark.export.verifier import verifier_config
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:draft vocab")]
 LAYER_IDS = [0, 1, 2]
 DRAFTERS = {  # algorithm settings -> the formats that hold it
-    "dspark": (dict(block_size=4, markov_rank=8), ("deepspec", "speculators")),
-    "dflash": (dict(algorithm="dflash", block_size=4, markov_rank=0, enable_confidence_head=False),
-               ("deepspec", "speculators")),
-    "eagle3": (dict(algorithm="eagle3", block_size=4, markov_rank=0, enable_confidence_head=False, ttt_length=2),
-               ("eagle3", "speculators")),
+    "dspark": (dict(block_size=4, dspark={"markov_rank": 8}), ("deepspec", "speculators")),
+    "dflash": (dict(algorithm="dflash", block_size=4), ("deepspec", "speculators")),
+    "eagle3": (dict(algorithm="eagle3", block_size=4, eagle3={"ttt_length": 2}), ("eagle3", "speculators")),
 }
 
 
@@ -38,7 +36,7 @@ def target(tiny_llama_dir):
 
 def _drafter(name, target):
     torch.manual_seed(0)
-    return perturbed(build_drafter(DrafterConfig(**DRAFTERS[name][0]), target.config, LAYER_IDS,
+    return perturbed(build_drafter(drafter_config(DRAFTERS[name][0]), target.config, LAYER_IDS,
                                    target.embed_weight.detach().clone(), target.lm_head_weight.detach().clone()))
 
 
@@ -77,7 +75,7 @@ def test_export_is_staged_refuses_a_non_empty_dir_and_overwrite_replaces_it_whol
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     # A failing export (eagle3 cannot hold 4 layers) leaves the previous export as it was, and no temp dirs.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    e3 = build_drafter(DrafterConfig(**DRAFTERS["eagle3"][0]), target.config, [-1, 0, 1, 2],
+    e3 = build_drafter(drafter_config(DRAFTERS["eagle3"][0]), target.config, [-1, 0, 1, 2],
                        target.embed_weight, target.lm_head_weight)
     with pytest.raises(ValueError, match="takes exactly 3 feature layers"):
         export_drafter(e3, out, "eagle3", overwrite=True)

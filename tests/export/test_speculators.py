@@ -8,7 +8,7 @@ import torch
 from export_helpers import perturbed, random_batch
 from safetensors.torch import load_file, save_file
 
-from dspark.config import DrafterConfig
+from dspark.config import DrafterConfig, DSparkConfig, Eagle3Config, drafter_config
 from dspark.drafters import build_drafter
 from dspark.export.speculators import export_speculators, load_speculators
 
@@ -29,7 +29,10 @@ def _frozen():
 
 def _drafter(**overrides):
     torch.manual_seed(0)
-    cfg = DrafterConfig(**{"num_layers": 2, "markov_rank": 8, "num_anchors": 5, **overrides})
+    data = {"num_layers": 2, "num_anchors": 5, **overrides}  # drafter fields as a recipe writes them
+    if data.get("algorithm", "dspark") == "dspark":
+        data["dspark"] = {"markov_rank": 8, **overrides.get("dspark", {})}
+    cfg = drafter_config(data)
     d = build_drafter(cfg, TARGET, LAYER_IDS, *_frozen())
     return perturbed(d)
 
@@ -53,11 +56,11 @@ def _same_logits(a, b):
 
 CASES = {
     "vanilla": {},
-    "gated": {"markov_head_type": "gated"},
-    "rnn": {"markov_head_type": "rnn", "ce_weight": 0.3, "loss_decay": 7.0},
-    "confidence_without_markov": {"markov_rank": 0},
-    "dflash_layout": {"dflash_layout": True, "block_size": 5, "enable_confidence_head": False},
-    "dflash": {"algorithm": "dflash", "markov_rank": 0, "enable_confidence_head": False, "intermediate_size": 48},
+    "gated": {"dspark": {"markov_head_type": "gated"}},
+    "rnn": {"dspark": {"markov_head_type": "rnn", "ce_weight": 0.3}, "loss_decay": 7.0},
+    "confidence_without_markov": {"dspark": {"markov_rank": 0}},
+    "dflash_layout": {"dflash_layout": True, "block_size": 5, "dspark": {"enable_confidence_head": False}},
+    "dflash": {"algorithm": "dflash", "intermediate_size": 48},
 }
 
 
@@ -126,7 +129,8 @@ def test_loads_the_verifier_named_in_the_config(tmp_path, tiny_llama_dir):
 
     target = load_target(TargetConfig(name_or_path=str(tiny_llama_dir), layer_ids=[0, 1]))
     torch.manual_seed(0)
-    d = build_drafter(DrafterConfig(num_layers=1, markov_rank=4, block_size=3), target.config, [0, 1],
+    d = build_drafter(DrafterConfig(num_layers=1, block_size=3, dspark=DSparkConfig(markov_rank=4)), target.config,
+                      [0, 1],
                       target.embed_weight.detach().clone(), target.lm_head_weight.detach().clone())
     out = export_speculators(d, target.config, tmp_path / "spec")
     config = json.loads((out / "config.json").read_text())
@@ -139,7 +143,7 @@ def test_loads_the_verifier_named_in_the_config(tmp_path, tiny_llama_dir):
 
 
 def test_required_keys_and_versions_are_checked(tmp_path):
-    out = export_speculators(_drafter(markov_head_type="rnn"), TARGET, tmp_path / "spec")
+    out = export_speculators(_drafter(dspark={"markov_head_type": "rnn"}), TARGET, tmp_path / "spec")
     config = json.loads((out / "config.json").read_text())
 
     def rewrite(data):
@@ -200,8 +204,7 @@ def test_eagle3_goes_to_the_eagle3_writer(tmp_path):
 
     eagle3 = pytest.importorskip("dspark.export.eagle3", reason="the eagle3 exporter is another helper's module")
     torch.manual_seed(0)
-    cfg = DrafterConfig(algorithm="eagle3", num_layers=1, markov_rank=0, enable_confidence_head=False, block_size=3,
-                        ttt_length=2)
+    cfg = DrafterConfig(algorithm="eagle3", num_layers=1, block_size=3, eagle3=Eagle3Config(ttt_length=2))
     d = build_drafter(cfg, TARGET, LAYER_IDS, *_frozen())
     out = export_drafter(d, tmp_path / "e3", "speculators", target_config=TARGET)
     config = json.loads((out / "config.json").read_text())

@@ -17,7 +17,7 @@ import torch
 from export_helpers import perturbed
 from safetensors.torch import load_file, save_file
 
-from dspark.config import DrafterConfig
+from dspark.config import drafter_config
 from dspark.drafters import build_drafter
 from dspark.drafters.eagle3 import build_draft_vocab
 from dspark.export import export_drafter, load_exported
@@ -31,14 +31,13 @@ ANCHORS = torch.tensor([2, 7, 11, 15])
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:draft vocab")]
 
 CASES = {
-    "dspark": dict(num_layers=2, markov_rank=8, markov_head_type="gated", num_anchors=4, block_size=4),
-    "dspark_rnn_confidence": dict(num_layers=1, markov_rank=8, markov_head_type="rnn", block_size=4),
-    "dspark_dflash_layout": dict(num_layers=1, markov_rank=8, dflash_layout=True, block_size=4,
-                                 enable_confidence_head=False),
-    "dflash": dict(algorithm="dflash", num_layers=2, markov_rank=0, enable_confidence_head=False, block_size=4),
-    "eagle3_full_vocab": dict(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, ttt_length=3),
-    "eagle3_pruned_vocab": dict(algorithm="eagle3", markov_rank=0, enable_confidence_head=False, ttt_length=3,
-                                draft_vocab_size=2000),
+    "dspark": dict(num_layers=2, num_anchors=4, block_size=4, dspark={"markov_rank": 8, "markov_head_type": "gated"}),
+    "dspark_rnn_confidence": dict(num_layers=1, block_size=4, dspark={"markov_rank": 8, "markov_head_type": "rnn"}),
+    "dspark_dflash_layout": dict(num_layers=1, dflash_layout=True, block_size=4,
+                                 dspark={"markov_rank": 8, "enable_confidence_head": False}),
+    "dflash": dict(algorithm="dflash", num_layers=2, block_size=4),
+    "eagle3_full_vocab": dict(algorithm="eagle3", eagle3={"ttt_length": 3}),
+    "eagle3_pruned_vocab": dict(algorithm="eagle3", eagle3={"ttt_length": 3, "draft_vocab_size": 2000}),
 }
 
 
@@ -66,10 +65,10 @@ def verifier(tiny_llama_dir):
 def _drafter(case: str, verifier):
     config, embed, lm_head = verifier
     torch.manual_seed(0)
-    d = build_drafter(DrafterConfig(**CASES[case]), config, LAYER_IDS, embed, lm_head)
-    if d.algorithm == "eagle3" and CASES[case].get("draft_vocab_size"):
+    d = build_drafter(drafter_config(CASES[case]), config, LAYER_IDS, embed, lm_head)
+    if d.needs_token_counts:
         counts = (torch.arange(config.vocab_size) * 7919) % 1009
-        d.set_draft_vocab(*build_draft_vocab(counts, CASES[case]["draft_vocab_size"]))
+        d.set_draft_vocab(*build_draft_vocab(counts, d.draft_vocab_size))
     return perturbed(d)
 
 

@@ -50,13 +50,13 @@ def run_calls(target) -> dict:
 def eval_report(target) -> dict:
     """``dspark eval``'s speculative-decoding loop (untrained DSpark drafter, sampling): every rank of a replica
     runs it on the same logits and features, so every rank must produce the same report as hf."""
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, DSparkConfig
     from dspark.drafters import build_drafter
     from dspark.eval.specdec import evaluate
 
     torch.manual_seed(0)
-    drafter = build_drafter(DrafterConfig(block_size=4, markov_rank=16), target.config, target.layer_ids,
-                            target.embed_weight, target.lm_head_weight)
+    drafter = build_drafter(DrafterConfig(block_size=4, dspark=DSparkConfig(markov_rank=16)),
+                            target.config, target.layer_ids, target.embed_weight, target.lm_head_weight)
     report = evaluate(target, drafter, PROMPTS[:3], max_new_tokens=10, temperature=1.0, seed=3).to_dict()
     for key in ("wall_s", "tokens_per_s", "calibration"):  # timings; confidences are floats of the features
         report.pop(key)

@@ -152,13 +152,13 @@ def test_full_attention_caches_still_crop_without_snapshots(one_thread):
 
 
 def test_greedy_speculative_decoding_on_v4_equals_target_decoding(hf_v4, one_thread):
-    from dspark.config import DrafterConfig
+    from dspark.config import DrafterConfig, DSparkConfig
     from dspark.drafters import build_drafter
     from dspark.eval.specdec import speculative_generate, target_generate
 
     torch.manual_seed(0)
-    drafter = build_drafter(DrafterConfig(block_size=4, markov_rank=16), hf_v4.config, LAYER_IDS,
-                            hf_v4.embed_weight, hf_v4.lm_head_weight).eval()
+    drafter = build_drafter(DrafterConfig(block_size=4, dspark=DSparkConfig(markov_rank=16)),
+                            hf_v4.config, LAYER_IDS, hf_v4.embed_weight, hf_v4.lm_head_weight).eval()
     prompt, _ = schedule()
     result = speculative_generate(hf_v4, drafter, prompt.tolist(), max_new_tokens=24,
                                   temperature=0.0)

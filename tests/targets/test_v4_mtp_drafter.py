@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_families import save_tiny_with
 
-from dspark.config import DrafterConfig, TargetConfig
+from dspark.config import DrafterConfig, DSparkConfig, TargetConfig
 from dspark.drafters import build_drafter
 from dspark.export import load_drafter
 from dspark.targets import load_target
@@ -40,7 +40,8 @@ def hf_v4(v4_dir):
 
 def make_drafter(target, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, markov_rank=16, num_anchors=4)
+    cfg = DrafterConfig(algorithm="dspark_v4", num_layers=3, block_size=5, num_anchors=4,
+                        dspark=DSparkConfig(markov_rank=16))
     drafter = build_drafter(cfg, target.config, LAYER_IDS, target.embed_weight, target.lm_head_weight)
     with torch.no_grad():
         drafter.markov_head.markov_w2.weight.normal_(std=0.05)

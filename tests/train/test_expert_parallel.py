@@ -35,7 +35,7 @@ def _reference() -> tuple[float, dict[str, torch.Tensor]]:
     """One process, no process group: the loss over both ranks' data (summed numerators over summed weights)."""
     from tiny_v4 import make_drafter
 
-    drafter = make_drafter(moe_bias_update_rate=0.0).train()
+    drafter = make_drafter(v4={"moe_bias_update_rate": 0.0}).train()
     outs = [drafter(*_batch(r)) for r in range(WORLD)]
     loss = sum(o.numerator for o in outs) / sum(o.weight_sum for o in outs)
     loss.backward()
@@ -48,7 +48,7 @@ def _engine(stage: int, scramble: bool = False):
 
     from dspark.train.expert_parallel import apply_expert_parallel
 
-    drafter = make_drafter(moe_bias_update_rate=0.0).train()
+    drafter = make_drafter(v4={"moe_bias_update_rate": 0.0}).train()
     if scramble:  # other trained weights and selection biases (the frozen embedding and head stay the target's)
         with torch.no_grad():
             for p in [*drafter.trainable_parameters(), *(s.mlp.gate.e_score_correction_bias for s in drafter.stages)]:
@@ -128,7 +128,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 
     gathered = _engine(0).module
     result["gathered"] = gather_experts(gathered)
-    want = make_drafter(moe_bias_update_rate=0.0).state_dict()
+    want = make_drafter(v4={"moe_bias_update_rate": 0.0}).state_dict()
     got = gathered.state_dict()
     result["gather_mismatch"] = sorted(set(want) ^ set(got)) + [n for n in want if n in got
                                                                   and not torch.equal(want[n], got[n])]

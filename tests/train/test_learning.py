@@ -31,7 +31,7 @@ def test_short_training_raises_tau_on_the_builtin_target(tmp_path):
     # 2 prompts: one held out by prepare, one trained on (micro batch 1: one step an epoch).
     cfg = load_config("smollm2_dspark", [
         f"run_dir={tmp_path}", "data.max_prompts=2", "data.num_eval_prompts=1", "data.max_new_tokens=24",
-        "data.max_seq_len=256", "drafter.block_size=4", "drafter.num_anchors=32", "drafter.markov_rank=32",
+        "data.max_seq_len=256", "drafter.block_size=4", "drafter.num_anchors=32", "drafter.dspark.markov_rank=32",
         f"train.num_epochs={STEPS}", "train.micro_batch_size=1", "train.lr=1e-2", "train.min_lr_ratio=1.0",
         "train.warmup_ratio=0.0", "train.num_threads=2"])
     target = load_target(cfg.target)

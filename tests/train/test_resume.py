@@ -173,18 +173,18 @@ def test_checkpoint_from_another_world_size_is_refused(straight_run, tmp_path, t
 
 def test_checkpoint_from_an_older_dspark_resumes_when_new_fields_are_at_their_defaults(
         straight_run, tmp_path, tiny_llama_dir, cache_dir):
-    # An older dspark wrote no ttt_length (an Eagle3 field added since): this run leaves it at its default.
+    # An older dspark wrote no drafter.dspark.bce_weight (as if added since): this run leaves it at its default.
     shutil.copytree(straight_run / "checkpoints", tmp_path / "checkpoints")
     marker = tmp_path / "checkpoints" / "step6" / checkpoint.MARKER
     record = json.loads(marker.read_text())
-    del record["drafter"]["ttt_length"]
+    del record["drafter"]["dspark"]["bce_weight"]
     marker.write_text(json.dumps(record))
     assert train(_cfg(tmp_path, tiny_llama_dir), cache_dir=cache_dir, progress=False).steps == STEPS
     # ... but not when this run sets the missing field to something else; the refused run's config is not
     # written over the run's own.
     with pytest.raises(ValueError, match=r"was saved with drafter=.* but this run has drafter="):
-        train(_cfg(tmp_path, tiny_llama_dir, "drafter.ttt_length=3"), cache_dir=cache_dir, progress=False)
-    assert json.loads((tmp_path / "config.json").read_text())["drafter"]["ttt_length"] == 7
+        train(_cfg(tmp_path, tiny_llama_dir, "drafter.dspark.bce_weight=0.5"), cache_dir=cache_dir, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["drafter"]["dspark"]["bce_weight"] == 1.0
 
 
 def test_a_refused_run_leaves_the_run_config(tmp_path, tiny_llama_dir, tiny_qwen3_dir, cache_dir):

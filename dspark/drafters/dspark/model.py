@@ -19,8 +19,6 @@ assembled by ``dspark.export.deepspec`` from the drafter's attributes.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,10 +77,6 @@ class DSparkDrafter(Drafter):
         if cfg.algorithm not in ALGORITHMS:
             raise ValueError(f"drafter.algorithm {cfg.algorithm!r} is not a parallel drafter; "
                              f"expected dspark or dflash")
-        if cfg.block_size < 1:
-            raise ValueError(f"drafter.block_size must be >= 1, got {cfg.block_size}")
-        if cfg.num_layers < 1:
-            raise ValueError(f"drafter.num_layers must be >= 1, got {cfg.num_layers}")
         self.algorithm = cfg.algorithm
         self.cfg = cfg
         H = config_get(target_config, "hidden_size")
@@ -130,16 +124,14 @@ class DSparkDrafter(Drafter):
         self.lm_head = FrozenWeight(lm_head_weight)
         self._prefix_cache = PrefixCache()
 
-        if cfg.algorithm == "dflash":
-            if cfg.markov_rank or cfg.enable_confidence_head:
-                warnings.warn(f"algorithm dflash trains with CE only: ignoring markov_rank={cfg.markov_rank} and "
-                              f"enable_confidence_head={cfg.enable_confidence_head}")
-            self.markov_rank, self.markov_head, self.confidence_head = 0, None, None
+        if cfg.algorithm == "dflash":  # CE only: DFlash has no sequential heads (it reads no drafter.dspark)
+            self.markov_rank, self.markov_head = 0, None
         else:
-            self.markov_rank = cfg.markov_rank
-            self.markov_head = MarkovHead(cfg.markov_head_type, V, cfg.markov_rank, H) if cfg.markov_rank > 0 else None
-            self.confidence_head = (ConfidenceHead(H, cfg.markov_rank, cfg.block_size) if cfg.enable_confidence_head
-                                    else None)
+            heads = cfg.dspark
+            self.markov_rank = rank = heads.markov_rank
+            self.markov_head = MarkovHead(heads.markov_head_type, V, rank, H) if rank > 0 else None
+            if heads.enable_confidence_head:
+                self.confidence_head = ConfidenceHead(H, rank, cfg.block_size)
         self.loss_chunk_rows = default_chunk_rows(V)
         self._init_weights()
 
@@ -282,8 +274,8 @@ class DSparkDrafter(Drafter):
         final_NH = batch["final_BTH"][b_N, anchor_pos_BA[b_N, a_N] + k_N]
         w_N = position_weights(K, self.cfg.loss_decay, device=ids_BT.device)[k_N]
         dspark = self.algorithm == "dspark"
-        coef_ce_N = w_N * (self.cfg.ce_weight if dspark else 1.0)
-        coef_l1_N = w_N * self.cfg.l1_weight if dspark else torch.zeros_like(w_N)
+        coef_ce_N = w_N * (self.cfg.dspark.ce_weight if dspark else 1.0)
+        coef_l1_N = w_N * self.cfg.dspark.l1_weight if dspark else torch.zeros_like(w_N)
         loss_args = dict(h_NH=h_BAKH[b_N, a_N, k_N], lm_head_VH=self.lm_head.weight, final_NH=final_NH,
                          labels_N=labels_BAK[b_N, a_N, k_N], coef_ce_N=coef_ce_N, coef_l1_N=coef_l1_N,
                          chunk_rows=self.loss_chunk_rows, softcap=self.variant.softcap)
@@ -298,7 +290,7 @@ class DSparkDrafter(Drafter):
             # Soft label = analytic acceptance probability 1 - TV(p_draft, p_target), detached.
             label_N = (1.0 - 0.5 * l1_N).clamp(0.0, 1.0)
             bce_N = F.binary_cross_entropy_with_logits(conf_BAK[b_N, a_N, k_N].float(), label_N, reduction="none")
-            numerator = numerator + self.cfg.bce_weight * (w_N * bce_N).sum()
+            numerator = numerator + self.cfg.dspark.bce_weight * (w_N * bce_N).sum()
             terms["bce"] = (w_N * bce_N).sum().detach()
         accept_N = 1.0 - 0.5 * l1_N
         return LossOutput(

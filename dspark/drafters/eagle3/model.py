@@ -23,7 +23,7 @@ head (or its pruned rows ``lm_head [W, H]``), ``d2t``/``t2d``. Tensor names are 
 
 On a Gemma4 target (DESIGN 8.2) the midlayer is Gemma4's (``layer.py``), token embeddings are scaled by sqrt(H)
 and the draft and target logits softcapped (``final_logit_softcapping``), in the loss and when proposing. Such a
-drafter, and one with ``drafter.eagle3_qk_norm`` (Qwen3's q/k norms), is written in the reference's deepspec layout
+drafter, and one with ``drafter.eagle3.qk_norm`` (Qwen3's q/k norms), is written in the reference's deepspec layout
 (``Gemma4Eagle3Model`` / ``Qwen3Eagle3Model``, ``dspark.export.deepspec_eagle3``), ``midlayer.*`` as ``layers.0.*``.
 """
 
@@ -87,20 +87,14 @@ class Eagle3Drafter(Drafter):
         super().__init__()
         if cfg.algorithm != "eagle3":
             raise ValueError(f"Eagle3Drafter needs drafter.algorithm 'eagle3', got {cfg.algorithm!r}")
-        if cfg.num_layers != 1:
-            raise ValueError(f"eagle3 has exactly one decoder layer; got drafter.num_layers={cfg.num_layers}")
-        if cfg.ttt_length < 1 or not 0 < cfg.ttt_decay <= 1 or cfg.block_size < 1:
-            raise ValueError(f"eagle3 needs ttt_length >= 1, 0 < ttt_decay <= 1 and block_size >= 1; got "
-                             f"{cfg.ttt_length}, {cfg.ttt_decay}, {cfg.block_size}")
-        if cfg.markov_rank or cfg.enable_confidence_head or cfg.dflash_layout:
-            warnings.warn("algorithm eagle3 ignores markov_rank, enable_confidence_head and dflash_layout "
-                          f"(got {cfg.markov_rank}, {cfg.enable_confidence_head}, {cfg.dflash_layout})")
-        self.cfg = cfg
+        # One decoder layer and the section's ranges: checked when the config was built (check_drafter).
+        self.cfg, eagle3 = cfg, cfg.eagle3
         H = config_get(target_config, "hidden_size")
         V = config_get(target_config, "vocab_size")
-        W = cfg.draft_vocab_size or V
+        W = eagle3.draft_vocab_size or V
         if not 1 <= W <= V:
-            raise ValueError(f"drafter.draft_vocab_size {cfg.draft_vocab_size} must be within 0..{V} (0 = full)")
+            raise ValueError(f"drafter.eagle3.draft_vocab_size {eagle3.draft_vocab_size} must be within 0..{V} "
+                             f"(0 = full)")
         check_target_matrix("embedding", embed_weight, V, H)
         if tuple(lm_head_weight.shape) not in ((V, H), (W, H)):
             raise ValueError(f"LM head has shape {tuple(lm_head_weight.shape)}, expected the target's [{V}, {H}] "
@@ -116,7 +110,7 @@ class Eagle3Drafter(Drafter):
         self.variant = variant = layer_variant(target_config)
         self.embed_scale = H ** 0.5 if variant.gemma4 else None
         rope_theta = None
-        if variant.gemma4 or cfg.eagle3_qk_norm:
+        if variant.gemma4 or eagle3.qk_norm:
             self._check_reference_layout(cfg, ids, W < V)
         if variant.gemma4:
             head_dim, num_kv_heads, rope_theta = self._gemma4_geometry(target_config)
@@ -124,7 +118,7 @@ class Eagle3Drafter(Drafter):
                             or config_get(target_config, "_name_or_path") or "")
         self.intermediate_size = cfg.intermediate_size or config_get(target_config, "intermediate_size")
         self.hidden_size, self.vocab_size, self.draft_vocab_size = H, V, W
-        self.block_size, self.ttt_length = cfg.block_size, cfg.ttt_length
+        self.block_size, self.ttt_length = cfg.block_size, eagle3.ttt_length
         # The target's config (HF object or an exported config) and the midlayer's attention geometry, as built:
         # the exporters describe the draft layer from them.
         self.target_config = target_config
@@ -133,7 +127,7 @@ class Eagle3Drafter(Drafter):
 
         self.fc = nn.Linear(len(ids) * H, H, bias=False)
         self.midlayer = Eagle3Layer(H, self.intermediate_size, num_heads, num_kv_heads, head_dim, eps, variant,
-                                    qk_norm=cfg.eagle3_qk_norm)
+                                    qk_norm=eagle3.qk_norm)
         self.norm = RMSNorm(H, eps, gemma=variant.gemma4)
         self.rotary = RotaryEmbedding(head_dim, rope_theta or rope_theta_from_config(target_config),
                                       variant.rotary_fraction)
@@ -166,13 +160,13 @@ class Eagle3Drafter(Drafter):
     def _check_reference_layout(self, cfg: DrafterConfig, layer_ids: list[int], pruned: bool) -> None:
         """Refuse what the reference's Gemma4Eagle3Model / Qwen3Eagle3Model (the only layout of these midlayers)
         cannot hold, before any training."""
-        which = "a Gemma4 target" if self.variant.gemma4 else "drafter.eagle3_qk_norm (Qwen3Eagle3Model)"
+        which = "a Gemma4 target" if self.variant.gemma4 else "drafter.eagle3.qk_norm (Qwen3Eagle3Model)"
         if layer_ids[0] < 0:
             raise ValueError(f"layer_ids {layer_ids}: Eagle3 with {which} reads decoder layers only (ids >= 0, as "
                              f"the reference's Eagle3); -1 (the embeddings) is not one")
         if pruned:
-            raise ValueError(f"drafter.draft_vocab_size {cfg.draft_vocab_size}: Eagle3 with {which} drafts over the "
-                             f"full vocabulary (the reference stores lm_head [V, H]); set it to 0")
+            raise ValueError(f"drafter.eagle3.draft_vocab_size {cfg.eagle3.draft_vocab_size}: Eagle3 with {which} "
+                             f"drafts over the full vocabulary (the reference stores lm_head [V, H]); set it to 0")
 
     def _gemma4_geometry(self, target_config) -> tuple[int, int, float]:
         """(head dim, kv heads, RoPE theta) of a Gemma4 target's global layers, which the midlayer uses."""
@@ -202,7 +196,8 @@ class Eagle3Drafter(Drafter):
         """Install draft-vocab maps (e.g. ``build_draft_vocab(count_supervised_tokens(...), W)``) and take the
         matching rows of the target LM head as the frozen draft head."""
         if not self.pruned:
-            raise ValueError("set_draft_vocab needs drafter.draft_vocab_size > 0 (this drafter uses the full vocab)")
+            raise ValueError("set_draft_vocab needs drafter.eagle3.draft_vocab_size > 0 (this drafter uses the full "
+                             "vocab)")
         if self.target_lm_head is None:
             raise ValueError("this drafter was loaded from a pruned export without the target LM head; its draft "
                              "vocab is fixed")
@@ -296,7 +291,7 @@ class Eagle3Drafter(Drafter):
             pred_T = t_T + 2 + s
             valid_BT = (pred_T < T) & mask_BT.gather(1, pred_T.clamp(max=T - 1).expand_as(ids_BT))
             b_N, t_N = valid_BT.nonzero(as_tuple=True)
-            weight = self.cfg.ttt_decay ** s
+            weight = self.cfg.eagle3.ttt_decay ** s
             coef_N = torch.full(b_N.shape, weight, dtype=torch.float32, device=ids_BT.device)
             loss, ce_N, accept_N = soft_cross_entropy(
                 self.norm(hidden_BTH[b_N, t_N]), self.lm_head.weight, self.target_lm_head.weight,
@@ -427,7 +422,7 @@ class Eagle3Drafter(Drafter):
     def deepspec_layout(self) -> bool:
         """Whether the midlayer is the reference's (Gemma4, or q/k-normed Qwen3), which only the deepspec layout holds;
         otherwise it is SGLang/vLLM's Llama midlayer, which only the eagle3 and speculators layouts hold."""
-        return self.variant.gemma4 or self.cfg.eagle3_qk_norm
+        return self.variant.gemma4 or self.cfg.eagle3.qk_norm
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained tensors, the maps when pruned, and the frozen ``embed_tokens`` and (draft) ``lm_head``."""

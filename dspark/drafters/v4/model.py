@@ -65,13 +65,6 @@ class DSparkV4Drafter(Drafter):
                  lm_head_weight: torch.Tensor):
         super().__init__()
         config = v4_config(target_config)
-        if cfg.num_layers < 1 or cfg.block_size < 1 or cfg.markov_rank < 1:
-            raise ValueError(f"dspark_v4 needs drafter.num_layers >= 1, block_size >= 1 and markov_rank >= 1 (the "
-                             f"vanilla Markov head is part of the layout); got num_layers={cfg.num_layers}, "
-                             f"block_size={cfg.block_size}, markov_rank={cfg.markov_rank}")
-        if cfg.markov_head_type != "vanilla":
-            raise ValueError(f"dspark_v4 has a vanilla Markov head (DeepSeek's layout); got markov_head_type "
-                             f"{cfg.markov_head_type!r}")
         self.cfg, self.config = cfg, config
         H, V = config.hidden_size, config.vocab_size
         check_target_matrix("embedding", embed_weight, V, H)
@@ -85,18 +78,18 @@ class DSparkV4Drafter(Drafter):
         self.hidden_size, self.vocab_size, self.block_size = H, V, cfg.block_size
         self.hc_mult, self.window = config.hc_mult, config.sliding_window
         self.mask_token_id = resolve_mask_token_id(cfg.mask_token_id, V)
-        self.markov_rank = cfg.markov_rank
+        self.markov_rank = rank = cfg.dspark.markov_rank  # >= 1, vanilla: checked by the config (check_drafter)
         m = v4_modules()
         self.main_proj = nn.Linear(len(ids) * H, H, bias=False)
         self.main_norm = m.DeepseekV4RMSNorm(H, eps=config.rms_norm_eps)
         self.stages = nn.ModuleList(DraftStage(config) for _ in range(cfg.num_layers))
         self.hc_head = m.DeepseekV4HyperHead(config)
         self.norm = m.DeepseekV4RMSNorm(H, eps=config.rms_norm_eps)
-        self.markov_head = MarkovHead("vanilla", V, cfg.markov_rank, H)
-        if cfg.enable_confidence_head:
-            self.confidence_head = ConfidenceHead(H, cfg.markov_rank, cfg.block_size)
+        self.markov_head = MarkovHead("vanilla", V, rank, H)
+        if cfg.dspark.enable_confidence_head:
+            self.confidence_head = ConfidenceHead(H, rank, cfg.block_size)
             # DeepSeek's confidence_head.proj has no bias slot [1, H + R] (V4_DSPARK.md section 1).
-            self.confidence_head.proj = nn.Linear(H + cfg.markov_rank, 1, bias=False)
+            self.confidence_head.proj = nn.Linear(H + rank, 1, bias=False)
         self.embed_tokens = FrozenWeight(embed_weight)
         self.lm_head = FrozenWeight(lm_head_weight)
         self.loss_chunk_rows = default_chunk_rows(V)
@@ -221,8 +214,9 @@ class DSparkV4Drafter(Drafter):
     # -- training --------------------------------------------------------------------------------------------
 
     def forward_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
-        """DSpark's loss (``ce_weight`` CE + ``l1_weight`` L1 + ``bce_weight`` BCE, position decay) over sampled
-        blocks; in training mode it then moves the routers' selection biases (``update_selection_bias``)."""
+        """DSpark's loss (``drafter.dspark``: ``ce_weight`` CE + ``l1_weight`` L1 + ``bce_weight`` BCE, position
+        decay) over sampled blocks; in training mode it then moves the routers' selection biases
+        (``update_selection_bias``)."""
         check_training_batch(batch)
         ids_BT, mask_BT = batch["input_ids_BT"], batch["loss_mask_BT"].bool()
         B, K = ids_BT.shape[0], self.block_size
@@ -241,8 +235,8 @@ class DSparkV4Drafter(Drafter):
         final_NH = batch["final_BTH"][b_N, anchor_pos_BA[b_N, a_N] + k_N]
         w_N = position_weights(K, self.cfg.loss_decay, device=ids_BT.device)[k_N]
         loss_args = dict(h_NH=h_BAKH[b_N, a_N, k_N], lm_head_VH=self.lm_head.weight, final_NH=final_NH,
-                         labels_N=labels_BAK[b_N, a_N, k_N], coef_ce_N=w_N * self.cfg.ce_weight,
-                         coef_l1_N=w_N * self.cfg.l1_weight, chunk_rows=self.loss_chunk_rows)
+                         labels_N=labels_BAK[b_N, a_N, k_N], coef_ce_N=w_N * self.cfg.dspark.ce_weight,
+                         coef_l1_N=w_N * self.cfg.dspark.l1_weight, chunk_rows=self.loss_chunk_rows)
         # W2 enters the fused loss as a tensor, outside markov_w2's own forward (see ``external_parameters``).
         numerator, ce_N, l1_N = chunked_vocab_loss(u_NR=e_BAKR[b_N, a_N, k_N], w2_VR=self.markov_head.markov_w2.weight,
                                                    **loss_args)
@@ -252,7 +246,7 @@ class DSparkV4Drafter(Drafter):
             label_N = (1.0 - 0.5 * l1_N).clamp(0.0, 1.0)
             conf_N = self.confidence_head(z_BAKH[b_N, a_N, k_N], e_BAKR[b_N, a_N, k_N]).float()
             bce_N = F.binary_cross_entropy_with_logits(conf_N, label_N, reduction="none")
-            numerator = numerator + self.cfg.bce_weight * (w_N * bce_N).sum()
+            numerator = numerator + self.cfg.dspark.bce_weight * (w_N * bce_N).sum()
             terms["bce"] = (w_N * bce_N).sum().detach()
         if self.training:
             self.update_selection_bias()
@@ -267,10 +261,10 @@ class DSparkV4Drafter(Drafter):
     @torch.no_grad()
     def update_selection_bias(self) -> None:
         """Aux-loss-free balancing (DeepSeek-V3's noaux_tc): every router's selection bias moves by
-        ``moe_bias_update_rate`` towards the experts that got fewer tokens than the mean (sign update) over the
-        micro batch just run. ``reduce_expert_counts`` (set by the trainer when there are several data ranks)
+        ``drafter.v4.moe_bias_update_rate`` towards the experts that got fewer tokens than the mean (sign update)
+        over the micro batch just run. ``reduce_expert_counts`` (set by the trainer when there are several data ranks)
         sums the loads over ranks first, so every rank applies the same update and the biases stay equal."""
-        rate = self.cfg.moe_bias_update_rate
+        rate = self.cfg.v4.moe_bias_update_rate
         for stage in self.stages:
             counts_E = stage.mlp.take_expert_counts()
             if counts_E is None or rate == 0:
