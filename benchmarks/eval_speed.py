@@ -14,13 +14,13 @@ tokens (they must).
 
 ``--compare prefill-logits`` makes "before" compute the LM head over every prompt position of a prefill (as before
 the batched session's ``last_only``) and "after" over the last one only, and also times the prefill forward of the
-batch alone both ways (fastest of 5). ``--compare prefill`` makes "before"
-prefill each prompt admitted mid-run beside the decoding rows' drafts (``prefill_apart=False``: every row padded to
-the prompt's length) and "after" in a forward of its own, and also times the target alone both ways
-("target_before"); at batch 1 both are the same code path (one row, no neighbours), so only "after" and "target" run
-there. ``--drafter-dir`` evaluates a trained export (``load_drafter``) instead of the untrained recipe drafter;
-``--prompts-file`` takes prompts from a jsonl file (e.g. ``../shared/eval_datasets/gsm8k.jsonl``) instead of the
-builtin set.
+batch alone: as one forward both ways, and in the length groups the decoder now prefills in (fastest of 5).
+``--compare prefill`` makes "before" prefill each prompt admitted mid-run beside the decoding rows' drafts
+(``prefill_apart=False``: every row padded to the prompt's length) and "after" in a forward of its own, and also
+times the target alone both ways ("target_before"); at batch 1 both are the same code path (one row, no neighbours),
+so only "after" and "target" run there. ``--drafter-dir`` evaluates a trained export (``load_drafter``) instead of
+the untrained recipe drafter; ``--prompts-file`` takes prompts from a jsonl file (e.g.
+``../shared/eval_datasets/gsm8k.jsonl``) instead of the builtin set.
 """
 
 from __future__ import annotations
@@ -127,25 +127,47 @@ class _AllPrefillLogits:
 
 
 def _prefill_only(target, prompts, batch: int, repeats: int) -> dict:
-    """The prefill step alone: ``batch`` prompts in one batched forward, with the LM head over every position
-    ("before") and over each prompt's last one ("after", ``last_only``), alternating, fastest of ``repeats``; the
-    last-position logits must agree."""
+    """The prefill of ``batch`` prompts alone, three ways, alternating, fastest of ``repeats``: one batched forward
+    with the LM head at every position ("before"), the same with it at each prompt's last position only ("after",
+    ``last_only``), and that in length groups (``prefill_groups``: one forward per group, the other rows sitting it
+    out, as the decoder now prefills). The last-position logits of the three must agree."""
     import torch
 
-    best = {"before": float("inf"), "after": float("inf")}
+    from dspark.eval.specdec import prefill_groups
+
     feeds = [torch.tensor(p, dtype=torch.long) for p in prompts[:batch]]
-    last = {}
+    empty = torch.empty(0, dtype=torch.long)
+    groups = prefill_groups([x.numel() for x in feeds])
+
+    def one_forward(last_only):
+        outputs = target.batch_decode_session(len(feeds)).extend(feeds, last_only=last_only)
+        return [logits[-1] for logits, _ in outputs]
+
+    def grouped(_):
+        session, last = target.batch_decode_session(len(feeds)), [None] * len(feeds)
+        for group in groups:
+            outputs = session.extend([feeds[i] if i in group else empty for i in range(len(feeds))],
+                                     last_only=[True] * len(feeds))
+            for i in group:
+                last[i] = outputs[i][0][-1]
+        return last
+
+    runs = {"before": (one_forward, None), "after": (one_forward, [True] * len(feeds)), "grouped": (grouped, None)}
+    best, last = dict.fromkeys(runs, float("inf")), {}
     for _ in range(repeats):
-        for name, flags in (("before", None), ("after", [True] * len(feeds))):
-            session = target.batch_decode_session(len(feeds))
+        for name, (fn, arg) in runs.items():
             start = time.perf_counter()
-            outputs = session.extend(feeds, last_only=flags)
+            last[name] = torch.stack(fn(arg))
             best[name] = min(best[name], time.perf_counter() - start)
-            last[name] = torch.stack([logits[-1] for logits, _ in outputs])
+    lengths = [x.numel() for x in feeds]
     return {"prefill_before_s": round(best["before"], 3), "prefill_after_s": round(best["after"], 3),
+            "prefill_grouped_s": round(best["grouped"], 3),
             "prefill_speedup": round(best["before"] / best["after"], 3),
-            "prefill_positions": sum(len(p) for p in prompts[:batch]),
-            "prefill_last_logits_equal": bool(torch.allclose(last["before"], last["after"], atol=1e-4, rtol=1e-4))}
+            "prefill_grouped_vs_after": round(best["after"] / best["grouped"], 3),
+            "prefill_positions": sum(lengths), "prefill_padded_positions": max(lengths) * len(lengths),
+            "prefill_groups": [[lengths[i] for i in g] for g in groups],
+            "prefill_last_logits_equal": all(bool(torch.allclose(last["before"], last[n], atol=1e-4, rtol=1e-4))
+                                             for n in ("after", "grouped"))}
 
 
 def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
@@ -216,6 +238,8 @@ def main() -> None:
     parser.add_argument("--compare", choices=["drafts", "prefill", "prefill-logits"], default="drafts",
                         help="what before/after differ in: row-by-row vs batched drafts, prompts prefilled beside "
                              "the decoding rows vs apart, or prefill logits of every prompt position vs the last")
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="with --compare prefill-logits: time only the prefill forwards, no decoding")
     parser.add_argument("--drafter-dir", default="", help="a trained drafter export (one target, one drafter)")
     parser.add_argument("--prompts-file", default="builtin", help="'builtin' or a jsonl file of prompts")
     parser.add_argument("--reference-dir", default="",
@@ -225,6 +249,8 @@ def main() -> None:
     unknown = set(args.targets.split(",")) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; expected some of {', '.join(TARGETS)}")
+    if args.prefill_only and args.compare != "prefill-logits":
+        parser.error("--prefill-only times the prefill forwards of --compare prefill-logits")
     if args.reference_dir and not args.drafter_dir:
         parser.error("--reference-dir runs the reference loop on a trained export: give --drafter-dir")
     if args.drafter_dir and len(args.targets.split(",")) * len(args.drafters.split(",")) != 1:
@@ -273,7 +299,7 @@ def main() -> None:
             _decode(target, drafter, prompts[:1], tokens=4, batch=1, batched=True, stop_ids=stop_ids,
                     temperature=args.temperature)  # warm-up
             for batch in [int(b) for b in args.batches.split(",")]:
-                row = _measure(target, drafter, prompts, args, batch, stop_ids)
+                row = {} if args.prefill_only else _measure(target, drafter, prompts, args, batch, stop_ids)
                 row["prompt_lengths"] = [len(p) for p in prompts]
                 if args.compare == "prefill-logits":
                     row.update(_prefill_only(target, prompts, batch, repeats=5))

@@ -166,6 +166,21 @@ class _SequentialSessions:
             session.truncate(length)
 
 
+def prefill_groups(lengths: list[int], waste_ratio: float = 0.25, waste_min: int = 64) -> list[list[int]]:
+    """Indices of prompts of ``lengths`` grouped for batched prefills: by increasing length, a group grows while
+    padding its prompts to its longest wastes at most ``waste_ratio`` of its real positions plus ``waste_min``
+    (short prompts are not worth a forward of their own)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        real = sum(lengths[j] for j in group) + lengths[i]
+        if group and lengths[i] * (len(group) + 1) - real > waste_ratio * real + waste_min:
+            groups.append(group)
+            group = []
+        group.append(i)
+    return groups + [group] if group else groups
+
+
 def confident_length(confidence_K: torch.Tensor | None, threshold: float) -> int | None:
     """How many leading drafts to verify under a static confidence threshold: drafting stops at the first slot
     whose cumulative confidence product ``prod_{i<=k} c_i`` (the survival estimate a_k of the paper's scheduler)
@@ -235,13 +250,15 @@ class _Decoder:
             if admitted:
                 self.session.add_rows(len(admitted))
                 rows += admitted
-                apart = self.prefill_apart and getattr(self.session, "partial_steps", False)
-                if apart and len(rows) > len(admitted):
-                    # Prefill the admitted prompts in a forward of their own (the decoding rows sit it out): fed
-                    # beside them, a prompt would pad every row's feed to its length.
+                if self.prefill_apart and self.session.partial_steps:
+                    # Prefill the admitted prompts in forwards of their own (the decoding rows sit them out: fed
+                    # beside them, a prompt would pad every row's feed to its length), grouped by length so that
+                    # no group pads its short prompts far past their end.
                     empty = torch.empty(0, dtype=torch.long)
-                    rows = self._step(rows, [torch.tensor(row.prompt, dtype=torch.long) if row.result is None
-                                             else empty for _, row in rows], results, on_done)
+                    for group in prefill_groups([len(row.prompt) for _, row in admitted]):
+                        members = {id(admitted[i][1]) for i in group}
+                        rows = self._step(rows, [torch.tensor(row.prompt, dtype=torch.long) if id(row) in members
+                                                 else empty for _, row in rows], results, on_done)
                     continue  # a row that finished at its first token frees its slot for the next prompt
             rows = self._step(rows, self._feeds([row for _, row in rows]), results, on_done)
         return results  # type: ignore[return-value]
@@ -404,10 +421,11 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
     it with the same generator, whatever the batch size (up to float rounding of the batched forward, which can
     flip a draw only on a near tie). ``on_done()`` is called as each prompt finishes. The rows in flight draft
     together (``drafter.propose_batch``); ``batch_proposals=False`` calls ``drafter.propose`` row by row instead
-    (the same tokens; kept to measure what batching the drafter buys). A prompt admitted while other rows decode
-    is prefilled in a forward of its own, the other rows sitting it out, when the session allows it
-    (``partial_steps``); ``prefill_apart=False`` feeds it beside their drafts instead, padding every row to the
-    prompt's length (the same tokens up to float rounding; kept to measure what prefilling apart buys).
+    (the same tokens; kept to measure what batching the drafter buys). Prompts admitted together are prefilled in
+    forwards of their own, the other rows sitting them out, grouped by length (``prefill_groups``) so that short
+    prompts are not padded far past their end; ``prefill_apart=False`` feeds a prompt admitted while other rows
+    decode beside their drafts instead, padding every row to the prompt's length, and the first prompts in one
+    forward (the same tokens up to float rounding; kept to measure what prefilling apart buys).
 
     ``verify_policy`` (``dspark.eval.scheduler.VERIFY_POLICIES``) chooses how many drafts each row verifies:
     ``full`` (all, cut by ``confidence_threshold`` when > 0), ``threshold`` (the same, the threshold required), or

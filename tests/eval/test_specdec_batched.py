@@ -178,6 +178,38 @@ def test_prompts_admitted_mid_run_are_prefilled_apart(target):
     assert not any(0 in fed for fed in steps[1])
 
 
+def test_prefill_groups_bound_the_padding():
+    from dspark.eval.specdec import prefill_groups
+
+    assert prefill_groups([]) == []
+    assert prefill_groups([5, 4, 7, 3]) == [[3, 1, 0, 2]]  # tiny prompts: one forward, padding is cheap
+    # Padded together 16 x 300 = 4800 positions for 2560 real ones; grouped, each group wastes at most 25% of its
+    # real positions + 64.
+    lengths = [300, 100, 100, 140, 100, 300, 100, 140, 100, 140, 100, 300, 100, 140, 100, 300]
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(16))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[100] * 8, [140] * 4, [300] * 4]
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        assert max(lengths[i] for i in group) * len(group) - real <= 0.25 * real + 64
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_in_groups(target):
+    # Two long prompts and three short ones admitted together: two prefill forwards (short ones, long ones), and
+    # the tokens are those of decoding each prompt alone.
+    drafter = SeededOracle(target, 4, corrupt_prob=0.3, draft_temperature_ratio=1.5)
+    prompts = [PROMPTS[3], [1] + list(range(400, 560)), PROMPTS[1], [1] + list(range(600, 740)), PROMPTS[0]]
+    recording = _RecordingTarget(target)
+    generators = [torch.Generator().manual_seed(prompt_seed(7, i)) for i in range(len(prompts))]
+    grouped = speculative_generate_batch(recording, drafter, prompts, max_new_tokens=10, temperature=0.0,
+                                         generators=generators, batch_size=5)
+    assert recording.steps[:2] == [[3, 0, 4, 0, 5], [0, 161, 0, 141, 0]]
+    generators = [torch.Generator().manual_seed(prompt_seed(7, i)) for i in range(len(prompts))]
+    alone = speculative_generate_batch(target, drafter, prompts, max_new_tokens=10, temperature=0.0,
+                                       generators=generators, batch_size=1)
+    assert _records(grouped) == _records(alone)
+
+
 def test_evaluate_report_is_the_same_for_batch_sizes_1_and_4(tiny_llama_dir, one_thread):
     from dspark.drafters import build_drafter
 
