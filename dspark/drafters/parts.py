@@ -90,3 +90,32 @@ class PrefixCache:
     def store(self, version: Any, rows: list[tuple[tuple[torch.Tensor, ...], Any]]) -> None:
         """Keep this call's rows (replacing the previous call's)."""
         self.version, self.rows = version, rows
+
+
+@torch.no_grad()
+def copy_target_layer(module: nn.Module, index, prefix: str, what: str, optional=lambda name: False,
+                      hint: str = "") -> list[str]:
+    """Copy every tensor of ``module``'s state from the target checkpoint ``index`` (a ``WeightIndex``), tensor
+    ``name`` from ``prefix + name`` (fused routed experts also from their per-expert pieces). A tensor the
+    checkpoint lacks is refused unless ``optional(name)``; a shape that differs is refused (``hint`` says why it
+    may). ``what`` names the draft layer in errors. Returns the names copied."""
+    from dspark.targets.weights import expert_parts, fuse_expert_pieces
+
+    copied = []
+    for name, tensor in module.state_dict().items():
+        source = prefix + name
+        pieces = expert_parts(index, source, tuple(tensor.shape))
+        if pieces is not None:
+            value = fuse_expert_pieces({n: index.load(n, torch.float32) for n in pieces})[source]
+        elif source in index:
+            value = index.load(source, torch.float32)
+        elif optional(name):
+            continue
+        else:
+            raise ValueError(f"{index.model_dir} has no {source} (nor its per-expert pieces) for {what}")
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise ValueError(f"{source} has shape {tuple(value.shape)} in {index.model_dir}; {what} expects "
+                             f"{tuple(tensor.shape)}{hint}")
+        tensor.copy_(value.to(tensor.dtype))
+        copied.append(name)
+    return copied

@@ -50,6 +50,7 @@ from dspark.drafters.parts import (
     check_layer_ids,
     check_proposal_rows,
     check_target_matrix,
+    copy_target_layer,
     num_target_layers,
 )
 
@@ -239,18 +240,9 @@ class DSparkDrafter(Drafter):
                 raise ValueError(f"{model_dir} has no decoder layer {source_layer} (looked for "
                                  f"{' or '.join(p + str(source_layer) for p in self.TARGET_LAYER_PREFIXES)}.*) to "
                                  f"initialise draft layer {s} from")
-            for name, tensor in layer.state_dict().items():
-                if prefix + name not in index:
-                    if name in self.REQUIRED_COPIES:
-                        raise ValueError(f"{model_dir} has no {prefix + name} for draft layer {s}")
-                    continue
-                value = index.load(prefix + name, torch.float32)
-                if tuple(value.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{prefix + name} has shape {tuple(value.shape)} in {model_dir}; draft layer "
-                                     f"{s} expects {tuple(tensor.shape)} (drafter.intermediate_size and the head "
-                                     "layout must be the target's to copy its layers)")
-                tensor.copy_(value.to(tensor.dtype))
-                copied.append(f"layers.{s}.{name}")
+            copied += [f"layers.{s}.{name}" for name in copy_target_layer(
+                layer, index, prefix, f"draft layer {s}", optional=lambda name: name not in self.REQUIRED_COPIES,
+                hint=" (drafter.intermediate_size and the head layout must be the target's to copy its layers)")]
         return copied
 
     # -- training --------------------------------------------------------------------------------------------

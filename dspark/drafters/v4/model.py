@@ -31,7 +31,7 @@ from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_b
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
 from dspark.drafters.dspark.model import resolve_mask_token_id
-from dspark.drafters.parts import FrozenWeight, check_proposal_rows, check_target_matrix
+from dspark.drafters.parts import FrozenWeight, check_proposal_rows, check_target_matrix, copy_target_layer
 from dspark.drafters.v4.layers import DraftStage, gather_windows, rope_cos_sin, v4_modules
 
 ALGORITHM = "dspark_v4"
@@ -189,26 +189,13 @@ class DSparkV4Drafter(Drafter):
         own decoder layer ``layer_ids[s]`` (the last id for stages beyond the list), read through ``WeightIndex``
         (sharded, dequantising, per-expert or fused experts). The draft's window attention has no compressor, so a
         compressed layer's compressor is not read. Returns the names copied."""
-        from dspark.targets.weights import WeightIndex, expert_parts, fuse_expert_pieces
+        from dspark.targets.weights import WeightIndex
 
         index = WeightIndex(model_dir)
         copied = []
         for s, stage in enumerate(self.stages):
             prefix = f"model.layers.{self.layer_ids[min(s, len(self.layer_ids) - 1)]}."
-            for name, tensor in stage.state_dict().items():
-                source = prefix + name
-                pieces = expert_parts(index, source, tuple(tensor.shape))
-                if pieces is not None:
-                    value = fuse_expert_pieces({n: index.load(n, torch.float32) for n in pieces})[source]
-                elif source in index:
-                    value = index.load(source, torch.float32)
-                else:
-                    raise ValueError(f"{model_dir} has no {source} (nor its per-expert pieces) for draft stage {s}")
-                if tuple(value.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{source} has shape {tuple(value.shape)} in {model_dir}; draft stage {s} "
-                                     f"expects {tuple(tensor.shape)}")
-                tensor.copy_(value.to(tensor.dtype))
-                copied.append(f"stages.{s}.{name}")
+            copied += [f"stages.{s}.{name}" for name in copy_target_layer(stage, index, prefix, f"draft stage {s}")]
         return copied
 
     # -- training --------------------------------------------------------------------------------------------
