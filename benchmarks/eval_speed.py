@@ -53,24 +53,25 @@ def _decode(target, drafter, prompts, *, tokens: int, batch: int, batched: bool,
     return time.perf_counter() - start, results
 
 
-def _reference_decode(target, args, prompts, stop_ids) -> tuple[float, list]:
+def reference_decode(target, prompts, stop_ids, *, reference_dir: str, drafter_dir: str, temperature: float,
+                     max_new_tokens: int) -> tuple[float, list]:
     """The reference implementation's own batch-1 loop (DeepSpec's ``generate_decoding_sample`` with its DSpark
-    evaluator's propose/update) over ``prompts``, with the trained export loaded by its ``from_pretrained`` and the
-    same target model: wall seconds and the new tokens of each prompt."""
+    evaluator's propose/update, every draft verified) over ``prompts``, with the trained export at ``drafter_dir``
+    loaded by its ``from_pretrained`` and the same target model: wall seconds and the new tokens of each prompt."""
     import sys
     from types import SimpleNamespace
 
     import torch
 
-    sys.path.insert(0, args.reference_dir)
+    sys.path.insert(0, reference_dir)
     from deepspec.eval.base_evaluator import generate_decoding_sample
     from deepspec.eval.dspark.evaluator import Qwen3DSparkEvaluator
 
     evaluator = Qwen3DSparkEvaluator.__new__(Qwen3DSparkEvaluator)  # its __init__ builds models and a recorder
     dtype = target.lm_head_weight.dtype
     evaluator.draft_model = Qwen3DSparkEvaluator.draft_model_cls.from_pretrained(
-        args.drafter_dir, dtype=dtype, attn_implementation="sdpa").eval()
-    evaluator.args = SimpleNamespace(temperature=args.temperature, confidence_threshold=0.0)
+        drafter_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    evaluator.args = SimpleNamespace(temperature=temperature, confidence_threshold=0.0)
     from transformers import DynamicCache
 
     crop = DynamicCache.crop
@@ -89,9 +90,9 @@ def _reference_decode(target, args, prompts, stop_ids) -> tuple[float, list]:
         for prompt in prompts:
             input_ids = torch.tensor([prompt], dtype=torch.long)
             out = generate_decoding_sample(target_model=target.model, input_ids=input_ids,
-                                           max_new_tokens=args.tokens,
+                                           max_new_tokens=max_new_tokens,
                                            max_proposal_tokens=evaluator.max_proposal_tokens,
-                                           temperature=args.temperature, stop_token_ids=list(stop_ids),
+                                           temperature=temperature, stop_token_ids=list(stop_ids),
                                            init_context=evaluator._init_context, propose=evaluator._propose,
                                            update=evaluator._update)
             tokens.append(out.output_ids[0, len(prompt):].tolist())
@@ -216,7 +217,9 @@ def _measure(target, drafter, prompts, args, batch: int, stop_ids) -> dict:
     if args.temperature == 0:
         row["target_same_tokens"] = [t for t, _, _ in records["target"]] == [t for t, _, _ in records["after"]]
     if args.reference_dir and batch == 1:
-        wall_s, tokens = _reference_decode(target, args, prompts, stop_ids)
+        wall_s, tokens = reference_decode(target, prompts, stop_ids, reference_dir=args.reference_dir,
+                                          drafter_dir=args.drafter_dir, temperature=args.temperature,
+                                          max_new_tokens=args.tokens)
         row["reference_wall_s"] = round(wall_s, 3)
         row["reference_tokens_per_s"] = round(sum(len(t) for t in tokens) / wall_s, 2)
         row["reference_same_tokens"] = tokens == [t for t, _, _ in records["after"]]

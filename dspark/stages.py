@@ -387,7 +387,7 @@ def _check_verify_policies(ev) -> None:
 
 def _scheduler_sps(cfg: RunConfig, device, gamma: int):
     """This device's SPS table when a scheduler policy will run (``dspark.eval.policies.load_device_sps``), sized
-    for the largest batch of requests x (gamma + 1) tokens; None otherwise."""
+    for the largest batch of requests, each verifying up to gamma drafts; None otherwise."""
     from dspark.eval.policies import load_device_sps
 
     ev = cfg.eval
@@ -395,7 +395,7 @@ def _scheduler_sps(cfg: RunConfig, device, gamma: int):
     if not any(p.startswith("scheduler") for p in policies):
         return None
     rows = max([ev.batch_size] + (list(ev.sweep_batch_sizes) if ev.policy_sweep else []))
-    return load_device_sps(ev.sps_table, cfg.run_dir, device, max_tokens=rows * (gamma + 1))
+    return load_device_sps(ev.sps_table, cfg.run_dir, device, max_rows=rows, gamma=gamma)
 
 
 def _policy_sweep(cfg: RunConfig, target, name: str, drafter, prompts: list, temperature: float, sps, stop_ids,

@@ -85,6 +85,10 @@ class Drafter(nn.Module, abc.ABC):
     needs_context_ids: bool = False
     # True while a pruned draft vocabulary still has to be fitted: the trainer then calls ``fit_draft_vocab``.
     needs_token_counts: bool = False
+    # ``propose_batch`` takes ``stop_drafting(confidences) -> bool`` and stops drafting at the first slot it says
+    # no draft can be verified from (``dspark.drafters.parts.draft_slots``); the evaluator passes it when its verify
+    # policy cuts drafts by their confidences.
+    cuts_drafting: bool = False
     # The export formats that can hold this drafter (``dspark.export`` refuses the others); None = every format
     # that knows the algorithm.
     export_formats: tuple[str, ...] | None = None

@@ -1,17 +1,19 @@
 """What the drafters share besides layers: the frozen target matrices, the checks of their constructor and proposal
-arguments, and the decoding-time prefix cache.
+arguments, the decoding-time prefix cache and the slot-by-slot draft of a sequential head.
 
-Legend: T context rows, V vocab, H hidden size.
+Legend: B rows, K slots, R head rank, T context rows, V vocab, H hidden size.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from dspark.drafters.base import Proposal, sample_rows
 from dspark.drafters.common import config_get
 
 
@@ -119,3 +121,45 @@ def copy_target_layer(module: nn.Module, index, prefix: str, what: str, optional
         tensor.copy_(value.to(tensor.dtype))
         copied.append(name)
     return copied
+
+
+def draft_slots(anchors_B: torch.Tensor, *, block_size: int, vocab_size: int,
+                base_logits: Callable[[], torch.Tensor],
+                slot: Callable[[int, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]],
+                bias: Callable[[torch.Tensor], torch.Tensor] | None, temperature: float,
+                generators: list[torch.Generator | None],
+                stop_drafting: Callable[[list[list[float]]], bool] | None = None) -> list[Proposal]:
+    """The sequential part of a parallel draft (DSpark's and DeepSeek-V4's): slot by slot, ``slot(k, prev_B)``
+    turns each row's previous token (the anchor for slot 0) into the slot's confidence ``[B]`` (None without a
+    confidence head) and the input of its Markov bias ``[B, R]`` (None without one); the slot's logits are
+    ``base_logits()[:, k]`` (the LM head over every slot, ``[B, K, V]``, computed when a slot is first drafted)
+    plus ``bias(input)``, and one token per row is drawn.
+
+    ``stop_drafting`` (``Drafter.cuts_drafting``) is asked after each slot's confidence, before the slot's vocabulary
+    work, with every row's confidences so far (slot k included): True means no draft from slot k on can be
+    verified, so slot k and the later ones are not drafted (a shorter proposal; no LM head at all when it stops at
+    the first slot). Its answer may depend only on the confidences, which depend on the drafts before slot k:
+    then cutting changes what is drafted, never what is verified."""
+    prev_B, tokens, probs, confs, base_BKV, has_confidence = anchors_B, [], [], [], None, False
+    for k in range(block_size):
+        conf_B, bias_input = slot(k, prev_B)
+        if conf_B is not None:
+            has_confidence = True
+            confs.append(conf_B)
+            if stop_drafting is not None and stop_drafting(torch.stack(confs, dim=1).float().cpu().tolist()):
+                confs.pop()
+                break
+        if base_BKV is None:
+            base_BKV = base_logits()
+        logits_BV = base_BKV[:, k]
+        if bias_input is not None:
+            logits_BV = logits_BV + bias(bias_input).float()
+        prev_B, p_BV = sample_rows(logits_BV, temperature, generators)
+        tokens.append(prev_B)
+        probs.append(p_BV)
+    B, device = anchors_B.shape[0], anchors_B.device
+    tokens_BK = torch.stack(tokens, dim=1) if tokens else anchors_B.new_empty((B, 0))
+    probs_BKV = torch.stack(probs, dim=1) if probs else torch.empty((B, 0, vocab_size), device=device)
+    conf_BK = (torch.stack(confs, dim=1) if confs else torch.empty((B, 0), device=device)) if has_confidence else None
+    return [Proposal(tokens_K=tokens_BK[b], probs_KV=probs_BKV[b],
+                     confidence_K=conf_BK[b] if conf_BK is not None else None) for b in range(B)]

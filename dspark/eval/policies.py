@@ -13,6 +13,7 @@ plans with a flat table (every draft of positive survival is verified).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -27,10 +28,11 @@ def default_sps_path(run_dir: str | Path, device) -> Path:
     return Path(run_dir) / "sps" / f"{device_tag(device)}.json"
 
 
-def load_device_sps(sps_table: str, run_dir: str | Path, device, *, max_tokens: int) -> SPSTable:
+def load_device_sps(sps_table: str, run_dir: str | Path, device, *, max_rows: int, gamma: int) -> SPSTable:
     """The SPS table the scheduler policies plan with: ``sps_table`` or the device's default path, checked to cover
-    1 .. ``max_tokens`` batch tokens. A missing default table gives one warning that names the profiling command
-    and returns the flat stand-in; a table measured on another device warns too."""
+    steps of 1 .. ``max_rows`` rows verifying up to ``gamma`` drafts each. A missing default table gives one
+    warning that names the profiling command and returns the flat stand-in; a table measured on another device
+    warns too."""
     import json
 
     path = Path(sps_table) if sps_table else default_sps_path(run_dir, device)
@@ -44,15 +46,21 @@ def load_device_sps(sps_table: str, run_dir: str | Path, device, *, max_tokens: 
                           f"`python tools/profile_sps.py -c RECIPE --set run_dir={run_dir} --batch-sizes 1,4,16 "
                           f"--out {path}`",
                           stacklevel=2)
-        return SPSTable.flat(max_tokens)
+        return SPSTable.flat(max_rows * (gamma + 1))
     table = SPSTable.load(path)
     measured_on = json.loads(path.read_text()).get("device_tag")
     if measured_on is not None and measured_on != device_tag(device) and str(path) not in _warned_missing:
         _warned_missing.add(str(path))
         warnings.warn(f"SPS table {path} was measured on {measured_on}, this run decodes on {device_tag(device)}",
                       stacklevel=2)
-    table.check_range(1, max_tokens)
+    table.check_covers(max_rows, gamma)
     return table
+
+
+def tokens_digest(tokens: list[list[int]]) -> str:
+    """A short digest of every prompt's new tokens, so runs can be compared for the same output (greedy decoding
+    under any verify policy must give the target's own tokens)."""
+    return hashlib.sha1(repr(tokens).encode()).hexdigest()[:16]
 
 
 def _row(policy: str, batch_size: int, results: list, wall_s: float, stats) -> dict:
@@ -64,7 +72,7 @@ def _row(policy: str, batch_size: int, results: list, wall_s: float, stats) -> d
         "policy": policy, "batch_size": batch_size, "num_rounds": len(accepted),
         "tau": sum(a + 1 for a in accepted) / len(accepted) if accepted else math.nan,
         "mean_proposal_len": sum(proposed) / len(proposed) if proposed else math.nan,
-        "generated_tokens": generated, "wall_s": wall_s,
+        "generated_tokens": generated, "tokens_sha1": tokens_digest([r.tokens for r in results]), "wall_s": wall_s,
         "tokens_per_s": generated / wall_s if wall_s > 0 else math.nan,
         "target_calls": calls, "tokens_per_target_call": generated / calls if calls else math.nan,
         "target_step_s": stats.target_s / calls if calls else math.nan,

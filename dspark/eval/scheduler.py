@@ -3,8 +3,8 @@
 Each decoding step verifies R requests in one target forward. Request r drafted K tokens with confidences
 ``c_{r,1..K}``; verifying its first j drafts costs j batch tokens beyond its anchor and is expected to yield
 ``a_{r,j} = prod_{i<=j} c_{r,i}`` of them (prefix survival). The verifier runs SPS(B) steps per second at B batch
-tokens, so a step's throughput is ``tau* x SPS(B)`` with ``tau*`` the expected tokens it produces (one own token per
-request plus the surviving drafts).
+tokens (over the step's R rows: on CPU the rows weigh as well as B), so a step's throughput is ``tau* x SPS(B)``
+with ``tau*`` the expected tokens it produces (one own token per request plus the surviving drafts).
 
 Algorithm 1 (``schedule_prefixes``): sort every (r, j) by a descending; start at ``B = R``, ``tau* = R``,
 ``best = R x SPS(R)``; admit in order (``B += 1``, ``tau* += a``) and stop at the first admission that does not
@@ -17,7 +17,8 @@ earlier (``simulate``): the production form, where the batch must be sized befor
 under continuous batching of ``batch_size`` requests and compares drafting the full K, Algorithm 1 and the
 asynchronous variant. A prefix of length j of a recorded round accepts ``min(j, accepted)`` drafts (plus the
 target's own token), as a verification of fewer drafts would have. SPS comes from a measured table
-(``tools/profile_sps.py``), interpolated linearly between points and never extrapolated.
+(``tools/profile_sps.py``), per row count R when it was measured so (``SPSTable``), interpolated linearly between
+points and never extrapolated.
 
 ``VerifyPlanner`` is the per-step decision both the simulation and real decoding (``eval.verify_policy``,
 ``dspark.eval.specdec``) call, so what is simulated is what runs.
@@ -47,27 +48,85 @@ from pathlib import Path
 
 from dspark.config import VerifyPolicy, choices
 
-SPS_VERSION = 1
+SPS_VERSIONS = (1, 2)
 VERIFY_POLICIES = choices(VerifyPolicy)
 
 
+def _interpolate(xs: list[int], ys: list[float], x: float) -> float | None:
+    """Linear interpolation of the points ``(xs, ys)`` (``xs`` ascending) at ``x``; None outside ``xs[0]..xs[-1]``."""
+    if not xs[0] <= x <= xs[-1]:
+        return None
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    return ys[0]  # a single point, queried at that point
+
+
+def _check_points(points: dict, source: str, what: str) -> tuple[list[int], list[float]]:
+    if not points:
+        raise ValueError(f"{source}: no measured points{what}")
+    for key, sps in points.items():
+        if not isinstance(key, int) or key < 1 or not (isinstance(sps, (int, float)) and sps > 0):
+            raise ValueError(f"{source}: expected positive integer batch tokens -> steps/s > 0{what}, got "
+                             f"{key!r}: {sps!r}")
+    keys = sorted(points)
+    return keys, [float(points[k]) for k in keys]
+
+
+def _int_keys(mapping, path: Path, what: str) -> dict:
+    if not isinstance(mapping, dict):
+        raise ValueError(f"SPS table {path}: expected a JSON object of {what}")
+    out = {}
+    for key, value in mapping.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise ValueError(f"SPS table {path}: key {key!r} is not an integer number of {what}") from None
+    return out
+
+
 class SPSTable:
-    """Verifier steps per second as a function of batch tokens: linear between measured points, an error outside."""
+    """Verifier steps per second of a step of B batch tokens, linear between measured points, an error outside.
+
+    Two shapes. A table by batch tokens (version 1) has one curve ``B -> steps/s`` for any number of rows. A table
+    by rows (version 2, what ``tools/profile_sps.py`` writes) has one curve per measured row count R over the tokens
+    per row ``B / R``; a step of R rows reads the curves of the measured row counts around R, each at ``B / R``, and
+    interpolates between them in R. The second shape exists because a step's cost is not a function of its tokens
+    alone: on CPU 16 rows x 1 token cost more than 4 rows x 4 (attention works per row), and a table by tokens
+    averages the two, so the scheduler misjudged what a draft costs at 16 rows."""
 
     def __init__(self, points: dict[int, float], source: str = "SPS table"):
-        if not points:
-            raise ValueError(f"{source}: no measured points")
-        for tokens, sps in points.items():
-            if not isinstance(tokens, int) or tokens < 1 or not (isinstance(sps, (int, float)) and sps > 0):
-                raise ValueError(f"{source}: expected positive integer batch tokens -> steps/s > 0, got "
-                                 f"{tokens!r}: {sps!r}")
-        self.tokens = sorted(points)
-        self.sps = [float(points[t]) for t in self.tokens]
+        self.tokens, self.sps = _check_points(points, source, "")
+        self.by_rows: dict[int, tuple[list[int], list[float]]] | None = None
         self.source = source
 
     @classmethod
+    def per_rows(cls, by_rows: dict[int, dict[int, float]], source: str = "SPS table") -> SPSTable:
+        """A table by rows: ``{rows: {tokens_per_row: steps_per_s}}``."""
+        if not by_rows:
+            raise ValueError(f"{source}: no measured row counts")
+        curves = {}
+        for rows, points in by_rows.items():
+            if not isinstance(rows, int) or rows < 1:
+                raise ValueError(f"{source}: row counts must be positive integers, got {rows!r}")
+            curves[rows] = _check_points(points, source, f" (rows {rows}: tokens per row)")
+        table = cls.__new__(cls)
+        table.by_rows = dict(sorted(curves.items()))
+        table.source = source
+        # The batch-token view (means over row counts of the same batch tokens), for plots and 1-D readers.
+        by_tokens: dict[int, list[float]] = {}
+        for rows, (per_row, sps) in table.by_rows.items():
+            for t, s in zip(per_row, sps):
+                by_tokens.setdefault(rows * t, []).append(s)
+        table.tokens = sorted(by_tokens)
+        table.sps = [sum(by_tokens[t]) / len(by_tokens[t]) for t in table.tokens]
+        return table
+
+    @classmethod
     def load(cls, path: str | Path) -> SPSTable:
-        """Read ``{"version": 1, "sps": {batch_tokens: steps_per_s}, ...}`` (as ``profile_sps.py`` writes) or a bare
+        """Read ``{"version": 2, "sps_by_rows": {rows: {tokens_per_row: steps_per_s}}, ...}`` or ``{"version": 1,
+        "sps": {batch_tokens: steps_per_s}, ...}`` (as ``profile_sps.py`` writes them, now and before) or a bare
         ``{batch_tokens: steps_per_s}`` mapping."""
         path = Path(path)
         try:
@@ -76,20 +135,17 @@ class SPSTable:
             raise ValueError(f"SPS table {path} does not exist (measure one with tools/profile_sps.py)") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"SPS table {path} is not valid JSON: {exc}") from None
-        if isinstance(payload, dict) and "sps" in payload:
-            if payload.get("version") != SPS_VERSION:
-                raise ValueError(f"SPS table {path}: version {payload.get('version')!r} is not supported; this dspark "
-                                 f"reads version {SPS_VERSION}")
-            payload = payload["sps"]
-        if not isinstance(payload, dict):
-            raise ValueError(f"SPS table {path}: expected a JSON object {{batch_tokens: steps_per_s}}")
-        points = {}
-        for key, value in payload.items():
-            try:
-                points[int(key)] = value
-            except ValueError:
-                raise ValueError(f"SPS table {path}: key {key!r} is not an integer number of batch tokens") from None
-        return cls(points, source=f"SPS table {path}")
+        if isinstance(payload, dict) and "version" in payload:
+            version = payload["version"]
+            if version not in SPS_VERSIONS:
+                raise ValueError(f"SPS table {path}: version {version!r} is not supported; this dspark reads versions "
+                                 f"{', '.join(map(str, SPS_VERSIONS))}")
+            if version == 2:
+                by_rows = _int_keys(payload.get("sps_by_rows"), path, "rows")
+                return cls.per_rows({rows: _int_keys(points, path, "tokens per row")
+                                     for rows, points in by_rows.items()}, source=f"SPS table {path}")
+            payload = payload.get("sps")
+        return cls(_int_keys(payload, path, "batch tokens"), source=f"SPS table {path}")
 
     @classmethod
     def flat(cls, max_tokens: int) -> SPSTable:
@@ -97,23 +153,52 @@ class SPSTable:
         positive survival. The stand-in when no table was measured for this device."""
         return cls({1: 1.0, max(2, max_tokens): 1.0}, source="flat SPS stand-in (no measured table)")
 
-    def check_range(self, lo: int, hi: int) -> None:
-        """Refuse a table that does not cover batches of ``lo`` .. ``hi`` tokens (before decoding starts)."""
-        if lo < self.tokens[0] or hi > self.tokens[-1]:
-            raise ValueError(f"{self.source} covers {self.tokens[0]}..{self.tokens[-1]} batch tokens but decoding "
-                             f"can reach {lo}..{hi}; profile those sizes (tools/profile_sps.py --batch-sizes)")
+    def check_covers(self, max_rows: int, gamma: int) -> None:
+        """Refuse a table that does not cover steps of 1 .. ``max_rows`` rows, each verifying up to ``gamma``
+        drafts (before decoding starts)."""
+        if self.by_rows is None:
+            hi = max_rows * (gamma + 1)
+            if self.tokens[0] > 1 or self.tokens[-1] < hi:
+                raise ValueError(f"{self.source} covers {self.tokens[0]}..{self.tokens[-1]} batch tokens but decoding "
+                                 f"can reach 1..{hi}; profile those sizes (tools/profile_sps.py --batch-sizes)")
+            return
+        rows = list(self.by_rows)
+        if rows[0] > 1 or rows[-1] < max_rows:
+            raise ValueError(f"{self.source} covers {rows[0]}..{rows[-1]} rows but decoding can run 1..{max_rows}; "
+                             f"profile those row counts (tools/profile_sps.py --batch-sizes)")
+        for r, (per_row, _) in self.by_rows.items():
+            if per_row[0] > 1 or per_row[-1] < gamma + 1:
+                raise ValueError(f"{self.source} covers {per_row[0]}..{per_row[-1]} tokens per row at {r} rows but "
+                                 f"decoding can verify 1..{gamma + 1}; profile those (tools/profile_sps.py "
+                                 f"--tokens-per-row)")
 
-    def __call__(self, batch_tokens: float) -> float:
-        lo, hi = self.tokens[0], self.tokens[-1]
-        if not lo <= batch_tokens <= hi:
-            raise ValueError(f"{self.source}: batch of {batch_tokens} tokens is outside the measured range "
-                             f"{lo}..{hi}; profile the verifier at that size (tools/profile_sps.py), no extrapolation")
-        for i in range(1, len(self.tokens)):
-            if batch_tokens <= self.tokens[i]:
-                t0, t1 = self.tokens[i - 1], self.tokens[i]
-                w = (batch_tokens - t0) / (t1 - t0)
-                return self.sps[i - 1] + w * (self.sps[i] - self.sps[i - 1])
-        return self.sps[0]  # a single-point table, queried at that point
+    def __call__(self, batch_tokens: float, rows: int | None = None) -> float:
+        """Steps/s of a step of ``batch_tokens`` over ``rows`` rows (a table by rows needs ``rows``)."""
+        if self.by_rows is None:
+            sps = _interpolate(self.tokens, self.sps, batch_tokens)
+            if sps is None:
+                raise ValueError(f"{self.source}: batch of {batch_tokens} tokens is outside the measured range "
+                                 f"{self.tokens[0]}..{self.tokens[-1]}; profile the verifier at that size "
+                                 f"(tools/profile_sps.py), no extrapolation")
+            return sps
+        if rows is None:
+            raise ValueError(f"{self.source} is measured per row count: give the step's rows")
+        measured = list(self.by_rows)
+        if not measured[0] <= rows <= measured[-1]:
+            raise ValueError(f"{self.source}: a step of {rows} rows is outside the measured row counts "
+                             f"{measured[0]}..{measured[-1]}; profile it (tools/profile_sps.py), no extrapolation")
+        per_row = batch_tokens / rows
+        lo = max(r for r in measured if r <= rows)
+        hi = min(r for r in measured if r >= rows)
+        at = []
+        for r in (lo, hi):
+            sps = _interpolate(*self.by_rows[r], per_row)
+            if sps is None:
+                xs = self.by_rows[r][0]
+                raise ValueError(f"{self.source}: {per_row:g} tokens per row is outside the range measured at {r} "
+                                 f"rows, {xs[0]}..{xs[-1]}; profile it (tools/profile_sps.py), no extrapolation")
+            at.append(sps)
+        return at[0] if hi == lo else at[0] + (rows - lo) / (hi - lo) * (at[1] - at[0])
 
 
 def survival(confidences: list[list[float]]) -> list[list[float]]:
@@ -141,11 +226,12 @@ class Schedule:
     prefix_R: list[int]  # drafts verified per request
     batch_tokens: int  # B = R + sum(prefix_R)
     expected_tokens: float  # tau* = R + sum of admitted a
+    refused: float | None = None  # a of the pair the early stop refused (None: every pair admitted, or no stop)
 
 
 def schedule_prefixes(confidences: list[list[float]], sps, *, early_stop: bool = True) -> Schedule:
     """Algorithm 1 (module docstring) for one step: ``confidences[r]`` are request r's draft confidences,
-    ``sps(B)`` the verifier's steps/s at B batch tokens.
+    ``sps(B, R)`` the verifier's steps/s at B batch tokens over the step's R requests.
 
     ``early_stop=False`` admits instead the best number of pairs over the whole ranking (the first maximum of
     ``tau* x SPS(B)``): a higher modelled throughput, but the decision looks at later drafts, which biases the
@@ -154,12 +240,13 @@ def schedule_prefixes(confidences: list[list[float]], sps, *, early_stop: bool =
     R = len(a_RJ)
     prefix_R = [0] * R
     B, tau_star = R, float(R)
-    best = tau_star * sps(B)
+    best = tau_star * sps(B, R)
     admitted: list[tuple[int, int]] = []
-    best_count, best_tau = 0, tau_star
+    best_count, best_tau, refused = 0, tau_star, None
     for a, j, r in _ranked(a_RJ):
-        value = (tau_star + a) * sps(B + 1)
+        value = (tau_star + a) * sps(B + 1, R)
         if value <= best and early_stop:
+            refused = a
             break
         B, tau_star = B + 1, tau_star + a
         admitted.append((r, j))
@@ -167,7 +254,7 @@ def schedule_prefixes(confidences: list[list[float]], sps, *, early_stop: bool =
             best, best_count, best_tau = value, len(admitted), tau_star
     for r, j in admitted[:best_count]:
         prefix_R[r] = j
-    return Schedule(prefix_R, R + best_count, best_tau)
+    return Schedule(prefix_R, R + best_count, best_tau, refused)
 
 
 def schedule_capacity(confidences: list[list[float]], capacity: int) -> Schedule:
@@ -205,6 +292,21 @@ class VerifyPlanner:
             raise ValueError(f"lag must be >= 1 step, got {lag}")
         self.policy, self.sps, self.lag = policy, sps, lag
         self.history: list[int] = []  # drafts Algorithm 1 admitted at each step (scheduler_async)
+
+    def may_verify_from(self, confidences: list[list[float]], slot: int) -> bool:
+        """Whether this step could verify a draft at ``slot`` (1-based) or later, knowing each request's
+        confidences up to ``slot`` only (a request with fewer has no more drafts). Drafting stops when not
+        (``draft_slots``).
+
+        For ``scheduler``, exact: run Algorithm 1 on the known pairs. If it stops at a refused pair P before
+        admitting any pair at ``slot``, every pair at ``slot`` ranks after P (one ranked before P would have been
+        admitted), and so does every unknown pair (a later slot than P's, and a survival no higher than its
+        request's at ``slot``): the ranking of all pairs reaches P in the same state and stops there too. The other
+        policies verify any draft."""
+        if self.policy != "scheduler":
+            return True
+        known = schedule_prefixes(confidences, self.sps)
+        return known.refused is None or any(j >= slot for j in known.prefix_R)
 
     def plan(self, confidences: list[list[float]]) -> Schedule:
         R = len(confidences)
@@ -288,7 +390,7 @@ def simulate(prompt_rounds: list[list[tuple[int, list[float]]]], *, num_drafts: 
     out = {}
     for policy, per_step in schedules.items():
         realised = [sum(min(j, acc) + 1 for j, (acc, _) in zip(s.prefix_R, step)) for s, step in zip(per_step, steps)]
-        seconds = sum(1.0 / sps(s.batch_tokens) for s in per_step)
+        seconds = sum(1.0 / sps(s.batch_tokens, len(s.prefix_R)) for s in per_step)
         num_requests = sum(len(s.prefix_R) for s in per_step)
         out[policy] = PolicyStats(
             policy=policy, num_steps=len(per_step),

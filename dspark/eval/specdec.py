@@ -301,6 +301,9 @@ class _Decoder:
                    if self.drafter.needs_context_ids else None)
             if self.batch_proposals:
                 extra = {"context_ids": ids} if ids is not None else {}
+                stop = self._drafting_stop(drafting)
+                if stop is not None:
+                    extra["stop_drafting"] = stop
                 proposals = self.drafter.propose_batch(contexts, anchors, temperature=self.temperature,
                                                        generators=generators, **extra)
             else:
@@ -317,6 +320,29 @@ class _Decoder:
                 self._plan(drafting)
         return [torch.tensor(row.prompt, dtype=torch.long) if row.result is None
                 else torch.cat([torch.tensor([row.result.tokens[-1]]), row.drafts_K.cpu()]) for row in rows]
+
+    def _drafting_stop(self, rows: list[_Row]):
+        """The ``stop_drafting`` callback for this step's proposal (``Drafter.cuts_drafting``), or None: drafting
+        stops at the first slot from which no row could verify a draft, given what this step will cut anyway
+        (each row's budget, the confidence threshold, the scheduler's plan). Stopping then changes only what is
+        drafted: the verified prefixes, and the output, are those of the full proposal."""
+        scheduled = self.planner is not None and self.planner.policy == "scheduler"
+        if not (self.drafter.cuts_drafting and (scheduled or self.confidence_threshold > 0)):
+            return None
+        budgets = [self.max_new_tokens - len(row.result.tokens) for row in rows]
+
+        def stop(confidences: list[list[float]]) -> bool:
+            slot = len(confidences[0])
+            known = []
+            for conf, budget in zip(confidences, budgets):
+                n = min(budget, slot)
+                cut = confident_length(torch.tensor(conf[:n]), self.confidence_threshold)
+                known.append(conf[: n if cut is None else min(n, cut)])
+            if all(len(conf) < slot for conf in known):
+                return True  # every row stops before this slot (its budget, or the threshold)
+            return scheduled and not self.planner.may_verify_from(known, slot)
+
+        return stop
 
     def _take_proposal(self, row: _Row, proposal) -> None:
         """Cut ``proposal`` to the row's budget (and the confidence threshold) and keep it for verification."""

@@ -55,9 +55,12 @@ def test_profile_then_calibrate_with_scheduler_simulation(run_dirs, tiny_llama_d
                     "--warmup", "1", "--iters", "2", "--out", str(sps_path)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = json.loads(sps_path.read_text())
-    # rows 1 and 2, 1 and gamma + 1 = 5 tokens per row: 1, 2, 5 and 10 batch tokens.
-    assert table["version"] == 1 and table["gamma"] == BLOCK and sorted(map(int, table["sps"])) == [1, 2, 5, 10]
-    assert all(v > 0 for v in table["sps"].values()) and len(table["points"]) == 4
+    # rows 1 and 2, each with 1 .. gamma + 1 = 5 tokens per row (the default for a block of 4).
+    assert table["version"] == 2 and table["gamma"] == BLOCK == 4
+    assert {rows: sorted(map(int, curve)) for rows, curve in table["sps_by_rows"].items()} == {
+        "1": [1, 2, 3, 4, 5], "2": [1, 2, 3, 4, 5]}
+    assert sorted(map(int, table["sps"])) == [1, 2, 3, 4, 5, 6, 8, 10]  # the batch-token view
+    assert all(v > 0 for v in table["sps"].values()) and len(table["points"]) == 10
 
     run_dir = dirs["dspark"]
     proc = run_cli(_args("calibrate", run_dir, tiny_llama_dir, "--set", "eval.max_new_tokens=16",
@@ -73,7 +76,7 @@ def test_profile_then_calibrate_with_scheduler_simulation(run_dirs, tiny_llama_d
     assert 0 <= calibration["ece_before"] <= 1 and 0 <= calibration["ece_after"] <= 1
     assert "ece before" in proc.stdout and "algorithm1" in proc.stdout and "async" in proc.stdout
     assert "calibration.json" in proc.stdout
-    assert SPSTable.load(sps_path)(7) > 0
+    assert SPSTable.load(sps_path)(7, rows=2) > 0
 
     drafter = load_drafter(run_dir / "drafter")
     assert drafter.confidence_head.temperature_K.tolist() == calibration["temperatures"]

@@ -144,16 +144,16 @@ def test_scheduler_policies_refuse_bad_settings(target):
 
 def test_device_sps_table_is_found_or_its_absence_warned_once(tmp_path):
     with pytest.warns(UserWarning, match=r"no SPS table for device cpu .*tools/profile_sps.py .*--out "):
-        flat = load_device_sps("", tmp_path, "cpu", max_tokens=40)
+        flat = load_device_sps("", tmp_path, "cpu", max_rows=4, gamma=9)
     assert flat(1) == flat(40) == 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per table path and process
-        load_device_sps("", tmp_path, "cpu", max_tokens=40)
+        load_device_sps("", tmp_path, "cpu", max_rows=4, gamma=9)
     path = default_sps_path(tmp_path, "cpu")
     path.parent.mkdir()
     path.write_text(json.dumps({"version": 1, "sps": {"1": 50.0, "40": 10.0}, "device_tag": "cpu"}))
-    assert load_device_sps("", tmp_path, "cpu", max_tokens=40)(40) == 10.0
+    assert load_device_sps("", tmp_path, "cpu", max_rows=4, gamma=9)(40) == 10.0
     with pytest.raises(ValueError, match=r"covers 1\.\.40 batch tokens but decoding can reach 1\.\.64"):
-        load_device_sps("", tmp_path, "cpu", max_tokens=64)
+        load_device_sps("", tmp_path, "cpu", max_rows=8, gamma=7)
     with pytest.raises(ValueError, match="eval.sps_table=.*missing.json does not exist"):
-        load_device_sps(str(tmp_path / "missing.json"), tmp_path, "cpu", max_tokens=40)
+        load_device_sps(str(tmp_path / "missing.json"), tmp_path, "cpu", max_rows=4, gamma=9)

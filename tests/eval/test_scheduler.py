@@ -154,7 +154,7 @@ def test_sps_table_interpolates_and_refuses_to_extrapolate(tmp_path):
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"4": 100.0, "16": 40.0}))
     assert SPSTable.load(bare)(16) == 40.0
-    for content, message in [({"version": 2, "sps": {"4": 1.0}}, "version 2 is not supported"),
+    for content, message in [({"version": 9, "sps": {"4": 1.0}}, "version 9 is not supported"),
                              ({"four": 1.0}, "key 'four' is not an integer"),
                              ({"4": -1.0}, "steps/s > 0"), ({}, "no measured points")]:
         bad = tmp_path / "bad.json"
@@ -167,3 +167,49 @@ def test_sps_table_interpolates_and_refuses_to_extrapolate(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         SPSTable.load(tmp_path / "missing.json")
     assert math.isfinite(SPSTable({5: 2.0})(5))
+
+
+def test_sps_table_by_rows_interpolates_per_row_then_across_rows(tmp_path):
+    table = SPSTable.per_rows({1: {1: 100.0, 3: 60.0}, 4: {1: 40.0, 3: 20.0}})
+    assert table(2, rows=1) == pytest.approx(80.0)  # 2 tokens per row on the 1-row curve
+    assert table(8, rows=4) == pytest.approx(30.0)  # 2 tokens per row on the 4-row curve
+    assert table(4, rows=2) == pytest.approx(80.0 + (30.0 - 80.0) / 3)  # 2 tokens per row, a third of the way
+    with pytest.raises(ValueError, match="measured per row count: give the step's rows"):
+        table(4)
+    with pytest.raises(ValueError, match="a step of 5 rows is outside the measured row counts 1..4"):
+        table(5, rows=5)
+    with pytest.raises(ValueError, match="4 tokens per row is outside the range measured at 1 rows, 1..3"):
+        table(4, rows=1)
+    table.check_covers(4, gamma=2)
+    with pytest.raises(ValueError, match=r"covers 1\.\.4 rows but decoding can run 1\.\.8"):
+        table.check_covers(8, gamma=2)
+    with pytest.raises(ValueError, match=r"covers 1\.\.3 tokens per row at 1 rows but decoding can verify 1\.\.4"):
+        table.check_covers(4, gamma=3)
+
+    path = tmp_path / "sps.json"
+    path.write_text(json.dumps({"version": 2, "sps_by_rows": {"1": {"1": 100.0, "3": 60.0},
+                                                               "4": {"1": 40.0, "3": 20.0}}}))
+    assert SPSTable.load(path)(4, rows=2) == pytest.approx(table(4, rows=2))
+    for content, message in [({"version": 3, "sps": {"4": 1.0}}, "version 3 is not supported"),
+                             ({"version": 2, "sps_by_rows": {"two": {"1": 1.0}}}, "key 'two' is not an integer"),
+                             ({"version": 2, "sps_by_rows": {"2": {"1": 0.0}}}, r"rows 2: tokens per row\), got 1"),
+                             ({"version": 2, "sps_by_rows": {}}, "no measured row counts")]:
+        path.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            SPSTable.load(path)
+
+
+def test_scheduler_prices_a_step_on_its_own_row_count():
+    # One row: 4 tokens cost 2x one. Four rows: one token each is slow (25 steps/s, attention per row) but
+    # a second token per row adds little (20 steps/s). The batch-token view averages 1 row x 4 and 4 rows x 1 at
+    # B = 4 (37.5), which makes the fifth token look dear: it refuses every draft that the 4-row curve pays for.
+    by_rows = SPSTable.per_rows({1: {1: 100.0, 4: 50.0}, 4: {1: 25.0, 2: 20.0}})
+    view = SPSTable(dict(zip(by_rows.tokens, by_rows.sps)))
+    assert view(4) == pytest.approx(37.5)
+    assert schedule_prefixes([[0.5]] * 4, by_rows).prefix_R == [1, 1, 1, 1]
+    assert schedule_prefixes([[0.5]] * 4, view).prefix_R == [0, 0, 0, 0]
+    assert schedule_prefixes([[0.9, 0.9, 0.9]], by_rows).prefix_R == [2]  # 1.9 x 83.3, 2.71 x 66.7, not 3.44 x 50
+    # The simulation plans and prices each step on its rows too: every draft admitted and accepted, 4 x 2 tokens
+    # in one step at 4 rows x 2 tokens (20 steps/s).
+    stats = simulate([[(1, [0.5])]] * 4, num_drafts=1, sps=by_rows, batch_size=4)
+    assert stats["algorithm1"].mean_prefix == 1 and stats["algorithm1"].tokens_per_s == pytest.approx(4 * 2 * 20.0)

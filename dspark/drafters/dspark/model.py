@@ -30,7 +30,6 @@ from dspark.drafters.base import (
     LossOutput,
     Proposal,
     check_training_batch,
-    sample_rows,
 )
 from dspark.drafters.common import (
     DraftDecoderLayer,
@@ -51,6 +50,7 @@ from dspark.drafters.parts import (
     check_proposal_rows,
     check_target_matrix,
     copy_target_layer,
+    draft_slots,
     num_target_layers,
 )
 
@@ -319,6 +319,11 @@ class DSparkDrafter(Drafter):
     def reset_context_cache(self) -> None:
         self._prefix_cache = PrefixCache()
 
+    @property
+    def cuts_drafting(self) -> bool:
+        """Drafting can stop early on the confidences (``draft_slots``) when there is a confidence head."""
+        return self.confidence_head is not None
+
     @torch.no_grad()
     def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
                 generator: torch.Generator | None = None, context_ids_T: torch.Tensor | None = None) -> Proposal:
@@ -328,13 +333,14 @@ class DSparkDrafter(Drafter):
 
     @torch.no_grad()
     def propose_batch(self, contexts: list[torch.Tensor], anchor_ids: list[int], *, temperature: float,
-                      generators: list[torch.Generator | None], context_ids: list[torch.Tensor] | None = None
-                      ) -> list[Proposal]:
+                      generators: list[torch.Generator | None], context_ids: list[torch.Tensor] | None = None,
+                      stop_drafting=None) -> list[Proposal]:
         """Draft K tokens after each row's anchor in one backbone forward (see ``Drafter.propose_batch``).
 
         Contexts of different lengths are right-padded to the longest: the block attention already hides context
         positions at or after each row's anchor (``DraftAttention``), which covers the padding. The sequential
-        heads then run slot by slot over all rows, each row drawing from its own generator.
+        heads then run slot by slot over all rows, each row drawing from its own generator (``draft_slots``, which
+        also stops early when ``stop_drafting`` says so).
         """
         check_proposal_rows(contexts, anchor_ids, generators, temperature)
         device = self.fc.weight.device
@@ -347,25 +353,23 @@ class DSparkDrafter(Drafter):
         anchors_B = torch.tensor([int(a) for a in anchor_ids], device=device)
         pos_B1 = torch.tensor(lengths, device=device).unsqueeze(1)
         h_BKH = self.block_hidden(ctx_BTH, anchors_B.unsqueeze(1), pos_B1)[:, 0]
-        base_BKV = softcap(h_BKH.float() @ self.lm_head.weight.float().T, self.variant.softcap)  # Markov bias after
-        prev_B = anchors_B
         state = None
-        tokens, probs, confs = [], [], []
-        for k in range(self.block_size):
-            logits_BV = base_BKV[:, k]
-            e_BR = None
+
+        def slot(k: int, prev_B: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            nonlocal state
+            u_BR = e_BR = None
             if self.markov_head is not None:
                 u_BR, e_BR, state = self.markov_head.step(h_BKH[:, k], prev_B, state)
-                logits_BV = logits_BV + self.markov_head.markov_w2(u_BR).float()
-            if self.confidence_head is not None:
-                confs.append(self.confidence_head.probability(self.confidence_head(h_BKH[:, k], e_BR), k))
-            prev_B, p_BV = sample_rows(logits_BV, temperature, generators)
-            tokens.append(prev_B)
-            probs.append(p_BV)
-        tokens_BK, probs_BKV = torch.stack(tokens, dim=1), torch.stack(probs, dim=1)
-        conf_BK = torch.stack(confs, dim=1) if confs else None
-        return [Proposal(tokens_K=tokens_BK[b], probs_KV=probs_BKV[b],
-                         confidence_K=conf_BK[b] if conf_BK is not None else None) for b in range(B)]
+            conf_B = (self.confidence_head.probability(self.confidence_head(h_BKH[:, k], e_BR), k)
+                      if self.confidence_head is not None else None)
+            return conf_B, u_BR
+
+        return draft_slots(
+            anchors_B, block_size=self.block_size, vocab_size=self.lm_head.weight.shape[0],
+            # The Markov bias is added after the softcap, as in training.
+            base_logits=lambda: softcap(h_BKH.float() @ self.lm_head.weight.float().T, self.variant.softcap),
+            slot=slot, bias=self.markov_head.markov_w2 if self.markov_head is not None else None,
+            temperature=temperature, generators=generators, stop_drafting=stop_drafting)
 
     def external_parameters(self) -> list[nn.Parameter]:
         """W2 of the Markov head: ``forward_loss`` hands it to the fused vocabulary loss as a tensor."""

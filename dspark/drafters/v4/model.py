@@ -27,11 +27,17 @@ from torch import nn
 
 from dspark.config import DrafterConfig
 from dspark.drafters.anchors import block_labels, position_weights, sample_anchors
-from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch, sample_rows
+from dspark.drafters.base import Drafter, LossOutput, Proposal, check_training_batch
 from dspark.drafters.dspark.heads import ConfidenceHead, MarkovHead
 from dspark.drafters.dspark.loss import chunked_vocab_loss, default_chunk_rows
 from dspark.drafters.dspark.model import resolve_mask_token_id
-from dspark.drafters.parts import FrozenWeight, check_proposal_rows, check_target_matrix, copy_target_layer
+from dspark.drafters.parts import (
+    FrozenWeight,
+    check_proposal_rows,
+    check_target_matrix,
+    copy_target_layer,
+    draft_slots,
+)
 from dspark.drafters.v4.layers import DraftStage, gather_windows, rope_cos_sin, v4_modules
 
 ALGORITHM = "dspark_v4"
@@ -263,6 +269,11 @@ class DSparkV4Drafter(Drafter):
 
     # -- decoding --------------------------------------------------------------------------------------------
 
+    @property
+    def cuts_drafting(self) -> bool:
+        """Drafting can stop early on the confidences (``draft_slots``) when there is a confidence head."""
+        return self.confidence_head is not None
+
     @torch.no_grad()
     def propose(self, context_TLH: torch.Tensor, anchor_id: int, *, temperature: float,
                 generator: torch.Generator | None = None, context_ids_T: torch.Tensor | None = None) -> Proposal:
@@ -271,11 +282,12 @@ class DSparkV4Drafter(Drafter):
 
     @torch.no_grad()
     def propose_batch(self, contexts: list[torch.Tensor], anchor_ids: list[int], *, temperature: float,
-                      generators: list[torch.Generator | None], context_ids: list[torch.Tensor] | None = None
-                      ) -> list[Proposal]:
+                      generators: list[torch.Generator | None], context_ids: list[torch.Tensor] | None = None,
+                      stop_drafting=None) -> list[Proposal]:
         """Draft K tokens after each row's anchor (at position ``len(context)``). Only the last W context rows
         enter the window, so a proposal costs the same at any context length; the Markov head then samples slot
-        by slot (``prev_0`` = the anchor), each row from its own generator."""
+        by slot (``prev_0`` = the anchor), each row from its own generator (``draft_slots``, which also stops
+        early when ``stop_drafting`` says so)."""
         check_proposal_rows(contexts, anchor_ids, generators, temperature)
         device = self.main_proj.weight.device
         B, W = len(contexts), self.window
@@ -291,17 +303,14 @@ class DSparkV4Drafter(Drafter):
         x = self.block_streams(main_x_BTH, offset_B, anchors_B.unsqueeze(1),
                                torch.tensor(lengths, device=device).unsqueeze(1))
         z_BKH, h_BKH = self.head_states(x)
-        base_BKV = h_BKH.float() @ self.lm_head.weight.float().T
-        prev_B, tokens, probs, confs = anchors_B, [], [], []
-        for k in range(self.block_size):
+
+        def slot(k: int, prev_B: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
             e_BR = self.markov_head.markov_w1(prev_B)
-            logits_BV = base_BKV[:, k] + self.markov_head.markov_w2(e_BR).float()
-            if self.confidence_head is not None:
-                confs.append(self.confidence_head.probability(self.confidence_head(z_BKH[:, k], e_BR), k))
-            prev_B, p_BV = sample_rows(logits_BV, temperature, generators)
-            tokens.append(prev_B)
-            probs.append(p_BV)
-        tokens_BK, probs_BKV = torch.stack(tokens, dim=1), torch.stack(probs, dim=1)
-        conf_BK = torch.stack(confs, dim=1) if confs else None
-        return [Proposal(tokens_K=tokens_BK[b], probs_KV=probs_BKV[b],
-                         confidence_K=conf_BK[b] if conf_BK is not None else None) for b in range(B)]
+            conf_B = (self.confidence_head.probability(self.confidence_head(z_BKH[:, k], e_BR), k)
+                      if self.confidence_head is not None else None)
+            return conf_B, e_BR
+
+        return draft_slots(anchors_B, block_size=self.block_size, vocab_size=self.lm_head.weight.shape[0],
+                           base_logits=lambda: h_BKH.float() @ self.lm_head.weight.float().T, slot=slot,
+                           bias=self.markov_head.markov_w2, temperature=temperature, generators=generators,
+                           stop_drafting=stop_drafting)
