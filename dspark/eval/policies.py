@@ -80,13 +80,13 @@ def _row(policy: str, batch_size: int, results: list, wall_s: float, stats) -> d
     }
 
 
-def _simulated(results: list, gamma: int, sps, batch_size: int) -> dict | None:
+def _simulated(results: list, gamma: int, sps, batch_size: int, padded: bool) -> dict | None:
     """Tokens/s of each simulated policy on the rounds of a ``full`` run drafted to ``gamma`` (None without any)."""
     rounds = [[(a, c) for a, p, c in zip(r.accepted, r.proposed, r.confidences) if p == gamma] for r in results
               if len(r.confidences) == len(r.accepted)]
     if not any(rounds):
         return None
-    stats = simulate(rounds, num_drafts=gamma, sps=sps, batch_size=batch_size)
+    stats = simulate(rounds, num_drafts=gamma, sps=sps, batch_size=batch_size, padded=padded)
     return {name: s.tokens_per_s for name, s in stats.items()}
 
 
@@ -114,7 +114,7 @@ def policy_sweep(target, drafter, prompts: list[list[int]], *, policies: list[st
                 confidence_threshold=confidence_threshold if policy == "threshold" else 0.0, stats=stats)
             row = _row(policy, batch_size, results, wall_s, stats)
             if policy == "full":
-                full_tps, simulated = row["tokens_per_s"], _simulated(results, gamma, sps, batch_size)
+                full_tps, simulated = row["tokens_per_s"], _simulated(results, gamma, sps, batch_size, stats.padded)
             row["speedup"] = row["tokens_per_s"] / full_tps
             sim_name = _SIMULATED_AS.get(policy)
             row["simulated_speedup"] = (simulated[sim_name] / simulated["full"]

@@ -257,6 +257,28 @@ def schedule_prefixes(confidences: list[list[float]], sps, *, early_stop: bool =
     return Schedule(prefix_R, R + best_count, best_tau, refused)
 
 
+def schedule_common_prefix(confidences: list[list[float]], sps) -> Schedule:
+    """Algorithm 1 for a verifier that pads every request of a step to the longest feed (``HFBatchDecodeSession``):
+    a step costs R x (1 + m) tokens for a longest prefix m whatever the shorter prefixes are, so verifying any draft
+    up to m is free and the choice is m alone (each request verifies min(m, its drafts)). m grows slot by slot while
+    ``tau*(m) x SPS(R (1 + m))`` grows, ``tau*(m) = R + sum over requests of a_{r,1..m}``, and stops at the first
+    slot that does not pay. The early stop keeps it exact as in Algorithm 1: including slot j reads ``a_{r,j}``,
+    which depends on the drafts before slot j only, and never a later slot's."""
+    a_RJ = survival(confidences)
+    R = len(a_RJ)
+    tau_star = float(R)
+    best = tau_star * sps(R, R)
+    m, refused = 0, None
+    for j in range(1, max((len(a) for a in a_RJ), default=0) + 1):
+        gain = sum(a[j - 1] for a in a_RJ if len(a) >= j)
+        value = (tau_star + gain) * sps(R * (1 + j), R)
+        if value <= best:
+            refused = max(a[j - 1] for a in a_RJ if len(a) >= j)
+            break
+        m, tau_star, best = j, tau_star + gain, value
+    return Schedule([min(m, len(a)) for a in a_RJ], R * (1 + m), tau_star, refused)
+
+
 def schedule_capacity(confidences: list[list[float]], capacity: int) -> Schedule:
     """The asynchronous form: admit exactly the ``capacity`` (r, j) pairs of highest survival (capped at the drafts
     there are), no early stop."""
@@ -275,7 +297,9 @@ class VerifyPlanner:
     """How many drafts each request verifies, step by step, under one ``eval.verify_policy``:
 
     - ``full``: all of them;
-    - ``scheduler``: Algorithm 1 (``schedule_prefixes``) over the requests of the step, with ``sps``;
+    - ``scheduler``: Algorithm 1 (``schedule_prefixes``) over the requests of the step, with ``sps``; for a
+      verifier that pads every request to the longest feed (``padded``), its common-prefix form
+      (``schedule_common_prefix``), which prices a step at what the verifier is fed;
     - ``scheduler_async``: the top pairs up to a capacity that Algorithm 1 chose on the step ``lag`` steps
       earlier (every draft for the first ``lag`` steps), no early stop: the batch is sized before the drafts exist.
 
@@ -283,14 +307,14 @@ class VerifyPlanner:
     is called once per step, in order (the asynchronous form remembers the steps). The ``threshold`` policy is a
     per-request cut (``dspark.eval.specdec.confident_length``) applied before any planner."""
 
-    def __init__(self, policy: str, *, sps=None, lag: int = 2):
+    def __init__(self, policy: str, *, sps=None, lag: int = 2, padded: bool = False):
         if policy not in ("full", "scheduler", "scheduler_async"):
             raise ValueError(f"verify policy {policy!r} is not one of full, scheduler, scheduler_async")
         if policy != "full" and sps is None:
             raise ValueError(f"verify policy {policy} needs an SPS table (tools/profile_sps.py)")
         if lag < 1:
             raise ValueError(f"lag must be >= 1 step, got {lag}")
-        self.policy, self.sps, self.lag = policy, sps, lag
+        self.policy, self.sps, self.lag, self.padded = policy, sps, lag, padded
         self.history: list[int] = []  # drafts Algorithm 1 admitted at each step (scheduler_async)
 
     def may_verify_from(self, confidences: list[list[float]], slot: int) -> bool:
@@ -305,6 +329,8 @@ class VerifyPlanner:
         policies verify any draft."""
         if self.policy != "scheduler":
             return True
+        if self.padded:  # the common prefix grows slot by slot: slot is drafted if the known slots reach it
+            return max(schedule_common_prefix(confidences, self.sps).prefix_R, default=0) >= slot
         known = schedule_prefixes(confidences, self.sps)
         return known.refused is None or any(j >= slot for j in known.prefix_R)
 
@@ -313,6 +339,8 @@ class VerifyPlanner:
         everything = sum(len(c) for c in confidences)
         if self.policy == "full":
             return schedule_capacity(confidences, everything)
+        if self.policy == "scheduler" and self.padded:
+            return schedule_common_prefix(confidences, self.sps)
         sync = schedule_prefixes(confidences, self.sps)
         if self.policy == "scheduler":
             return sync
@@ -365,10 +393,12 @@ def _replay_steps(prompt_rounds: list[list[tuple[int, list[float]]]], batch_size
 
 
 def simulate(prompt_rounds: list[list[tuple[int, list[float]]]], *, num_drafts: int, sps, batch_size: int,
-             lag: int = 2) -> dict[str, PolicyStats]:
+             lag: int = 2, padded: bool = False) -> dict[str, PolicyStats]:
     """Replay recorded rounds (per prompt: ``(accepted, confidences)`` with ``len(confidences) == num_drafts``)
     under the three policies: "full" (every request verifies all ``num_drafts``), "algorithm1" and "async" (capacity
-    from Algorithm 1 on the step ``lag`` steps earlier; the first ``lag`` steps verify everything)."""
+    from Algorithm 1 on the step ``lag`` steps earlier; the first ``lag`` steps verify everything). ``padded``: the
+    verifier runs every request at the longest feed's length, so "algorithm1" is the common-prefix form the decoder
+    plans with there (``schedule_common_prefix``) and every step is priced at its padded tokens."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for p, rounds in enumerate(prompt_rounds):
@@ -380,7 +410,7 @@ def simulate(prompt_rounds: list[list[tuple[int, list[float]]]], *, num_drafts: 
     if not steps:
         raise ValueError("simulate needs at least one recorded round drafted fully")
     # The planners real decoding uses (``eval.verify_policy``), one per simulated policy.
-    planners = {"full": VerifyPlanner("full"), "algorithm1": VerifyPlanner("scheduler", sps=sps),
+    planners = {"full": VerifyPlanner("full"), "algorithm1": VerifyPlanner("scheduler", sps=sps, padded=padded),
                 "async": VerifyPlanner("scheduler_async", sps=sps, lag=lag)}
     schedules: dict[str, list[Schedule]] = {policy: [] for policy in planners}
     for step in steps:
@@ -390,7 +420,9 @@ def simulate(prompt_rounds: list[list[tuple[int, list[float]]]], *, num_drafts: 
     out = {}
     for policy, per_step in schedules.items():
         realised = [sum(min(j, acc) + 1 for j, (acc, _) in zip(s.prefix_R, step)) for s, step in zip(per_step, steps)]
-        seconds = sum(1.0 / sps(s.batch_tokens, len(s.prefix_R)) for s in per_step)
+        # Padded, a step is fed its rows x (1 + the longest prefix) tokens.
+        seconds = sum(1.0 / sps(len(s.prefix_R) * (1 + max(s.prefix_R, default=0)) if padded else s.batch_tokens,
+                                len(s.prefix_R)) for s in per_step)
         num_requests = sum(len(s.prefix_R) for s in per_step)
         out[policy] = PolicyStats(
             policy=policy, num_steps=len(per_step),

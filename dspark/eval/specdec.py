@@ -46,6 +46,7 @@ class DecodeStats:
     num_target_calls: int = 0
     target_s: float = 0.0
     fed_tokens: int = 0
+    padded: bool = False  # the verifier ran every row at the longest feed's length (the batched session)
 
     def add(self, seconds: float, fed_tokens: int) -> None:
         self.num_target_calls += 1
@@ -53,15 +54,16 @@ class DecodeStats:
         self.fed_tokens += fed_tokens
 
 
-def _make_planner(verify_policy: str, sps, confidence_threshold: float):
-    """The per-step planner of ``verify_policy`` (None for full and threshold: per-row cuts need no planner)."""
+def _make_planner(verify_policy: str, sps, confidence_threshold: float, padded: bool = False):
+    """The per-step planner of ``verify_policy`` (None for full and threshold: per-row cuts need no planner);
+    ``padded``: the verifier runs every row at the longest feed's length (``VerifyPlanner``)."""
     from dspark.eval.scheduler import VERIFY_POLICIES, VerifyPlanner
 
     if verify_policy not in VERIFY_POLICIES:
         raise ValueError(f"verify_policy {verify_policy!r} is not one of {', '.join(VERIFY_POLICIES)}")
     if verify_policy == "threshold" and not confidence_threshold > 0:
         raise ValueError("verify_policy threshold needs confidence_threshold > 0 (eval.confidence_threshold)")
-    return VerifyPlanner(verify_policy, sps=sps) if verify_policy.startswith("scheduler") else None
+    return VerifyPlanner(verify_policy, sps=sps, padded=padded) if verify_policy.startswith("scheduler") else None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -143,6 +145,7 @@ class _SequentialSessions:
     # A row fed nothing sits the step out, as in the batched session, so both group rows into the same steps (a
     # scheduled verify policy plans each step over its rows).
     partial_steps = True
+    pads_rows = False  # one forward per row: a row costs its own feed
 
     def __init__(self, target):
         self.target = target
@@ -324,8 +327,10 @@ class _Decoder:
     def _drafting_stop(self, rows: list[_Row]):
         """The ``stop_drafting`` callback for this step's proposal (``Drafter.cuts_drafting``), or None: drafting
         stops at the first slot from which no row could verify a draft, given what this step will cut anyway
-        (each row's budget, the confidence threshold, the scheduler's plan). Stopping then changes only what is
-        drafted: the verified prefixes, and the output, are those of the full proposal."""
+        (each row's budget, the confidence threshold, the scheduler's plan). Stopping changes only what is drafted,
+        never which prefixes are verified: at T = 0 the output is the full proposal's, token for token; at T > 0 each
+        row draws less from its generator, so its tokens differ but not their distribution (the decision reads
+        only confidences, which depend on the drafts before the slot)."""
         scheduled = self.planner is not None and self.planner.policy == "scheduler"
         if not (self.drafter.cuts_drafting and (scheduled or self.confidence_threshold > 0)):
             return None
@@ -456,11 +461,13 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
     ``verify_policy`` (``dspark.eval.scheduler.VERIFY_POLICIES``) chooses how many drafts each row verifies:
     ``full`` (all, cut by ``confidence_threshold`` when > 0), ``threshold`` (the same, the threshold required), or
     ``scheduler`` / ``scheduler_async`` (the paper's Algorithm 1 over the rows of each step, steps/s from the
-    ``sps`` table; ``SPSTable``). ``stats`` (a ``DecodeStats``) collects the target's forwards and their time.
+    ``sps`` table; ``SPSTable``). The batched session runs every row at the longest feed's length, so there
+    ``scheduler`` plans one common prefix per step (``schedule_common_prefix``), priced at what the verifier is fed.
+    ``stats`` (a ``DecodeStats``) collects the target's forwards and their time.
     """
     if len(generators) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
-    planner = _make_planner(verify_policy, sps, confidence_threshold)
+    _make_planner(verify_policy, sps, confidence_threshold)  # a bad policy fails before any session is made
     from dspark.targets.hf import BatchDecodeUnsupported
 
     make = getattr(target, "batch_decode_session", None)
@@ -473,6 +480,9 @@ def speculative_generate_batch(target, drafter, prompts: list[list[int]], *, max
                           f"forward per row)", stacklevel=1)  # callers sit behind torch.no_grad wrappers
     if session is None:
         session = _SequentialSessions(target)
+    planner = _make_planner(verify_policy, sps, confidence_threshold, padded=session.pads_rows)
+    if stats is not None:
+        stats.padded = session.pads_rows
     decoder = _Decoder(target, drafter, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
                        confidence_threshold=confidence_threshold, session=session, batch_proposals=batch_proposals,
                        planner=planner, stats=stats, prefill_apart=prefill_apart)

@@ -209,6 +209,7 @@ class HFBatchDecodeSession:
     """
 
     partial_steps = True  # extend may feed only some rows; the others sit the step out
+    pads_rows = True  # a step runs every fed row at the longest feed's length (a prefix scheduler prices that)
 
     def __init__(self, target: HFTarget, num_rows: int = 0):
         from transformers import DynamicCache

@@ -1,7 +1,8 @@
 """Test doubles of the ``Drafter`` interface for the evaluation tests (decoding only, no training).
 
 ``OracleDrafter`` reads the token ids back from the embedding-layer features (target layer id -1) and runs the
-target itself; ``FixedDistributionDrafter`` samples from a fixed distribution whatever the context.
+target itself; ``FixedDistributionDrafter`` samples from a fixed distribution whatever the context. ``PackedCost``
+wraps a target whose batched session should be planned as a packed (ragged) verifier.
 """
 
 from __future__ import annotations
@@ -105,3 +106,26 @@ def arbitrary_distribution(vocab: int, support: list[int], seed: int) -> torch.T
     probs_V = torch.zeros(vocab)
     probs_V[torch.tensor(support)] = torch.rand(len(support), generator=gen) + 0.1
     return probs_V / probs_V.sum()
+
+
+class PackedCost:
+    """``target`` whose batched session says it does not pad rows to the longest feed (``pads_rows = False``), as
+    a packed (ragged) verifier would: the scheduler then plans with the paper's Algorithm 1 (per-request prefixes)
+    instead of the common-prefix form, while the session still runs the ragged prefixes in one forward."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def batch_decode_session(self, *args):
+        session = self.target.batch_decode_session(*args)
+
+        class Packed:
+            pads_rows = False
+
+            def __getattr__(self, name):
+                return getattr(session, name)
+
+        return Packed()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dspark.config import DrafterConfig, DSparkConfig, TargetConfig
-from dspark.eval.scheduler import SPSTable, VerifyPlanner, schedule_prefixes
+from dspark.eval.scheduler import SPSTable, VerifyPlanner, schedule_common_prefix, schedule_prefixes
 from dspark.eval.specdec import prompt_seed, speculative_generate_batch
 from dspark.targets import load_target
 
@@ -81,10 +81,12 @@ def test_a_stopped_draft_keeps_the_slots_before_the_stop(setup, temperature):
         assert empty.confidence_K.shape == (0,)
 
 
-def test_the_scheduler_stop_never_cuts_a_draft_it_would_verify():
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_scheduler_stop_never_cuts_a_draft_it_would_verify(padded):
     rng = random.Random(0)
     sps = SPSTable.per_rows({1: {1: 100.0, 3: 70.0, 5: 40.0}, 4: {1: 30.0, 2: 22.0, 5: 12.0}})
-    planner = VerifyPlanner("scheduler", sps=sps)
+    planner = VerifyPlanner("scheduler", sps=sps, padded=padded)
+    schedule = schedule_common_prefix if padded else schedule_prefixes
     decisions = {True: 0, False: 0}
     for _ in range(1000):
         R, K = rng.randint(1, 4), 4
@@ -96,7 +98,7 @@ def test_the_scheduler_stop_never_cuts_a_draft_it_would_verify():
                 completions = [[1.0] * (K - slot)] + [[rng.random() for _ in range(K - slot)] for _ in range(3)]
                 for later in completions:  # all ones: every later draft as likely as the one at the slot
                     completed = [c[:slot] + later for c in full]
-                    assert all(j < slot for j in schedule_prefixes(completed, sps).prefix_R)
+                    assert all(j < slot for j in schedule(completed, sps).prefix_R)
                 break
     assert decisions[True] > 50 and decisions[False] > 50  # both answers occur: the check has power
     # The other policies verify whatever is drafted.

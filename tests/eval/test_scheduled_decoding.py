@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from eval_drafters import OracleDrafter, hashed_confidence
+from eval_drafters import OracleDrafter, PackedCost, hashed_confidence
 
 from dspark.config import TargetConfig
 from dspark.drafters.base import Proposal
@@ -106,10 +106,11 @@ def _run(target, drafter, policy: str, temperature: float, stats=None):
 
 @pytest.mark.parametrize("policy", ["scheduler", "scheduler_async"])
 def test_scheduled_greedy_decoding_is_the_targets_own(target, policy):
-    drafter = ConfidentOracle(target, 4, corrupt_prob=0.2)
+    # Planned as a packed verifier (Algorithm 1's per-request prefixes); the padded form is tested below.
+    drafter, packed = ConfidentOracle(target, 4, corrupt_prob=0.2), PackedCost(target)
     stats = {name: DecodeStats() for name in ("full", policy)}
-    full = _run(target, drafter, "full", 0.0, stats["full"])
-    scheduled = _run(target, drafter, policy, 0.0, stats[policy])
+    full = _run(packed, drafter, "full", 0.0, stats["full"])
+    scheduled = _run(packed, drafter, policy, 0.0, stats[policy])
     for prompt, result in zip(PROMPTS, scheduled):
         assert result.tokens == target_generate(target, prompt, max_new_tokens=14, temperature=0.0)
     proposed = [p for r in scheduled for p in r.proposed]
@@ -122,13 +123,43 @@ def test_scheduled_greedy_decoding_is_the_targets_own(target, policy):
 
 def test_ragged_prefixes_in_one_forward_equal_one_forward_per_row(target):
     drafter = ConfidentOracle(target, 4, corrupt_prob=0.0)
-    batched = _run(target, drafter, "scheduler", 1.0)
+    batched = _run(PackedCost(target), drafter, "scheduler", 1.0)  # Algorithm 1, as for one forward per row
     per_row = _run(WithoutBatchSession(target), drafter, "scheduler", 1.0)
     assert [(r.tokens, r.accepted, r.proposed) for r in batched] == \
         [(r.tokens, r.accepted, r.proposed) for r in per_row]
     rounds = [(a, p) for r in batched for a, p in zip(r.accepted, r.proposed)]
     # Rows verified prefixes of several lengths; drafts were both accepted and rejected (T = 1).
     assert len({p for _, p in rounds}) >= 3 and any(a > 0 for a, _ in rounds) and any(a < p for a, p in rounds)
+
+
+def test_a_padding_session_is_planned_with_one_common_prefix_per_step(target, monkeypatch):
+    """The batched session runs every row at the longest feed's length, so the scheduler plans the common prefix m
+    (``schedule_common_prefix``): each row verifies min(m, its drafts), and the step is priced at R x (1 + m)."""
+    from dspark.eval import scheduler
+
+    plans = []
+    plan = scheduler.VerifyPlanner.plan
+
+    def recording(self, confidences):
+        schedule = plan(self, confidences)
+        plans.append((self.padded, confidences, schedule))
+        return schedule
+
+    monkeypatch.setattr(scheduler.VerifyPlanner, "plan", recording)
+    drafter = ConfidentOracle(target, 4, corrupt_prob=0.2)
+    results = _run(target, drafter, "scheduler", 0.0)
+    for prompt, result in zip(PROMPTS, results):
+        assert result.tokens == target_generate(target, prompt, max_new_tokens=14, temperature=0.0)
+    assert plans and all(padded for padded, _, _ in plans)
+    for _, confidences, schedule in plans:
+        m = max(schedule.prefix_R)
+        assert schedule.prefix_R == [min(m, len(c)) for c in confidences]
+        assert schedule.batch_tokens == len(confidences) * (1 + m)
+    assert len({max(s.prefix_R) for _, _, s in plans}) >= 2  # the common prefix changes from step to step
+    # One forward per row costs each row its own feed: Algorithm 1 plans there.
+    plans.clear()
+    _run(WithoutBatchSession(target), drafter, "scheduler", 0.0)
+    assert plans and not any(padded for padded, _, _ in plans)
 
 
 def test_scheduler_policies_refuse_bad_settings(target):

@@ -14,6 +14,7 @@ from dspark.eval.scheduler import (
     SPSTable,
     format_simulation,
     schedule_capacity,
+    schedule_common_prefix,
     schedule_prefixes,
     simulate,
     survival,
@@ -213,3 +214,35 @@ def test_scheduler_prices_a_step_on_its_own_row_count():
     # in one step at 4 rows x 2 tokens (20 steps/s).
     stats = simulate([[(1, [0.5])]] * 4, num_drafts=1, sps=by_rows, batch_size=4)
     assert stats["algorithm1"].mean_prefix == 1 and stats["algorithm1"].tokens_per_s == pytest.approx(4 * 2 * 20.0)
+
+
+def test_common_prefix_grows_while_a_padded_step_pays():
+    # A padded step of R rows costs R x (1 + m) tokens: m grows while tau*(m) x SPS(R (1 + m), R) grows.
+    rng = random.Random(1)
+    sps = SPSTable.per_rows({1: {1: 100.0, 2: 85.0, 5: 60.0}, 3: {1: 60.0, 3: 45.0, 5: 33.0}})
+    chosen = set()
+    for _ in range(300):
+        R = rng.randint(1, 3)
+        conf = [[rng.choice([rng.random(), 0.97, 0.05]) for _ in range(rng.randint(0, 4))] for _ in range(R)]
+        a = survival(conf)
+        value = [(R + sum(sum(row[:m]) for row in a)) * sps(R * (1 + m), R) for m in range(5)]
+        longest = max(map(len, conf))
+        m = next((j - 1 for j in range(1, longest + 1) if value[j] <= value[j - 1]), longest)
+        s = schedule_common_prefix(conf, sps)
+        assert s.prefix_R == [min(m, len(c)) for c in conf] and s.batch_tokens == R * (1 + m)
+        assert s.expected_tokens == pytest.approx(R + sum(sum(row[:m]) for row in a))
+        chosen.add(m)
+    assert chosen == {0, 1, 2, 3, 4}  # every common prefix occurs
+
+
+def test_simulation_of_a_padding_verifier_plans_and_prices_the_common_prefix():
+    # One step of two requests, drafts (0.9, 0.9) and (0.1, 0.1), both accepted as far as verified.
+    sps = SPSTable.per_rows({2: {1: 100.0, 2: 80.0, 3: 70.0}})
+    prompts = [[(2, [0.9, 0.9])], [(2, [0.1, 0.1])]]
+    packed = simulate(prompts, num_drafts=2, sps=sps, batch_size=2)["algorithm1"]
+    padded = simulate(prompts, num_drafts=2, sps=sps, batch_size=2, padded=True)["algorithm1"]
+    common = schedule_common_prefix([[0.9, 0.9], [0.1, 0.1]], sps)
+    assert common.prefix_R == [2, 2]  # 2 x 100 < 3 x 80 < 3.91 x 70
+    assert padded.mean_prefix == 2 and padded.tokens_per_s == pytest.approx(6 * 70.0)
+    # Packed, the first request's drafts are admitted alone and priced at 4 batch tokens over 2 rows, 2 per row.
+    assert packed.mean_prefix == 1 and packed.tokens_per_s == pytest.approx(4 / (1 / 80.0))

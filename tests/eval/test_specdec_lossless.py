@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eval_drafters import FixedDistributionDrafter, arbitrary_distribution, hashed_confidence
+from eval_drafters import FixedDistributionDrafter, PackedCost, arbitrary_distribution, hashed_confidence
 
 from dspark.config import TargetConfig
 from dspark.eval.scheduler import SPSTable
@@ -144,15 +144,19 @@ def test_chi_square_harness_accepts_plain_sampling_and_catches_a_biased_drafter(
     assert _chi_square_pvalue(biased, exact) < 1e-6
 
 
-def test_scheduled_verification_matches_the_target_distribution(sharp_target, exact):
-    # Four rows per step; each row's verified prefix is chosen by Algorithm 1 from every row's confidences (which
-    # read the token before each slot), falling steps/s making the choice vary: 0, 1 or 2 of the 2 drafts the
-    # budget allows. (scheduler_async differs only in its capacity, taken from earlier steps.)
+@pytest.mark.parametrize("packed", [True, False])
+def test_scheduled_verification_matches_the_target_distribution(sharp_target, exact, packed):
+    # Four rows per step; each row's verified prefix is chosen from every row's confidences (which read the token
+    # before each slot), falling steps/s making the choice vary: 0, 1 or 2 of the 2 drafts the budget allows. Packed:
+    # Algorithm 1's per-row prefixes; padded (the batched session as it is): one common prefix per step.
+    # (scheduler_async differs only in its capacity, taken from earlier steps.)
     vocab = sharp_target.embed_weight.shape[0]
     drafter = _drafter(exact, vocab, 3, confidence_of=hashed_confidence)
-    sps = SPSTable({1: 100.0, 4: 100.0, 8: 75.0, 16: 40.0})
+    # Padded, a step costs R x (1 + m): a steeper table at 8 and 12 tokens keeps m = 0, 1 and 2 all in play.
+    sps = SPSTable({1: 100.0, 4: 100.0, 8: 75.0, 16: 40.0} if packed else {1: 100.0, 4: 100.0, 8: 66.0, 12: 52.0})
     results = speculative_generate_batch(
-        sharp_target, drafter, [PROMPT] * NUM_RUNS, max_new_tokens=NUM_NEW, temperature=1.0,
+        PackedCost(sharp_target) if packed else sharp_target, drafter, [PROMPT] * NUM_RUNS, max_new_tokens=NUM_NEW,
+        temperature=1.0,
         generators=[torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(NUM_RUNS)], batch_size=4,
         verify_policy="scheduler", sps=sps)
     proposed = [p for r in results for p in r.proposed]

@@ -111,3 +111,36 @@ def test_dspark_drafter_speculative_sampling_matches_the_target(setup):
     assert _pvalue(plain, exact_VVV) > 1e-3
     biased = _sample(target, Misreporting(drafter))
     assert _pvalue([tuple(r.tokens) for r in biased], exact_VVV) < 1e-6
+
+
+class ProposalLengths:
+    """``drafter`` recording the length of every proposal it returns (a stopped draft is shorter)."""
+
+    def __init__(self, drafter):
+        self.drafter, self.lengths = drafter, []
+
+    def __getattr__(self, name):
+        return getattr(self.drafter, name)
+
+    def propose_batch(self, *args, **kwargs):
+        proposals = self.drafter.propose_batch(*args, **kwargs)
+        self.lengths += [p.tokens_K.numel() for p in proposals]
+        return proposals
+
+
+def test_drafts_stopped_on_the_confidence_threshold_keep_sampling_exact(setup):
+    """Under ``eval.confidence_threshold`` the drafter stops at the first slot whose survival is below it (one row
+    per batch, so per row): fewer draws from each row's generator, the same output distribution."""
+    target, drafter = setup
+    exact_VVV = _exact_joint(target)
+    full = _sample(target, drafter)
+    survival = sorted(c[0] * c[1] for r in full for c in r.confidences if len(c) == 2)
+    threshold = survival[len(survival) // 2]  # the drafter stops at slot 2 about half the time, sometimes at slot 1
+    counted = ProposalLengths(drafter)
+    generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(NUM_RUNS)]
+    results = speculative_generate_batch(target, counted, [PROMPT] * NUM_RUNS, max_new_tokens=NUM_NEW,
+                                         temperature=1.0, generators=generators, batch_size=1,
+                                         confidence_threshold=threshold)
+    # Stopped at slot 2 (1 draft) and drafted to the budget (2 drafts; slot 3 is past it, so never drafted).
+    assert len(counted.lengths) == sum(len(r.proposed) for r in results) and {1, 2} <= set(counted.lengths) <= {0, 1, 2}
+    assert _pvalue([tuple(r.tokens) for r in results], exact_VVV) > 1e-3
