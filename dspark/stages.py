@@ -537,7 +537,7 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     from dspark.eval import sts
     from dspark.eval.calibration import CalibrationReport
     from dspark.eval.scheduler import SPSTable
-    from dspark.eval.specdec import decode_prompts
+    from dspark.eval.specdec import DecodeStats, decode_prompts
     from dspark.export import load_drafter
     from dspark.targets import load_target
 
@@ -572,9 +572,10 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     gamma = drafter.block_size
     token_ids = [prompt_ids(target.tokenizer, p) for p in prompts]
     stop_ids = sorted({i for i in [target.tokenizer.eos_token_id] if i is not None})
+    decode_stats = DecodeStats()  # says whether the verifier pads rows: the simulation plans as decoding would
     results, _ = decode_prompts(target, drafter, token_ids, max_new_tokens=ev.max_new_tokens,
                                 temperature=ev.calibration_temperature, seed=ev.seed, batch_size=ev.batch_size,
-                                stop_ids=stop_ids, progress=progress and dist_utils.rank() == 0)
+                                stop_ids=stop_ids, progress=progress and dist_utils.rank() == 0, stats=decode_stats)
     order = list(range(len(prompts)))
     random.Random(ev.seed).shuffle(order)
     halves = {"fit": sorted(order[: (len(order) + 1) // 2]), "heldout": sorted(order[(len(order) + 1) // 2 :])}
@@ -619,26 +620,28 @@ def calibrate(cfg: RunConfig, target=None, drafter_dir: Path | None = None, prog
     out = {"calibration_json": str(path), "temperatures": temperatures, **stats}
     if sps is not None:
         out["scheduler"] = _simulate_scheduler([results[i] for i in halves["heldout"]], held_cal, gamma, sps,
-                                               ev.batch_size, scheduler_sps)
+                                               ev.batch_size, scheduler_sps, padded=decode_stats.padded)
     dist_utils.barrier()
     return out
 
 
 def _simulate_scheduler(results: list, calibrated: list[list[float]], gamma: int, sps, batch_size: int,
-                        sps_path: str) -> dict:
+                        sps_path: str, padded: bool) -> dict:
     """Replay the rounds of ``results`` drafted to the full ``gamma`` (with their ``calibrated`` confidences, all
-    rounds pooled in order) through the prefix scheduler; print and return the per-policy numbers."""
+    rounds pooled in order) through the prefix scheduler, planned as decoding plans it (``padded``: the common
+    prefix of a verifier that pads rows); print and return the per-policy numbers."""
     from dspark.eval.scheduler import format_simulation, simulate
 
     per_prompt = _split_rounds(calibrated, [len(r.accepted) for r in results])
     full = [[(a, c) for a, p, c in zip(r.accepted, r.proposed, conf) if p == gamma]
             for r, conf in zip(results, per_prompt)]
     num_full = sum(len(rounds) for rounds in full)
-    simulation = simulate(full, num_drafts=gamma, sps=sps, batch_size=batch_size)
+    simulation = simulate(full, num_drafts=gamma, sps=sps, batch_size=batch_size, padded=padded)
     print(f"\nprefix scheduler on {num_full} held-out rounds drafted fully ({len(calibrated) - num_full} cut short "
-          f"left out), {batch_size} requests per step, SPS from {sps_path}")
+          f"left out), {batch_size} requests per step, SPS from {sps_path}"
+          + (" (rows padded to the longest feed: one common prefix per step)" if padded else ""))
     print(format_simulation(simulation))
-    return {"num_rounds": num_full, **{k: v.to_dict() for k, v in simulation.items()}}
+    return {"num_rounds": num_full, "padded": padded, **{k: v.to_dict() for k, v in simulation.items()}}
 
 
 def _split_rounds(rows: list, counts: list[int]) -> list[list]:

@@ -75,6 +75,8 @@ def test_profile_then_calibrate_with_scheduler_simulation(run_dirs, tiny_llama_d
     assert calibration["num_fit_rounds"] > 0 and calibration["num_heldout_rounds"] > 0
     assert 0 <= calibration["ece_before"] <= 1 and 0 <= calibration["ece_after"] <= 1
     assert "ece before" in proc.stdout and "algorithm1" in proc.stdout and "async" in proc.stdout
+    # Batch 2 decodes through the batched session, so the replay plans one common prefix per step, as decoding does.
+    assert "rows padded to the longest feed: one common prefix per step" in proc.stdout
     assert "calibration.json" in proc.stdout
     assert SPSTable.load(sps_path)(7, rows=2) > 0
 
