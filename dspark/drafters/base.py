@@ -123,7 +123,7 @@ class Drafter(nn.Module, abc.ABC):
         ``needs_context_ids``) are the token ids of row b's context positions.
 
         This default drafts one row at a time; drafters that can batch override it (and then implement ``propose``
-        as the batch of one).
+        as the batch of one). Drafters with ``cuts_drafting`` also take ``stop_drafting`` (see there).
         """
         if not len(contexts) == len(anchor_ids) == len(generators):
             raise ValueError(f"propose_batch got {len(contexts)} contexts, {len(anchor_ids)} anchors and "
