@@ -224,9 +224,9 @@ def _ranked(a_RJ: list[list[float]]) -> list[tuple[float, int, int]]:
 @dataclass
 class Schedule:
     prefix_R: list[int]  # drafts verified per request
-    batch_tokens: int  # B = R + sum(prefix_R)
+    batch_tokens: int  # B = R + sum(prefix_R); padded (schedule_common_prefix): R x (1 + the longest prefix)
     expected_tokens: float  # tau* = R + sum of admitted a
-    refused: float | None = None  # a of the pair the early stop refused (None: every pair admitted, or no stop)
+    refused: float | None = None  # survival a of the pair (padded: best of the slot) the early stop refused; None: none
 
 
 def schedule_prefixes(confidences: list[list[float]], sps, *, early_stop: bool = True) -> Schedule:
